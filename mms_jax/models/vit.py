@@ -1,0 +1,337 @@
+"""Vision Transformer encoder for text images (any image size, any patch shape).
+
+Conventions (see docs/model.md for the parameter-name table):
+  * images are NHWC: `images: [B, H, W, C]`.
+  * the patch grid is `grid = (gh, gw) = (H // ph, W // pw)`; tokens are listed
+    row-major over the grid (token index `i * gw + j` is grid row i, column j).
+  * inside a patch, pixels are flattened in (ph, pw, C) order, the same order the
+    MAE PyTorch code uses for its (p, q, c) patchify.
+  * the position embedding is fixed 2-D sin-cos (not a parameter), recomputed
+    for the actual grid at trace time.
+
+Shapes in docstrings: B batch, L = gh * gw tokens, D width, P = ph * pw * C.
+"""
+import re
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# name -> (width, depth, num_heads); MLP ratio 4 everywhere.
+VARIANTS = {
+    'tiny': (64, 2, 2),
+    'Ti': (192, 12, 3),
+    'S': (384, 12, 6),
+    'B': (768, 12, 12),
+}
+
+
+def grid_shape(image_hw, patch):
+  """(H, W), (ph, pw) -> (gh, gw); raises if the image is not tiled exactly."""
+  (h, w), (ph, pw) = image_hw, patch
+  if h % ph or w % pw:
+    raise ValueError(f'image {h}x{w} is not divisible by patch {ph}x{pw}')
+  return h // ph, w // pw
+
+
+def patchify(images, patch):
+  """images: [B, H, W, C] -> patches: [B, gh * gw, ph * pw * C].
+
+  Tokens are row-major over the grid; each patch is flattened as (ph, pw, C).
+  """
+  b, h, w, c = images.shape
+  ph, pw = patch
+  gh, gw = grid_shape((h, w), patch)
+  x = images.reshape(b, gh, ph, gw, pw, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, gh, gw, ph, pw, C]
+  return x.reshape(b, gh * gw, ph * pw * c)
+
+
+def unpatchify(patches, patch, grid, channels):
+  """patches: [B, gh * gw, ph * pw * C] -> images: [B, gh * ph, gw * pw, C]."""
+  (ph, pw), (gh, gw) = patch, grid
+  b = patches.shape[0]
+  x = patches.reshape(b, gh, gw, ph, pw, channels)
+  x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, gh, ph, gw, pw, C]
+  return x.reshape(b, gh * ph, gw * pw, channels)
+
+
+def _sincos_1d(dim, pos):
+  """pos: [M] -> [M, dim] = [sin(pos * omega), cos(pos * omega)], omega: [dim/2]."""
+  omega = 1.0 / 10000.0 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  angles = pos.reshape(-1).astype(np.float64)[:, None] * omega[None, :]
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_pos_embed_2d(width, grid, cls_token=False):
+  """Fixed 2-D sin-cos position embedding, MAE convention, rectangular grid.
+
+  Token t = i * gw + j (grid row i, column j) gets
+    emb[t, :D/2] = sincos_1d(D/2, j)    # column (w) coordinate first, as MAE does
+    emb[t, D/2:] = sincos_1d(D/2, i)    # then the row (h) coordinate
+  where sincos_1d(d, p) = [sin(p * w_k), cos(p * w_k)], w_k = 10000^(-k / (d/2)),
+  k = 0 .. d/2 - 1. The cls entry (if any) is all zeros and comes first. For a
+  square grid this equals MAE / HF ViTMAE `get_2d_sincos_pos_embed`.
+
+  Returns: float32[1, (1 +) gh * gw, width] (a numpy array: a trace-time constant).
+  """
+  if width % 4:
+    raise ValueError(f'sin-cos position embedding needs width % 4 == 0, got {width}')
+  gh, gw = grid
+  rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing='ij')  # [gh, gw]
+  emb = np.concatenate([_sincos_1d(width // 2, cols), _sincos_1d(width // 2, rows)], axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros((1, width)), emb], axis=0)
+  return emb[None].astype(np.float32)
+
+
+def dense(features, dtype, name):
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
+                  kernel_init=nn.initializers.xavier_uniform(),
+                  bias_init=nn.initializers.zeros)
+
+
+def layer_norm(dtype, name):
+  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (timm / MAE layout).
+
+  qkv/kernel: [D, 3D]; its output features split as (3, heads, head_dim).
+  """
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [B, N, D] -> [B, N, D]."""
+    b, n, d = x.shape
+    if d % self.num_heads:
+      raise ValueError(f'width {d} is not divisible by {self.num_heads} heads')
+    hd = d // self.num_heads
+    qkv = dense(3 * d, self.dtype, 'qkv')(x).reshape(b, n, 3, self.num_heads, hd)
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [B, heads, N, hd]: heads-major matmuls
+    logits = jnp.einsum('bhqd,bhkd->bhqk', q * (hd ** -0.5), k)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum('bhqk,bhkd->bhqd', probs, v)
+    out = out.transpose(0, 2, 1, 3).reshape(b, n, d)
+    return dense(d, self.dtype, 'proj')(out)
+
+
+class Mlp(nn.Module):
+  """fc1 (D -> ratio * D), GELU, fc2 (-> D)."""
+  mlp_ratio: int = 4
+  gelu: str = 'erf'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.gelu not in ('erf', 'tanh'):
+      raise ValueError(f"gelu must be 'erf' or 'tanh', got {self.gelu!r}")
+    d = x.shape[-1]
+    x = dense(self.mlp_ratio * d, self.dtype, 'fc1')(x)
+    x = nn.gelu(x, approximate=(self.gelu == 'tanh'))  # 'erf' = exact, as PyTorch default
+    return dense(d, self.dtype, 'fc2')(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+  num_heads: int
+  mlp_ratio: int = 4
+  gelu: str = 'erf'
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.norm1 = layer_norm(self.dtype, 'norm1')
+    self.attn = Attention(self.num_heads, self.dtype, name='attn')
+    self.norm2 = layer_norm(self.dtype, 'norm2')
+    self.mlp = Mlp(self.mlp_ratio, self.gelu, self.dtype, name='mlp')
+
+  def forward(self, x):
+    x = x + self.attn(self.norm1(x))
+    return x + self.mlp(self.norm2(x))
+
+  def __call__(self, x):
+    """x: [B, N, D] -> [B, N, D]."""
+    return self.forward(x)
+
+
+class _ScanBlock(Block):
+  """Block with the (carry, xs) -> (carry, ys) signature nn.scan wants."""
+  keep: bool = False
+
+  def __call__(self, x, _):
+    x = self.forward(x)
+    return x, (x if self.keep else None)
+
+
+def block_stack(x, *, depth, num_heads, name, scan, keep=False, **block_kw):
+  """Applies `depth` Blocks; call from inside a compact method.
+
+  Params live at `{name}_{i}/...` (unscanned) or `{name}/...` with a leading
+  [depth] axis (scanned). Returns (x: [B, N, D], per-block outputs [depth, B, N, D]
+  if keep else None).
+  """
+  if scan:
+    stack = nn.scan(_ScanBlock, variable_axes={'params': 0},
+                    split_rngs={'params': True}, length=depth)
+    return stack(num_heads=num_heads, keep=keep, name=name, **block_kw)(x, None)
+  outs = []
+  for i in range(depth):
+    x = Block(num_heads=num_heads, name=f'{name}_{i}', **block_kw)(x)
+    outs.append(x)
+  return x, (jnp.stack(outs) if keep else None)
+
+
+class _PatchEmbed(nn.Module):
+  """images: [B, H, W, C] -> [B, L, D]; params kernel [ph, pw, C, D], bias [D]."""
+  width: int
+  patch: Tuple[int, int]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    ph, pw = self.patch
+    c = images.shape[-1]
+
+    def init(key, shape, dtype=jnp.float32):  # xavier over the flattened [P, D] view, like MAE
+      return nn.initializers.xavier_uniform()(key, (ph * pw * c, self.width), dtype).reshape(shape)
+    kernel = self.param('kernel', init, (ph, pw, c, self.width))
+    bias = self.param('bias', nn.initializers.zeros, (self.width,))
+    x = patchify(images.astype(self.dtype), self.patch)
+    x = x @ kernel.reshape(ph * pw * c, self.width).astype(self.dtype)
+    return x + bias.astype(self.dtype)
+
+
+class Encoder(nn.Module):
+  """ViT encoder with a cls token and fixed 2-D sin-cos position embedding.
+
+  Attributes:
+    variant: key of VARIANTS; `width`, `depth`, `num_heads` override it if set.
+    patch: (ph, pw), may be non-square (e.g. (32, 4) column patches).
+    mlp_ratio: MLP hidden size / width.
+    gelu: 'erf' (exact, matches PyTorch) or 'tanh' (approximate, faster on CPU).
+    dtype: compute dtype (e.g. jnp.bfloat16); params are always float32.
+    scan_layers: nn.scan over blocks (params stacked under `blocks`); see
+      scan_params / unscan_params to convert checkpoints.
+    return_blocks: put every block's output in aux['blocks'].
+  """
+  variant: Optional[str] = 'S'
+  width: Optional[int] = None
+  depth: Optional[int] = None
+  num_heads: Optional[int] = None
+  patch: Tuple[int, int] = (4, 4)
+  mlp_ratio: int = 4
+  gelu: str = 'erf'
+  dtype: Any = jnp.float32
+  scan_layers: bool = False
+  return_blocks: bool = False
+
+  def dims(self):
+    """(width, depth, num_heads) after applying overrides to the variant."""
+    base = VARIANTS[self.variant] if self.variant else (None, None, None)
+    dims = tuple(o if o is not None else v
+                 for o, v in zip((self.width, self.depth, self.num_heads), base))
+    if None in dims:
+      raise ValueError(f'incomplete encoder dims {dims}: set variant or width/depth/num_heads')
+    return dims
+
+  @nn.compact
+  def __call__(self, images, ids_keep=None, *, mask=None, mask_token=None, train=False):
+    """Encodes the visible patches of `images`.
+
+    Args:
+      images: [B, H, W, C].
+      ids_keep: int[B, n_keep] visible token indices (from masking.ids_from_mask);
+        None = all L tokens (fine-tuning, SimMIM).
+      mask: bool[B, L], SimMIM only: True tokens have their patch embedding
+        replaced by `mask_token` ([1, 1, D] or [D]) before the position embedding.
+      train: unused (no dropout); kept for a uniform module API.
+
+    Returns:
+      x: [B, 1 + n_keep, D], final-LayerNorm output, cls token first.
+      aux: {'pre_norm': [B, 1 + n_keep, D],
+            'blocks': [depth, B, 1 + n_keep, D] if return_blocks}.
+    """
+    del train
+    width, depth, num_heads = self.dims()
+    grid = grid_shape(images.shape[1:3], self.patch)
+    patch_embed = _PatchEmbed(width, self.patch, self.dtype, name='patch_embed')
+    x = patch_embed(images)  # [B, L, D]
+
+    if mask is not None:
+      token = jnp.reshape(mask_token, (1, 1, width)).astype(x.dtype)
+      x = jnp.where(mask[..., None], token, x)
+    pos = sincos_pos_embed_2d(width, grid, cls_token=True)
+    x = x + pos[:, 1:].astype(x.dtype)
+    if ids_keep is not None:
+      x = jnp.take_along_axis(x, ids_keep[..., None].astype(jnp.int32), axis=1)
+
+    cls = self.param('cls_token', nn.initializers.normal(0.02), (1, 1, width), jnp.float32)
+    cls = (cls + pos[:, :1]).astype(x.dtype)  # the cls position entry is zero
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, width)), x], axis=1)
+
+    x, per_block = block_stack(x, depth=depth, num_heads=num_heads, name='blocks',
+                               scan=self.scan_layers, keep=self.return_blocks,
+                               mlp_ratio=self.mlp_ratio, gelu=self.gelu, dtype=self.dtype)
+    aux = {'pre_norm': x}
+    if self.return_blocks:
+      aux['blocks'] = per_block
+    return layer_norm(self.dtype, 'norm')(x), aux
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint layout conversion: scanned (`blocks/...` with a leading layer axis)
+# <-> unscanned (`blocks_0/...`, `blocks_1/...`). Works on any nesting (encoder
+# and decoder both use a `blocks` stack).
+
+_UNSCANNED = re.compile(r'^(.*)_(\d+)$')
+
+
+def unscan_params(params, names=('blocks',)):
+  """Splits every `{name}` subtree (leaves [depth, ...]) into `{name}_{i}`."""
+  if not hasattr(params, 'items'):
+    return params
+  out = {}
+  for k, v in params.items():
+    if k in names and hasattr(v, 'items'):
+      depth = jax.tree_util.tree_leaves(v)[0].shape[0]
+      for i in range(depth):
+        out[f'{k}_{i}'] = jax.tree_util.tree_map(lambda a, i=i: a[i], _to_dict(v))
+    else:
+      out[k] = unscan_params(v, names)
+  return out
+
+
+def scan_params(params, names=('blocks',)):
+  """Stacks `{name}_0 .. {name}_{n-1}` subtrees into one `{name}` subtree."""
+  if not hasattr(params, 'items'):
+    return params
+  out, groups = {}, {}
+  for k, v in params.items():
+    m = _UNSCANNED.match(k)
+    if m and m.group(1) in names:
+      groups.setdefault(m.group(1), {})[int(m.group(2))] = _to_dict(v)
+    else:
+      out[k] = scan_params(v, names)
+  for name, layers in groups.items():
+    if sorted(layers) != list(range(len(layers))):
+      raise ValueError(f'{name}: non-contiguous layer indices {sorted(layers)}')
+    out[name] = jax.tree_util.tree_map(lambda *a: jnp.stack(a),
+                                       *[layers[i] for i in range(len(layers))])
+  return out
+
+
+def _to_dict(tree):
+  return {k: _to_dict(v) for k, v in tree.items()} if hasattr(tree, 'items') else tree
+
+
+def param_names(params) -> Sequence[Tuple[str, Tuple[int, ...]]]:
+  """Sorted ('a/b/c', shape) pairs for a param tree: the stable-name snapshot."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  rows = [('/'.join(str(getattr(p, 'key', p)) for p in path), tuple(leaf.shape))
+          for path, leaf in flat]
+  return sorted(rows)
