@@ -1,0 +1,57 @@
+"""Entry point of every mms_jax program.
+
+  python -m mms_jax.main --config=configs/pretrain.py --workdir=workdirs/pretrain
+  python -m mms_jax.main --config=configs/pretrain.py:tiny --config.total_steps=50 ...
+
+The config's `program` field picks the trainer; re-running a workdir resumes it.
+"""
+import importlib
+import logging as py_logging
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+PROGRAMS = {
+    "pretrain": "mms_jax.train.pretrain",
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, pictures.")
+
+
+def run(config, workdir):
+  program = config.get("program")
+  if program not in PROGRAMS:
+    raise app.UsageError(f"config.program={program!r} is not a program; choose one of "
+                         f"{sorted(PROGRAMS)}")
+  trainer = importlib.import_module(PROGRAMS[program])
+  return trainer.train_and_evaluate(config, workdir)
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Keeps orbax's and grain's INFO chatter out of the training log."""
+
+  def filter(self, record):
+    noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "absl"))
+    return record.levelno >= py_logging.WARNING or not noisy
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/pretrain.py")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required: the directory for checkpoints and logs")
+  logging.get_absl_handler().setFormatter(py_logging.Formatter(
+      "%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.set_verbosity(logging.INFO)
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,233 @@
+"""Library pieces every trainer shares: distributed start-up, mesh and shardings,
+optimizer and schedule, train state, metric writers and run bookkeeping.
+
+Trainers import these functions; nothing here knows which program runs.
+"""
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import re
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+class ConfigError(ValueError):
+  """A config field is invalid; the message names the field and the fix."""
+
+
+# ------------------------------------------------------------------------------------
+# Start-up.
+# ------------------------------------------------------------------------------------
+def maybe_initialize_distributed(config):
+  """Starts `jax.distributed` when the run spans several processes.
+
+  `config.distributed` may give coordinator_address / num_processes / process_id
+  explicitly (local multi-process runs, SLURM without auto-detection); on TPU pods
+  and SLURM clusters `auto=True` lets JAX read them from the environment.
+  """
+  dist = config.get("distributed", None)
+  if dist is None or jax.distributed.is_initialized():
+    return
+  if dist.get("coordinator_address"):
+    jax.distributed.initialize(coordinator_address=dist.coordinator_address,
+                               num_processes=dist.num_processes, process_id=dist.process_id)
+  elif dist.get("auto", False):
+    jax.distributed.initialize()
+
+
+def make_mesh(config):
+  """A (data, fsdp) device mesh over all devices of all processes."""
+  fsdp = int(config.get("fsdp", 1))
+  num_devices = jax.device_count()
+  if fsdp < 1 or num_devices % fsdp:
+    raise ConfigError(f"config.fsdp={fsdp} must divide the device count {num_devices}")
+  return jax.make_mesh((num_devices // fsdp, fsdp), BATCH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def batch_sharding(mesh):
+  """Leading (batch) axis split over every device."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def state_shardings(abstract_state, mesh, min_fsdp_size=2**14):
+  """Replicated leaves, except large ones, split along one axis over `fsdp`.
+
+  The rule is by shape, so params and the optimizer moments that mirror them get
+  the same sharding. With fsdp = 1 everything is replicated (plain data parallel).
+  """
+  fsdp = mesh.shape["fsdp"]
+
+  def rule(leaf):
+    if fsdp == 1 or leaf.size < min_fsdp_size:
+      return replicated(mesh)
+    for axis in np.argsort(leaf.shape)[::-1]:
+      if leaf.shape[axis] % fsdp == 0:
+        spec = [None] * leaf.ndim
+        spec[axis] = "fsdp"
+        return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+
+  return jax.tree.map(rule, abstract_state)
+
+
+def global_batch(local_arrays, mesh):
+  """Assembles per-process numpy batches into global arrays split over devices."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
+                      local_arrays)
+
+
+# ------------------------------------------------------------------------------------
+# Optimizer.
+# ------------------------------------------------------------------------------------
+def learning_rate_schedule(config, total_steps):
+  """lr = base_lr * global_batch / 256, linear warmup, then cosine decay to 0."""
+  peak = config.lr.base * config.batch_size / 256
+  warmup = int(round(config.lr.warmup_fraction * total_steps)) if config.lr.get(
+      "warmup_fraction") is not None else int(config.lr.warmup_steps)
+  warmup = min(max(warmup, 0), max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=max(warmup, 1),
+      decay_steps=max(total_steps, warmup + 1), end_value=config.lr.get("end", 0.0) * peak)
+
+
+_NO_DECAY = re.compile(r"(bias|scale|cls_token|mask_token|pos_embed|position)")
+
+
+def weight_decay_mask(params):
+  """True where weight decay applies: not on biases, norms, position or special tokens."""
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  return flax.traverse_util.unflatten_dict(
+      {k: not _NO_DECAY.search(k) for k in flat}, sep="/")
+
+
+def make_optimizer(config, total_steps):
+  """AdamW with a decay mask, warmup + cosine lr, optional clipping."""
+  schedule = learning_rate_schedule(config, total_steps)
+  chain = []
+  if config.get("grad_clip_norm"):
+    chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  chain.append(optax.adamw(schedule, b1=config.optimizer.b1, b2=config.optimizer.b2,
+                           weight_decay=config.optimizer.weight_decay,
+                           mask=weight_decay_mask))
+  return optax.chain(*chain), schedule
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint holds besides the data iterator."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data, so orbax stores it like any array
+
+
+def step_rng(state, *streams):
+  """A key that depends only on the run seed, the step and the named stream."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  for stream in streams:
+    key = jax.random.fold_in(key, stream)
+  return key
+
+
+# ------------------------------------------------------------------------------------
+# Bookkeeping.
+# ------------------------------------------------------------------------------------
+def write_config(config, workdir):
+  if jax.process_index() == 0:
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+class MetricWriter:
+  """Console lines and TensorBoard events (process 0 only).
+
+  clu's writers need TensorFlow for event files; tensorboardX writes the same
+  format without it.
+  """
+
+  def __init__(self, workdir):
+    self._events = None
+    if jax.process_index() == 0:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._events = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write_scalars(self, step, scalars):
+    if self._events is None:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    logging.info("[%d] %s", step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
+    for name, value in scalars.items():
+      self._events.add_scalar(name, value, step)
+
+  def write_image(self, step, name, image_uint8):
+    if self._events is not None:
+      self._events.add_image(name, image_uint8, step, dataformats="HWC")
+
+  def flush(self):
+    if self._events is not None:
+      self._events.flush()
+
+  def close(self):
+    if self._events is not None:
+      self._events.close()
+
+
+class Throughput:
+  """images/s and ETA between log steps."""
+
+  def __init__(self, total_steps, images_per_step, start_step):
+    self.total_steps, self.images_per_step = total_steps, images_per_step
+    self.last_time, self.last_step = time.perf_counter(), start_step
+
+  def __call__(self, step):
+    now = time.perf_counter()
+    steps = max(step - self.last_step, 1)
+    seconds_per_step = (now - self.last_time) / steps
+    self.last_time, self.last_step = now, step
+    return {"images_per_sec": self.images_per_step / seconds_per_step,
+            "eta_hours": seconds_per_step * (self.total_steps - step) / 3600}
+
+
+def total_steps(config, num_train_examples=None):
+  """config.total_steps, or config.num_epochs over the training set."""
+  if config.get("total_steps"):
+    return int(config.total_steps)
+  if config.get("num_epochs") and num_train_examples:
+    return max(1, int(config.num_epochs * num_train_examples // config.batch_size))
+  raise ConfigError("set config.total_steps, or config.num_epochs with a sized data set")
+
+
+def check_batch_size(config, mesh):
+  devices, processes = mesh.devices.size, jax.process_count()
+  accumulation = int(config.get("grad_accum_steps", 1))
+  if config.batch_size % (devices * accumulation) or config.batch_size % processes:
+    raise ConfigError(
+        f"config.batch_size={config.batch_size} must be a multiple of devices x "
+        f"grad_accum_steps = {devices} x {accumulation} (and of {processes} processes)")
+
+
+def log_parameter_summary(params, name):
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  logging.info("%s: %.2fM parameters in %d arrays", name, count / 1e6,
+               len(jax.tree.leaves(params)))
+  return count

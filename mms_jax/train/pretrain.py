@@ -1,0 +1,303 @@
+"""MMS pretraining: a ViT-MAE trained to reconstruct the patches hidden by several
+masking strategies (METHOD.md §2-3).
+
+  python -m mms_jax.main --config=configs/pretrain.py --workdir=workdirs/pretrain
+
+Sections, top to bottom: config checks -> mesh -> data -> model and optimizer ->
+update step -> resume -> pictures -> loop.
+"""
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image
+
+from mms_jax import masking
+from mms_jax.data import pipeline
+from mms_jax.models import mae as mae_lib
+from mms_jax.models import vit
+from mms_jax.train import checkpoints
+from mms_jax.train import common
+from mms_jax.train import guards
+
+
+# ------------------------------------------------------------------------------------
+# Config checks (before anything compiles).
+# ------------------------------------------------------------------------------------
+def build_model(config):
+  m = config.model
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(m.dtype)
+  if dtype is None:
+    raise common.ConfigError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")
+  if m.encoder_variant not in (None, *vit.VARIANTS):
+    raise common.ConfigError(f"config.model.encoder_variant={m.encoder_variant!r}: use one "
+                             f"of {sorted(vit.VARIANTS)}")
+  return mae_lib.MAE(
+      encoder_variant=m.encoder_variant, encoder_width=m.get("encoder_width"),
+      encoder_depth=m.get("encoder_depth"), encoder_num_heads=m.get("encoder_num_heads"),
+      patch=tuple(m.patch), decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
+      decoder_num_heads=m.decoder_num_heads, encoder_mode=m.encoder_mode, gelu=m.gelu,
+      dtype=dtype, scan_layers=m.scan_layers)
+
+
+def check_config(config):
+  """Validates every section; returns the MaskSpec. Errors name the field."""
+  image_size, patch = tuple(config.image_size), tuple(config.model.patch)
+  if len(image_size) != 2 or len(patch) != 2:
+    raise common.ConfigError("config.image_size and config.model.patch are (height, width)")
+  spec = masking.build_spec(config.masking, image_size, patch)
+  if config.model.encoder_mode not in ("mae", "simmim"):
+    raise common.ConfigError(f"config.model.encoder_mode={config.model.encoder_mode!r}: "
+                             "use 'mae' or 'simmim'")
+  width, _, heads = vit.Encoder(variant=config.model.encoder_variant,
+                                width=config.model.get("encoder_width"),
+                                depth=config.model.get("encoder_depth"),
+                                num_heads=config.model.get("encoder_num_heads")).dims()
+  if width % heads or config.model.decoder_width % config.model.decoder_num_heads:
+    raise common.ConfigError("config.model: widths must be divisible by their head counts")
+  if config.loss.visible_weight < 0:
+    raise common.ConfigError("config.loss.visible_weight must be >= 0")
+  pipeline.validate(config.data)
+  return spec
+
+
+# ------------------------------------------------------------------------------------
+# Update step.
+# ------------------------------------------------------------------------------------
+def _per_strategy(spec, per_view_loss, strategy_ids):
+  """Mean loss of each strategy: per_view_loss [B, V], strategy_ids [B] or [V]."""
+  names = masking.strategy_names(spec)
+  if spec.mode == "multi_view":
+    return {f"loss/{n}": per_view_loss[:, v].mean() for v, n in enumerate(names)}
+  if spec.mode == "per_sample":
+    out = {}
+    for s, n in enumerate(names):
+      chosen = (strategy_ids == s).astype(jnp.float32)
+      out[f"loss/{n}"] = jnp.sum(per_view_loss[:, 0] * chosen) / jnp.maximum(chosen.sum(), 1)
+      out[f"fraction/{n}"] = chosen.mean()
+    return out
+  return {}
+
+
+def make_train_step(model, config, spec, optimizer, schedule, mesh, shardings):
+  sampler = masking.make_sampler(spec)
+  batch_sharding = common.batch_sharding(mesh)
+  accumulation = int(config.get("grad_accum_steps", 1))
+  patch = tuple(config.model.patch)
+
+  def loss_fn(params, images, mask, num_masked):
+    pred, _ = model.apply({"params": params}, images, mask, num_masked=num_masked,
+                          train=True)
+    loss, aux = mae_lib.mae_loss(images, pred, mask, patch, norm_pix=config.loss.norm_pix,
+                                 visible_weight=config.loss.visible_weight)
+    return loss, aux.get("per_view", aux["per_sample"][:, None])
+
+  def micro_batches(x):
+    # Micro-batch j takes rows j, j + a, j + 2a, ...: every device keeps its rows.
+    return x.reshape(x.shape[0] // accumulation, accumulation, *x.shape[1:]).swapaxes(0, 1)
+
+  def train_step(state, images, num_masked):
+    batch = images.shape[0]
+    mask, strategy_ids = sampler(common.step_rng(state, 0), batch, num_masked)
+    mask = jax.lax.with_sharding_constraint(mask, batch_sharding)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accumulation == 1:
+      (loss, per_view), grads = grad_fn(state.params, images, mask, num_masked)
+    else:
+      def accumulate(carry, xs):
+        (loss, per_view), grads = grad_fn(state.params, *xs, num_masked)
+        return jax.tree.map(jnp.add, carry, (loss, grads)), per_view
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+      (loss, grads), per_view = jax.lax.scan(
+          accumulate, zeros, (micro_batches(images), micro_batches(mask)))
+      loss, grads = jax.tree.map(lambda x: x / accumulation, (loss, grads))
+      per_view = per_view.swapaxes(0, 1).reshape(batch, -1)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(jnp.add, state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step), "mask_ratio": num_masked / spec.num_cells,
+               **_per_strategy(spec, per_view, strategy_ids)}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return jax.jit(train_step, static_argnums=(2,), donate_argnums=(0,),
+                 out_shardings=(shardings, common.replicated(mesh)))
+
+
+# ------------------------------------------------------------------------------------
+# Pictures: input / masked input / reconstruction for each strategy.
+# ------------------------------------------------------------------------------------
+def _to_uint8(images):
+  return np.clip((np.asarray(images, np.float32) + 1) * 127.5, 0, 255).astype(np.uint8)
+
+
+def reconstruct(images, pred, mask, patch, norm_pix):
+  """Images with hidden patches replaced by the prediction, in pixel space."""
+  target = vit.patchify(images, patch)
+  if norm_pix:  # undo the per-patch normalisation with the true patch statistics
+    mean = target.mean(-1, keepdims=True)
+    std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
+    pred = pred * std + mean
+  mixed = jnp.where(mask[..., None], pred, target)
+  grid = vit.grid_shape(images.shape[1:3], patch)
+  masked = jnp.where(mask[..., None], 0.0, target)  # grey = 0 in [-1, 1]
+  return (vit.unpatchify(masked, patch, grid, images.shape[-1]),
+          vit.unpatchify(mixed, patch, grid, images.shape[-1]))
+
+
+def reconstruction_picture(model, params, images, config, spec, path, step):
+  """A PNG: one row triple (input, masked, reconstruction) per strategy."""
+  rows, labels = [], []
+  patch = tuple(config.model.patch)
+  num_masked = spec.num_masked(step, config.total_steps)
+  for s, name in enumerate(spec.strategies):
+    params_s = dict(spec.params[s])
+    mask = getattr(masking, name)(jax.random.key(s), images.shape[0], spec.grid, num_masked,
+                                  **params_s)
+    pred, _ = _apply_eval(model, params, images, mask, num_masked)
+    masked, recon = reconstruct(images, pred, mask, patch, config.loss.norm_pix)
+    for kind, batch in (("input", images), ("masked", masked), ("reconstruction", recon)):
+      rows.append(np.concatenate(list(_to_uint8(batch)), axis=1))
+      labels.append(f"{name}: {kind}")
+  gap = 4
+  height, width = rows[0].shape[:2]
+  canvas = np.full((len(rows) * (height + gap), width, 3), 255, np.uint8)
+  for i, row in enumerate(rows):
+    canvas[i * (height + gap):i * (height + gap) + height] = row
+  Image.fromarray(canvas).resize((width * 2, canvas.shape[0] * 2), Image.NEAREST).save(path)
+  return labels
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _apply_eval(model, params, images, mask, num_masked):
+  return model.apply({"params": params}, images, mask, num_masked=num_masked)
+
+
+# ------------------------------------------------------------------------------------
+# The program.
+# ------------------------------------------------------------------------------------
+def train_and_evaluate(config, workdir):
+  """Pretrains until config.total_steps; resumes from workdir automatically."""
+  spec = check_config(config)
+  common.maybe_initialize_distributed(config)
+  common.write_config(config, workdir)
+  writer = common.MetricWriter(workdir)
+  total_steps = common.total_steps(config)
+  config.unlock()
+  config.total_steps = total_steps
+  config.lock()
+
+  # ---- Mesh.
+  mesh = common.make_mesh(config)
+  common.check_batch_size(config, mesh)
+  logging.info("Mesh %s over %d devices in %d processes; global batch %d.",
+               dict(mesh.shape), jax.device_count(), jax.process_count(), config.batch_size)
+
+  # ---- Data: each process reads its own shard; batches are assembled globally.
+  data_iter = pipeline.make_pipeline(
+      config.data, "train", config.batch_size, train=True, seed=config.seed,
+      image_size=tuple(config.image_size), worker_count=config.data.get("worker_count", 0))
+
+  # ---- Model and optimizer, created already sharded.
+  model = build_model(config)
+  optimizer, schedule = common.make_optimizer(config, total_steps)
+  height, width = config.image_size
+
+  def init_state(rng):
+    images = jnp.zeros((1, height, width, 3), jnp.float32)
+    num_masked = spec.num_masked()
+    mask = masking.random_patch(jax.random.key(0), 1, spec.grid, num_masked)
+    if spec.mode == "multi_view":
+      mask = jnp.repeat(mask[:, None], spec.num_views, axis=1)
+    params = model.init({"params": rng}, images, mask, num_masked=num_masked)["params"]
+    return common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=optimizer.init(params),
+                             rng=jax.random.key_data(jax.random.key(config.seed + 1)))
+
+  init_rng = jax.random.key(config.seed)
+  abstract_state = jax.eval_shape(init_state, init_rng)
+  shardings = common.state_shardings(abstract_state, mesh)
+  fresh_state = jax.jit(init_state, out_shardings=shardings)
+
+  # ---- Resume: this workdir -> resume_from -> init_from -> scratch.
+  ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                  keep_every=config.checkpoint.get("keep_every"),
+                                  program="pretrain")
+
+  def merge_params(loaded):
+    state = fresh_state(init_rng)
+    return state.replace(params=_merge(state.params, loaded))
+
+  state, data_state, source = checkpoints.restore_or_initialize(
+      ckpt, checkpoints.abstract_with_sharding(abstract_state, shardings),
+      resume_from=config.get("resume_from") or None, init_from=config.get("init_from") or None,
+      merge_params=merge_params)
+  if state is None:
+    state = fresh_state(init_rng)
+  if data_state is not None:
+    data_iter.set_state(data_state)
+  start_step = int(state.step)
+  common.log_parameter_summary(state.params, "MAE")
+  logging.info("Starting at step %d (%s); training to step %d.", start_step, source,
+               total_steps)
+
+  train_step = make_train_step(model, config, spec, optimizer, schedule, mesh, shardings)
+  eval_images = None
+  throughput = common.Throughput(total_steps, config.batch_size, start_step)
+  last_saved = start_step
+
+  def save(step):
+    ckpt.save(step, state, data_state=data_iter.get_state(), config=config, force=True)
+
+  # ---- Loop. Whatever stops it, started saves are finished and get their manifest.
+  with ckpt, checkpoints.PreemptionWatcher() as watcher:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(data_iter)
+      if eval_images is None:
+        eval_images = jnp.asarray(batch["image"][:config.get("num_picture_images", 4)])
+      images = common.global_batch(batch["image"], mesh)
+      state, metrics = train_step(state, images, spec.num_masked(step - 1, total_steps))
+
+      is_log = step % config.log_every == 0 or step == total_steps or step == start_step + 1
+      is_save = step % config.checkpoint.every == 0 or step == total_steps
+      stop = watcher.should_stop(step)
+      if is_log or is_save or stop:
+        metrics = jax.device_get(metrics)
+        guards.check_finite(metrics, step, last_checkpoint=last_saved or None)
+      if is_log:
+        writer.write_scalars(step, {**metrics, **throughput(step)})
+      if is_save or stop:
+        save(step)
+        last_saved = step
+      if config.picture_every and (step % config.picture_every == 0 or step == total_steps):
+        if jax.process_index() == 0:
+          path = os.path.join(workdir, f"reconstruction_{step:07d}.png")
+          reconstruction_picture(model, jax.device_get(state.params), eval_images, config,
+                                 spec, path, step)
+          logging.info("Wrote %s", path)
+      if stop:
+        logging.warning("Stopped at step %d after saving a checkpoint.", step)
+        break
+  writer.close()
+  return state
+
+
+def _merge(fresh, loaded):
+  """Takes every loaded array whose path and shape match; logs the rest."""
+  import flax  # pylint: disable=g-import-not-at-top
+  fresh_flat = flax.traverse_util.flatten_dict(fresh, sep="/")
+  loaded_flat = flax.traverse_util.flatten_dict(loaded, sep="/")
+  merged, taken = {}, []
+  for name, value in fresh_flat.items():
+    other = loaded_flat.get(name)
+    if other is not None and tuple(other.shape) == tuple(value.shape):
+      merged[name] = jax.device_put(jnp.asarray(other, value.dtype), value.sharding)
+      taken.append(name)
+    else:
+      merged[name] = value
+  logging.info("init_from: loaded %d of %d arrays; new: %s", len(taken), len(fresh_flat),
+               sorted(set(fresh_flat) - set(taken)))
+  return flax.traverse_util.unflatten_dict(merged, sep="/")
