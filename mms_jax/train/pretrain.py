@@ -118,7 +118,7 @@ def make_train_step(model, config, spec, optimizer, schedule, mesh, shardings):
       per_view = per_view.swapaxes(0, 1).reshape(batch, -1)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = jax.tree.map(jnp.add, state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step), "mask_ratio": num_masked / spec.num_cells,
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), "mask_ratio": num_masked / spec.num_cells,
                **_per_strategy(spec, per_view, strategy_ids)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics

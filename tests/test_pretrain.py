@@ -1,0 +1,170 @@
+"""The pretraining program end to end: runs, resumes exactly, survives preemption,
+stops on NaN, and gives the same result on 1 or 8 devices and 1 or 2 processes."""
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, free_port, load_config, main_command, run_main, subprocess_env
+from mms_jax.train import checkpoints
+from mms_jax.train import guards
+from mms_jax.train import pretrain
+
+QUICK = ["--config.picture_every=0", "--config.log_every=1"]
+
+
+def _params(workdir):
+  return jax.tree.map(np.asarray, checkpoints.load_params(workdir))
+
+
+def _assert_trees(a, b, **tolerance):
+  flat_a, flat_b = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    if tolerance:
+      np.testing.assert_allclose(x, y, err_msg=jax.tree_util.keystr(path), **tolerance)
+    else:
+      np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_main_job_runs_end_to_end_and_rerun_resumes(tmp_path, tiny_pretrain_config):
+  workdir = tmp_path / "run"
+  state = pretrain.train_and_evaluate(tiny_pretrain_config, str(workdir))
+  assert int(state.step) == 6
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [3, 6]
+  for step in (3, 6):
+    assert checkpoints.verify_manifest(workdir / "checkpoints" / str(step)) is None
+  assert json.loads((workdir / "config.json").read_text())["program"] == "pretrain"
+  assert (workdir / "reconstruction_0000006.png").stat().st_size > 1000
+  assert list((workdir / "tensorboard").iterdir())
+  # Re-running the finished workdir resumes at its last step and trains no further.
+  again = pretrain.train_and_evaluate(load_config("pretrain", "tiny"), str(workdir))
+  assert int(again.step) == 6
+  _assert_trees(jax.device_get(again.params), _params(workdir))
+
+
+def test_invalid_config_fails_before_compiling(tmp_path, tiny_pretrain_config):
+  tiny_pretrain_config.masking.strategies = ("random_patch", "spam")
+  with pytest.raises(ValueError, match=r"masking.strategies\[1\]='spam'"):
+    pretrain.train_and_evaluate(tiny_pretrain_config, str(tmp_path))
+  config = load_config("pretrain", "tiny")
+  config.batch_size = 7
+  config.grad_accum_steps = 2
+  with pytest.raises(ValueError, match="config.batch_size=7"):
+    pretrain.train_and_evaluate(config, str(tmp_path / "b"))
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+  results = []
+  for accumulation in (1, 4):
+    config = load_config("pretrain", "tiny")
+    config.total_steps, config.picture_every, config.grad_accum_steps = 2, 0, accumulation
+    state = pretrain.train_and_evaluate(config, str(tmp_path / str(accumulation)))
+    results.append(jax.device_get(state.params))
+  _assert_trees(*results, rtol=2e-4, atol=2e-6)
+
+
+def test_nan_after_a_checkpoint_leaves_it_intact(tmp_path):
+  config = load_config("pretrain", "tiny")
+  config.picture_every, config.log_every, config.total_steps = 0, 1, 8
+  state = pretrain.train_and_evaluate(config, str(tmp_path))  # checkpoints at 3, 6, 8
+  config = load_config("pretrain", "tiny")
+  config.picture_every, config.log_every, config.total_steps = 0, 1, 12
+  config.lr.base = math.nan  # the lr and, after one update, the loss become NaN
+  with pytest.raises(guards.NonFiniteError, match=r"step 9\b.*lr=nan"):
+    pretrain.train_and_evaluate(config, str(tmp_path))
+  ckpt = checkpoints.Checkpointer(tmp_path, program="pretrain")
+  assert ckpt.latest_good_step() == 8
+  ckpt.close()
+  _assert_trees(_params(tmp_path), jax.device_get(state.params))
+
+
+def _wait_for(predicate, process, timeout=240):
+  deadline = time.time() + timeout
+  while not predicate():
+    if process.poll() is not None:
+      pytest.fail(f"the run ended before the expected point:\n{process.stderr.read()[-4000:]}")
+    if time.time() > deadline:
+      process.kill()
+      pytest.fail("timed out waiting for the run")
+    time.sleep(0.005)
+
+
+def test_sigkill_after_a_checkpoint_then_restart_is_exact(tmp_path):
+  steps = ["--config.total_steps=160", "--config.checkpoint.every=5"]
+  run_main("pretrain.py:tiny", tmp_path / "straight", *QUICK, *steps)
+
+  workdir = tmp_path / "killed"
+  process = subprocess.Popen(main_command("pretrain.py:tiny", workdir, *QUICK, *steps),
+                             cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+  manifest = workdir / "checkpoints" / "10" / checkpoints.MANIFEST_NAME
+  _wait_for(manifest.exists, process)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL
+  log = run_main("pretrain.py:tiny", workdir, *QUICK, *steps)
+  resumed = int(log.split("Starting at step ")[1].split()[0])
+  assert 10 <= resumed < 160 and "(workdir)" in log
+  _assert_trees(_params(workdir), _params(tmp_path / "straight"))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  process = subprocess.Popen(
+      main_command("pretrain.py:tiny", tmp_path, *QUICK, "--config.total_steps=100000",
+                   "--config.checkpoint.every=100000"),
+      cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+  log = []
+  while not any("[3]" in line for line in log):
+    line = process.stderr.readline()
+    assert line or process.poll() is None, "".join(log)
+    log.append(line)
+  process.send_signal(signal.SIGTERM)
+  rest = process.communicate(timeout=120)[1]
+  assert process.returncode == 0, rest
+  stopped = int(rest.split("Stopped at step ")[1].split()[0])
+  step_dir = tmp_path / "checkpoints" / str(stopped)
+  assert checkpoints.verify_manifest(step_dir) is None
+  assert "Preemption (SIGTERM)" in rest
+
+
+# Adam turns the float noise of gradients that are ~0 in exact arithmetic (the key bias
+# has no effect on attention) into lr-sized updates, so params agree to ~lr * 1e-1.
+def test_eight_devices_and_fsdp_match_one_device(tmp_path):
+  steps = [*QUICK, "--config.total_steps=3"]
+  run_main("pretrain.py:tiny", tmp_path / "one", *steps)
+  run_main("pretrain.py:tiny", tmp_path / "eight", *steps, devices=8)
+  run_main("pretrain.py:tiny", tmp_path / "fsdp", *steps, "--config.fsdp=4",
+           "--config.model.encoder_width=64", "--config.model.decoder_width=64", devices=8)
+  run_main("pretrain.py:tiny", tmp_path / "one_wide", *steps,
+           "--config.model.encoder_width=64", "--config.model.decoder_width=64")
+  _assert_trees(_params(tmp_path / "one"), _params(tmp_path / "eight"), rtol=1e-4, atol=1e-5)
+  _assert_trees(_params(tmp_path / "one_wide"), _params(tmp_path / "fsdp"), rtol=1e-4,
+                atol=1e-5)
+
+
+@pytest.mark.parametrize("num_processes", [2])
+def test_several_processes_match_one(tmp_path, num_processes):
+  steps = [*QUICK, "--config.total_steps=3"]
+  run_main("pretrain.py:tiny", tmp_path / "one", *steps)
+  port = free_port()
+  workdir = tmp_path / "multi"
+  processes = [
+      subprocess.Popen(
+          main_command("pretrain.py:tiny", workdir, *steps,
+                       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                       f"--config.distributed.num_processes={num_processes}",
+                       f"--config.distributed.process_id={i}"),
+          cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+      for i in range(num_processes)]
+  logs = [p.communicate(timeout=300)[1] for p in processes]
+  for p, log in zip(processes, logs):
+    assert p.returncode == 0, log[-4000:]
+  assert f"in {num_processes} processes" in logs[0]
+  _assert_trees(_params(tmp_path / "one"), _params(workdir), rtol=1e-4, atol=1e-5)
