@@ -159,17 +159,18 @@ def write_config(config, workdir):
 
 
 class MetricWriter:
-  """Console lines and TensorBoard events (process 0 only).
+  """Console lines, TensorBoard events and `metrics.jsonl` (process 0 only).
 
   clu's writers need TensorFlow for event files; tensorboardX writes the same
   format without it.
   """
 
   def __init__(self, workdir):
-    self._events = None
+    self._events = self._jsonl = None
     if jax.process_index() == 0:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self._events = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
   def write_scalars(self, step, scalars):
     if self._events is None:
@@ -178,6 +179,7 @@ class MetricWriter:
     logging.info("[%d] %s", step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
     for name, value in scalars.items():
       self._events.add_scalar(name, value, step)
+    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
 
   def write_image(self, step, name, image_uint8):
     if self._events is not None:
@@ -186,10 +188,12 @@ class MetricWriter:
   def flush(self):
     if self._events is not None:
       self._events.flush()
+      self._jsonl.flush()
 
   def close(self):
     if self._events is not None:
       self._events.close()
+      self._jsonl.close()
 
 
 class Throughput:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from PIL import Image
+from PIL import ImageDraw
 
 from mms_jax import masking
 from mms_jax.data import pipeline
@@ -162,13 +163,20 @@ def reconstruction_picture(model, params, images, config, spec, path, step):
     for kind, batch in (("input", images), ("masked", masked), ("reconstruction", recon)):
       rows.append(np.concatenate(list(_to_uint8(batch)), axis=1))
       labels.append(f"{name}: {kind}")
-  gap = 4
-  height, width = rows[0].shape[:2]
-  canvas = np.full((len(rows) * (height + gap), width, 3), 255, np.uint8)
-  for i, row in enumerate(rows):
-    canvas[i * (height + gap):i * (height + gap) + height] = row
-  Image.fromarray(canvas).resize((width * 2, canvas.shape[0] * 2), Image.NEAREST).save(path)
+  _save_labelled_rows(rows, labels, path)
   return labels
+
+
+def _save_labelled_rows(rows, labels, path, scale=2, gap=4, label_width=170):
+  """Stacks uint8 image rows, upscaled, with a text label left of each row."""
+  height, width = rows[0].shape[0] * scale, rows[0].shape[1] * scale
+  canvas = Image.new("RGB", (label_width + width, len(rows) * (height + gap)), "white")
+  draw = ImageDraw.Draw(canvas)
+  for i, (row, label) in enumerate(zip(rows, labels)):
+    top = i * (height + gap)
+    canvas.paste(Image.fromarray(row).resize((width, height), Image.NEAREST), (label_width, top))
+    draw.text((6, top + height // 2 - 6), label, fill="black")
+  canvas.save(path)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
