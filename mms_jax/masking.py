@@ -13,8 +13,8 @@ Shape strategies work in two steps:
 Combination modes reuse step 1 of several strategies and run step 2 once.
 
 The exact count comes from a k-th-largest selection by bisection over unique 32-bit
-keys (priority | random bits | cell index) instead of a sort: sorting is slow on XLA:CPU
-and the bisection is a fixed 32 compare-and-count passes.
+keys (priority | random bits | cell index) instead of a sort: sorting is slow on XLA:CPU,
+and the bisection needs only ~log2(L) + a few compare-and-count passes.
 """
 import dataclasses
 import functools
@@ -37,13 +37,27 @@ def _select_largest(keys, k):
   """Marks the k largest entries of each row. keys: uint32[B, L], unique per row."""
   if k == 0:
     return jnp.zeros(keys.shape, bool)
-  threshold = jnp.zeros(keys.shape[:1], jnp.uint32)
-  # Builds the k-th largest key bit by bit, from the most significant bit down.
-  for bit in range(31, -1, -1):
-    candidate = threshold | jnp.uint32(1 << bit)
-    enough = jnp.sum(keys >= candidate[:, None], axis=1, dtype=jnp.int32) >= k
-    threshold = jnp.where(enough, candidate, threshold)
-  return keys >= threshold[:, None]
+
+  def count_at_least(threshold):
+    return jnp.sum(keys >= threshold[:, None], axis=1, dtype=jnp.int32)
+
+  # Bisection over key values, per row, until exactly k keys lie at or above `low`.
+  # Invariant: count_at_least(low) >= k and the k-th largest key is in [low, high].
+  # Stops after ~log2(L) + a few passes instead of 32 (the gap below the k-th key
+  # is ~2**32 / L wide).
+  def step(carry):
+    low, high, count_low = carry
+    mid = low + (high - low) // 2 + 1
+    count_mid = count_at_least(mid)
+    up = count_mid >= k
+    return (jnp.where(up, mid, low), jnp.where(up, high, mid - 1),
+            jnp.where(up, count_mid, count_low))
+
+  low = jnp.zeros(keys.shape[:1], jnp.uint32)
+  high = jnp.full(keys.shape[:1], 0xFFFFFFFF, jnp.uint32)
+  low, _, _ = jax.lax.while_loop(lambda c: jnp.any(c[2] != k), step,
+                                 (low, high, count_at_least(low)))
+  return keys >= low[:, None]
 
 
 def rank_to_count(rng, preferred, num_masked):
@@ -75,11 +89,6 @@ def rank_to_count(rng, preferred, num_masked):
 # Preferred cell sets of each strategy (step 1). Each returns bool[B, L] with at most
 # num_masked True cells per row, and, where useful for tests and docs, its shapes.
 # ------------------------------------------------------------------------------------
-def _grid_coordinates(grid):
-  rows, cols = jnp.meshgrid(jnp.arange(grid[0]), jnp.arange(grid[1]), indexing="ij")
-  return rows.reshape(-1), cols.reshape(-1)
-
-
 def _columns_to_cells(columns, grid):
   """bool[B, gw] -> bool[B, gh * gw]: whole, full-height columns."""
   return jnp.tile(columns, (1, grid[0]))
@@ -103,7 +112,6 @@ def blockwise_shapes(rng, batch, grid, num_masked, *, min_area=4, max_area=None,
   """
   gh, gw = grid
   max_area = num_masked if max_area is None else max_area
-  rows, cols = _grid_coordinates(grid)
   max_h = max(1, gh - 1)
   max_w = max(1, gw - 1)
   log_aspect = math.log(min_aspect)
@@ -113,35 +121,54 @@ def blockwise_shapes(rng, batch, grid, num_masked, *, min_area=4, max_area=None,
   # same distribution as drawing from the whole range and rejecting what does not fit.
   max_fit_area = max(h * min(max_w, int(h / min_aspect)) for h in range(1, max_h + 1))
 
-  def propose(carry, key):
-    hidden, count = carry
-    k_area, k_aspect, k_top, k_left = jax.random.split(key, 4)
+  # Each grid row is held as ceil(gw / 32) 32-bit words (bit c of word w = column
+  # 32 w + c): a proposal touches 32x fewer elements than a bool mask would.
+  num_words = -(-gw // 32)
+  row_index = jnp.arange(gh)
+  word_start = 32 * jnp.arange(num_words)
+
+  def row_bits(left, width):
+    """uint32[B, num_words]: the bits of columns [left, left + width)."""
+    low = jnp.clip(left[:, None] - word_start, 0, 32).astype(jnp.uint32)
+    high = jnp.clip((left + width)[:, None] - word_start, 0, 32).astype(jnp.uint32)
+    ones_below = lambda n: jnp.where(n >= 32, jnp.uint32(0xFFFFFFFF),
+                                     (jnp.uint32(1) << jnp.minimum(n, 31)) - 1)
+    return ones_below(high) & ~ones_below(low)
+
+  def propose(carry, u):
+    hidden, count = carry  # uint32[B, gh, num_words], int32[B]
     upper = jnp.minimum(jnp.minimum(max_area, max_fit_area), num_masked - count)
     upper = jnp.maximum(upper, min_area)
-    area = jax.random.uniform(k_area, (batch,), minval=min_area, maxval=upper + 1e-6)
+    area = min_area + u[0] * (upper + 1e-6 - min_area)
     low_aspect = jnp.maximum(log_aspect, jnp.log(area / (max_w + 0.5) ** 2))
-    high_aspect = jnp.minimum(-log_aspect, jnp.log((max_h + 0.5) ** 2 / area))
-    aspect = jnp.exp(jax.random.uniform(k_aspect, (batch,), minval=low_aspect,
-                                        maxval=jnp.maximum(high_aspect, low_aspect)))
+    high_aspect = jnp.maximum(jnp.minimum(-log_aspect, jnp.log((max_h + 0.5) ** 2 / area)),
+                              low_aspect)
+    aspect = jnp.exp(low_aspect + u[1] * (high_aspect - low_aspect))
     height = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
     width = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
     ratio = height / jnp.maximum(width, 1)
     fits = ((height >= 1) & (width >= 1) & (height <= max_h) & (width <= max_w)
             & (ratio >= min_aspect - 1e-6) & (ratio <= 1 / min_aspect + 1e-6))
-    top = jnp.floor(jax.random.uniform(k_top, (batch,)) * (gh - height + 1)).astype(jnp.int32)
-    left = jnp.floor(jax.random.uniform(k_left, (batch,)) * (gw - width + 1)).astype(jnp.int32)
-    rect = ((rows >= top[:, None]) & (rows < (top + height)[:, None])
-            & (cols >= left[:, None]) & (cols < (left + width)[:, None]))
+    top = jnp.floor(u[2] * (gh - height + 1)).astype(jnp.int32)
+    left = jnp.floor(u[3] * (gw - width + 1)).astype(jnp.int32)
+    in_rows = (row_index >= top[:, None]) & (row_index < (top + height)[:, None])
+    rect = jnp.where(in_rows[:, :, None], row_bits(left, width)[:, None, :], jnp.uint32(0))
     new_hidden = hidden | rect
-    new_count = jnp.sum(new_hidden, axis=1, dtype=jnp.int32)
+    new_count = jnp.sum(jax.lax.population_count(new_hidden), axis=(1, 2), dtype=jnp.int32)
     accepted = fits & (new_count <= num_masked) & (new_count > count)
-    hidden = jnp.where(accepted[:, None], new_hidden, hidden)
+    hidden = jnp.where(accepted[:, None, None], new_hidden, hidden)
     count = jnp.where(accepted, new_count, count)
     return (hidden, count), dict(top=top, left=left, height=height, width=width,
                                  accepted=accepted)
 
-  init = (jnp.zeros((batch, gh * gw), bool), jnp.zeros((batch,), jnp.int32))
-  (hidden, _), blocks = jax.lax.scan(propose, init, jax.random.split(rng, attempts))
+  # All random numbers are drawn at once; the short proposal loop is unrolled, which
+  # XLA:CPU runs much faster than a loop of small kernels.
+  uniforms = jax.random.uniform(rng, (attempts, 4, batch))
+  init = (jnp.zeros((batch, gh, num_words), jnp.uint32), jnp.zeros((batch,), jnp.int32))
+  (words, _), blocks = jax.lax.scan(propose, init, uniforms, unroll=True)
+  col = jnp.arange(gw)
+  hidden = (words[:, :, col // 32] >> (col % 32).astype(jnp.uint32)) & 1
+  hidden = hidden.astype(bool).reshape(batch, gh * gw)
   return hidden, jax.tree.map(lambda x: x.T, blocks)
 
 
@@ -161,14 +188,12 @@ def span_columns(rng, batch, grid, num_masked, *, min_columns=2, max_columns=6,
   col_index = jnp.arange(gw)
   k_runs, k_fill = jax.random.split(rng)
 
-  def propose(carry, key):
+  def propose(carry, u):
     hidden, count = carry
-    k_len, k_start = jax.random.split(key)
     remaining = target - count
-    length = jax.random.randint(k_len, (batch,), min_columns, max_columns + 1)
-    length = jnp.clip(length, 0, remaining)
-    start = jnp.floor(jax.random.uniform(k_start, (batch,)) * (gw - length + 1))
-    start = start.astype(jnp.int32)
+    length = jnp.floor(min_columns + u[0] * (max_columns - min_columns + 1))
+    length = jnp.clip(length.astype(jnp.int32), 0, remaining)
+    start = jnp.floor(u[1] * (gw - length + 1)).astype(jnp.int32)
     run = (col_index >= start[:, None]) & (col_index < (start + length)[:, None])
     new_hidden = hidden | run
     new_count = jnp.sum(new_hidden, axis=1, dtype=jnp.int32)
@@ -176,8 +201,9 @@ def span_columns(rng, batch, grid, num_masked, *, min_columns=2, max_columns=6,
     hidden = jnp.where(accepted[:, None], new_hidden, hidden)
     return (hidden, jnp.where(accepted, new_count, count)), None
 
+  uniforms = jax.random.uniform(k_runs, (attempts, 2, batch))
   init = (jnp.zeros((batch, gw), bool), jnp.zeros((batch,), jnp.int32))
-  (runs, _), _ = jax.lax.scan(propose, init, jax.random.split(k_runs, attempts))
+  (runs, _), _ = jax.lax.scan(propose, init, uniforms, unroll=True)
   return rank_to_count(k_fill, runs, target)
 
 
