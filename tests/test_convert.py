@@ -1,0 +1,368 @@
+"""Tests for mms_jax.convert: layouts, errors, and agreement with real PyTorch libraries.
+
+The layout tests need only numpy. The interop tests need torch (CPU) and
+transformers (`pip install -e .[torch]`) and are skipped, with the reason, where
+they are not importable; the timm test runs only where timm is importable.
+"""
+import argparse
+import functools
+import json
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mms_jax import convert as cv
+from mms_jax.convert import torch_layouts as tl
+from mms_jax.models import mae
+from mms_jax.models import vit
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = dict(encoder_variant=None, encoder_width=64, encoder_depth=2, encoder_num_heads=2,
+            decoder_width=32, decoder_depth=1, decoder_num_heads=2)
+
+
+@functools.lru_cache(maxsize=None)
+def make_model(image_size=(32, 128), patch=(4, 4), gelu='erf', scan_layers=False, seed=0):
+  """(model, params, config) for a tiny MAE; params perturbed so biases/norms are non-trivial.
+
+  Cached: callers must not modify the returned params in place.
+  """
+  model = mae.MAE(patch=patch, gelu=gelu, scan_layers=scan_layers, **TINY)
+  grid = vit.grid_shape(image_size, patch)
+  length = grid[0] * grid[1]
+  images = jnp.zeros((1, *image_size, 3))
+  mask = jnp.arange(length)[None] < length * 3 // 4
+  init = jax.jit(model.init, static_argnames='num_masked')
+  params = init(jax.random.key(seed), images, mask, num_masked=length * 3 // 4)['params']
+  leaves, treedef = jax.tree.flatten(params)
+  rng = np.random.default_rng(seed)
+  leaves = [np.asarray(x) + np.float32(0.05) * rng.standard_normal(x.shape, np.float32)
+            for x in leaves]
+  params = jax.tree.unflatten(treedef, leaves)
+  config = cv.ModelConfig(image_size=image_size, patch=patch, num_heads=2, decoder_num_heads=2,
+                          gelu=gelu)
+  return model, params, config
+
+
+def random_mask(rng, batch, length, num_masked):
+  order = np.argsort(rng.random((batch, length)), axis=1)
+  mask = np.zeros((batch, length), bool)
+  np.put_along_axis(mask, order[:, :num_masked], True, axis=1)
+  return mask
+
+
+def assert_trees_equal(a, b):
+  fa, fb = tl.flatten(a), tl.flatten(b)
+  assert sorted(fa) == sorted(fb), set(fa) ^ set(fb)
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+@pytest.fixture(scope='module')
+def rect():
+  return make_model()
+
+
+# ---------------------------------------------------------------------------
+# numpy only.
+
+
+@pytest.mark.parametrize('layout', ['hf', 'timm', 'mae'])
+@pytest.mark.parametrize('patch', [(4, 4), (8, 4)])
+def test_layout_round_trip_is_exact(layout, patch):
+  _, params, config = make_model(patch=patch)
+  sd = tl.to_state_dict(params, config, layout)
+  assert all(v.dtype == np.float32 for v in sd.values())
+  back = cv.from_torch_state_dict(sd, layout, image_size=config.image_size)
+  want = {'encoder': params['encoder']} if layout == 'timm' else params
+  assert_trees_equal(back, tl.normalize_params(want))
+  assert tl.detect_layout(sd) == layout
+
+
+def test_state_dict_shapes_follow_torch_conventions(rect):
+  _, params, config = rect
+  sd = cv.to_mae_state_dict(params, config)
+  assert sd['patch_embed.proj.weight'].shape == (64, 3, 4, 4)  # [D, C, ph, pw]
+  assert sd['blocks.0.attn.qkv.weight'].shape == (192, 64)  # [3D, D]
+  assert sd['pos_embed'].shape == (1, 1 + 8 * 32, 64)
+  assert sd['decoder_pos_embed'].shape == (1, 1 + 8 * 32, 32)
+  np.testing.assert_array_equal(sd['pos_embed'], vit.sincos_pos_embed_2d(64, (8, 32), True))
+  hf = tl.to_state_dict(params, config, 'hf')
+  q = hf['vit.encoder.layer.1.attention.attention.query.weight']
+  np.testing.assert_array_equal(q, sd['blocks.1.attn.qkv.weight'][:64])
+  assert not any(k.startswith('decoder') for k in cv.to_timm_state_dict(params, config))
+
+
+def test_scanned_params_are_accepted():
+  _, params, config = make_model()
+  scanned = jax.tree.map(np.asarray, vit.scan_params(params))  # same values, stacked
+  sd = cv.to_mae_state_dict(scanned, config)
+  ref = cv.to_mae_state_dict(params, config)
+  assert sorted(sd) == sorted(ref)
+  back = cv.from_torch_state_dict(sd, 'mae', scan_layers=True)
+  assert vit.param_names(back) == vit.param_names(scanned)
+
+
+def test_missing_and_misshapen_tensors_are_named(rect):
+  _, params, config = rect
+  sd = cv.to_mae_state_dict(params, config)
+  missing = dict(sd)
+  del missing['blocks.1.mlp.fc2.bias']
+  with pytest.raises(cv.ConversionError, match=r"blocks\.1\.mlp\.fc2\.bias"):
+    cv.from_torch_state_dict(missing, 'mae')
+  bad = dict(sd, **{'decoder_blocks.0.attn.proj.weight': np.zeros((32, 31), np.float32)})
+  with pytest.raises(cv.ConversionError, match=r"decoder_blocks\.0\.attn\.proj\.weight.*\(32, 31\)"):
+    cv.from_torch_state_dict(bad, 'mae')
+  extra = dict(sd, **{'head.weight': np.zeros((10, 64), np.float32)})
+  with pytest.raises(cv.ConversionError, match='head.weight'):
+    cv.from_torch_state_dict(extra, 'mae')
+  with pytest.warns(UserWarning, match='not used'):
+    cv.from_torch_state_dict(extra, 'mae', strict=False)
+  broken = jax.tree.map(lambda x: x, params)
+  del broken['encoder']['blocks_0']['attn']['qkv']
+  with pytest.raises(cv.ConversionError, match='encoder/blocks_0/attn/qkv'):
+    cv.to_mae_state_dict(broken, config)
+  with pytest.raises(cv.ConversionError, match='num_heads'):
+    cv.to_hf_vitmae(params, cv.ModelConfig(image_size=(32, 128)), '/nonexistent/never')
+
+
+def test_position_embedding_layouts_are_recognised(rect):
+  _, params, config = rect
+  sd = cv.to_mae_state_dict(params, config)
+  # No image size given: the 8x32 grid is recovered from the stored embedding.
+  _, found, notes = tl.from_state_dict(sd, 'mae')
+  assert found.image_size == (32, 128) and not notes
+  # Square-grid layout (int(sqrt(256)) = 16 -> 16x16), as some PyTorch MAE code builds it.
+  square = dict(sd, pos_embed=vit.sincos_pos_embed_2d(64, (16, 16), True),
+                decoder_pos_embed=vit.sincos_pos_embed_2d(32, (16, 16), True))
+  assert tl.identify_pos_embed(square['pos_embed'], 64, (8, 32)) == ('square', (16, 16))
+  with pytest.warns(UserWarning, match='square 16x16 grid'):
+    back = cv.from_torch_state_dict(square, 'mae', image_size=(32, 128))
+  assert_trees_equal(back, params)
+  with pytest.raises(cv.ConversionError, match="'pos_embed' is a square-grid"):
+    cv.from_torch_state_dict(square, 'mae', image_size=(32, 128), pos_embed='error')
+  learned = dict(sd, pos_embed=sd['pos_embed'] + 0.01)
+  with pytest.raises(cv.ConversionError, match="'pos_embed' is not a sin-cos"):
+    cv.from_torch_state_dict(learned, 'mae', image_size=(32, 128))
+  with pytest.warns(UserWarning, match='dropped'):
+    cv.from_torch_state_dict(learned, 'mae', image_size=(32, 128), pos_embed='ignore')
+
+
+def test_hf_export_refuses_a_decoder_with_non_square_patch(tmp_path):
+  _, params, config = make_model(patch=(8, 4))
+  with pytest.raises(cv.ConversionError, match='square patch'):
+    cv.to_hf_vitmae(params, config, tmp_path / 'x')
+  cv.to_hf_vitmae({'encoder': params['encoder']}, config, tmp_path / 'enc')
+  assert json.loads((tmp_path / 'enc/config.json').read_text())['patch_size'] == [8, 4]
+
+
+# ---------------------------------------------------------------------------
+# Against torch / transformers.
+
+
+def _torch():
+  return pytest.importorskip('torch', reason='interop tests need torch (pip install -e .[torch])')
+
+
+def _transformers():
+  _torch()
+  return pytest.importorskip('transformers', reason='interop tests need transformers '
+                             '(pip install -e .[torch])')
+
+
+def nchw(images):
+  torch = _torch()
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2)))
+
+
+def encode(params, config, images, gelu='erf'):
+  enc = vit.Encoder(variant=None, width=64, depth=2, num_heads=2, patch=config.patch, gelu=gelu)
+  return np.asarray(jax.jit(enc.apply)({'params': params['encoder']}, images)[0])
+
+
+@pytest.mark.parametrize('gelu', ['erf', 'tanh'])
+def test_hf_encoder_features_match_rectangular_grid(tmp_path, gelu):
+  transformers, torch = _transformers(), _torch()
+  _, params, config = make_model(gelu=gelu)
+  cv.to_hf_vitmae({'encoder': params['encoder']}, config, tmp_path)
+  model = transformers.ViTMAEModel.from_pretrained(tmp_path, mask_ratio=0.0).eval()
+  assert model.config.layer_norm_eps == 1e-6
+  images = jax.random.normal(jax.random.key(3), (2, 32, 128, 3))
+  noise = torch.arange(256, dtype=torch.float32).repeat(2, 1)  # identity token order
+  with torch.no_grad():
+    theirs = model(nchw(images), noise=noise).last_hidden_state.numpy()
+  np.testing.assert_allclose(theirs, encode(params, config, images, gelu), atol=1e-5, rtol=0)
+
+
+def test_hf_encoder_non_square_patch(tmp_path):
+  transformers, torch = _transformers(), _torch()
+  _, params, config = make_model(patch=(8, 4))
+  cv.to_hf_vitmae({'encoder': params['encoder']}, config, tmp_path)
+  model = transformers.ViTMAEModel.from_pretrained(tmp_path, mask_ratio=0.0).eval()
+  images = jax.random.normal(jax.random.key(4), (2, 32, 128, 3))
+  with torch.no_grad():
+    theirs = model(nchw(images), noise=torch.arange(128.).repeat(2, 1)).last_hidden_state
+  np.testing.assert_allclose(theirs.numpy(), encode(params, config, images), atol=1e-5, rtol=0)
+
+
+def _compare_pretraining(model, hf_model, params, image_size, num_masked):
+  torch = _torch()
+  length = hf_model.vit.embeddings.patch_embeddings.num_patches
+  images = jax.random.normal(jax.random.key(5), (3, *image_size, 3))
+  mask = random_mask(np.random.default_rng(0), 3, length, num_masked)
+  apply = jax.jit(model.apply, static_argnames='num_masked')
+  pred, _ = apply({'params': params}, images, jnp.asarray(mask), num_masked=num_masked)
+  loss, _ = mae.mae_loss(images, pred, jnp.asarray(mask), model.patch)
+  # HF keeps the tokens with the smallest noise: visible ones first, in index order.
+  noise = torch.from_numpy(mask.astype(np.float32) + np.arange(length) / (2.0 * length))
+  with torch.no_grad():
+    out = hf_model(nchw(images), noise=noise.float())
+  np.testing.assert_array_equal(out.mask.numpy().astype(bool), mask)
+  np.testing.assert_allclose(out.logits.numpy(), np.asarray(pred), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out.loss.item(), float(loss), rtol=1e-5)
+
+
+def test_hf_pretraining_forward_square_grid(tmp_path):
+  transformers = _transformers()
+  model, params, config = make_model(image_size=(32, 32))
+  cv.to_hf_vitmae(params, config, tmp_path)
+  hf_model, info = transformers.ViTMAEForPreTraining.from_pretrained(
+      tmp_path, output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys']
+  assert hf_model.config.norm_pix_loss and hf_model.config.hidden_act == 'gelu'
+  _compare_pretraining(model, hf_model.eval(), params, (32, 32), num_masked=48)
+
+
+def test_hf_pretraining_forward_rectangular_grid(tmp_path, rect):
+  _transformers()
+  model, params, config = rect
+  cv.to_hf_vitmae(params, config, tmp_path)
+  hf_model = cv.load_hf_vitmae(tmp_path)
+  _compare_pretraining(model, hf_model, params, (32, 128), num_masked=192)
+  # The stored real-grid position embeddings survive from_pretrained as they are.
+  np.testing.assert_array_equal(hf_model.decoder.decoder_pos_embed.detach().numpy(),
+                                vit.sincos_pos_embed_2d(32, (8, 32), True))
+
+
+def test_flax_torch_flax_round_trip_is_exact(tmp_path, rect):
+  transformers = _transformers()
+  _, params, config = rect
+  cv.to_hf_vitmae(params, config, tmp_path)
+  hf_model = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path)
+  # The live model's state dict uses the installed transformers' own names.
+  back = cv.from_torch_state_dict(hf_model.state_dict(), 'auto')
+  assert_trees_equal(back, params)
+  back, found = cv.read_torch_checkpoint(tmp_path)
+  assert_trees_equal(back, params)
+  assert (found.num_heads, found.decoder_num_heads, found.image_size) == (2, 2, (32, 128))
+
+
+def torch_reference_encoder(sd, images, patch, heads, gelu='none'):
+  """An independent torch.nn.functional ViT forward over the MAE / timm key names."""
+  torch = _torch()
+  fn = torch.nn.functional
+  t = {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
+  x = fn.conv2d(images, t['patch_embed.proj.weight'], t['patch_embed.proj.bias'], stride=patch)
+  x = x.flatten(2).transpose(1, 2) + t['pos_embed'][:, 1:]
+  cls = (t['cls_token'] + t['pos_embed'][:, :1]).expand(x.shape[0], -1, -1)
+  x = torch.cat([cls, x], dim=1)
+  b, n, d = x.shape
+  depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+
+  def ln(v, name):
+    return fn.layer_norm(v, (d,), t[name + '.weight'], t[name + '.bias'], eps=1e-6)
+
+  for i in range(depth):
+    p = f'blocks.{i}.'
+    qkv = fn.linear(ln(x, p + 'norm1'), t[p + 'attn.qkv.weight'], t[p + 'attn.qkv.bias'])
+    q, k, v = qkv.reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    a = fn.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+    x = x + fn.linear(a, t[p + 'attn.proj.weight'], t[p + 'attn.proj.bias'])
+    h = fn.linear(ln(x, p + 'norm2'), t[p + 'mlp.fc1.weight'], t[p + 'mlp.fc1.bias'])
+    x = x + fn.linear(fn.gelu(h, approximate=gelu), t[p + 'mlp.fc2.weight'], t[p + 'mlp.fc2.bias'])
+  return ln(x, 'norm')
+
+
+@pytest.mark.parametrize('file_format', ['safetensors', 'pth'])
+def test_mae_layout_matches_torch_reference(tmp_path, file_format):
+  torch = _torch()
+  _, params, config = make_model(patch=(8, 4))
+  path = cv.save_state_dict(cv.to_mae_state_dict(params, config),
+                            tmp_path / f'model.{file_format}')
+  sd = cv.load_torch_file(path)
+  images = jax.random.normal(jax.random.key(6), (2, 32, 128, 3))
+  with torch.no_grad():
+    theirs = torch_reference_encoder(sd, nchw(images), (8, 4), heads=2).numpy()
+  np.testing.assert_allclose(theirs, encode(params, config, images), atol=1e-5, rtol=0)
+  assert_trees_equal(cv.from_torch_state_dict(sd, 'mae'), params)
+
+
+def test_timm_features_match(tmp_path):
+  timm = pytest.importorskip('timm', reason='timm is not installed (optional)')
+  torch = _torch()
+  from timm.models.vision_transformer import VisionTransformer  # pylint: disable=g-import-not-at-top
+  del timm
+  _, params, config = make_model()
+  model = VisionTransformer(**tl.timm_kwargs(config)).eval()
+  sd = cv.to_timm_state_dict(params, config)
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+  images = jax.random.normal(jax.random.key(7), (2, 32, 128, 3))
+  with torch.no_grad():
+    theirs = model.forward_features(nchw(images)).numpy()
+  np.testing.assert_allclose(theirs, encode(params, config, images), atol=1e-5, rtol=0)
+  back = cv.from_torch_state_dict(model.state_dict(), 'timm')
+  assert_trees_equal(back, {'encoder': params['encoder']})
+
+
+class NotWeights:
+  """Anything that is not a tensor: must never be unpickled by the converter."""
+
+
+def test_pth_with_pickled_objects_is_refused(tmp_path, rect):
+  torch = _torch()
+  _, params, config = rect
+  sd = {k: torch.from_numpy(v) for k, v in cv.to_mae_state_dict(params, config).items()}
+  torch.save({'model': sd, 'epoch': 3}, tmp_path / 'ok.pth')
+  assert_trees_equal(cv.from_torch_state_dict(cv.load_torch_file(tmp_path / 'ok.pth')), params)
+  for name, obj in [('args.pth', {'model': sd, 'args': argparse.Namespace(lr=1.0)}),
+                    ('object.pth', NotWeights())]:
+    torch.save(obj, tmp_path / name)
+    with pytest.raises(cv.ConversionError, match='refusing to load'):
+      cv.load_torch_file(tmp_path / name)
+
+
+def test_cli_and_orbax_checkpoints(tmp_path, rect):
+  transformers = _transformers()
+  from mms_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  model, params, _ = rect
+  run_config = {'image_size': [32, 128], 'model': dict(TINY, patch=[4, 4], encoder_mode='mae',
+                                                      gelu='erf'),
+                'loss': {'norm_pix': True}, 'masking': {'ratio': 0.75}}
+  with checkpoints.Checkpointer(tmp_path / 'run', async_save=False, program='pretrain') as ckpt:
+    ckpt.save(10, {'params': params, 'step': np.int32(10)}, config=run_config)
+  env = {'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin'}
+  cmd = [sys.executable, '-m', 'mms_jax.convert', f'--src={tmp_path / "run"}', '--format=hf',
+         f'--dst={tmp_path / "hf"}']
+  result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  hf_model = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / 'hf')
+  assert hf_model.config.num_attention_heads == 2 and hf_model.config.image_size == [32, 128]
+  # ... and back into an orbax checkpoint that init_from accepts.
+  step_dir = cv.convert(tmp_path / 'hf', tmp_path / 'back', 'mms')
+  assert_trees_equal(checkpoints.load_params(tmp_path / 'back'), params)
+  back_params, back_config = cv.load_mms_checkpoint(step_dir)
+  config = cv.ModelConfig.from_run_config(back_config)
+  assert (config.num_heads, config.decoder_width, config.image_size) == (2, 32, (32, 128))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    path = cv.convert(tmp_path / 'run', tmp_path / 'timm', 'timm')
+  side = json.loads((path.parent / 'config.json').read_text())
+  assert side['kwargs']['img_size'] == [32, 128] and side['layout'] == 'timm'
+  back, _ = cv.read_torch_checkpoint(path)
+  assert_trees_equal(back, {'encoder': params['encoder']})
