@@ -173,18 +173,22 @@ def blockwise_shapes(rng, batch, grid, num_masked, *, min_area=4, max_area=None,
 
 
 def span_columns(rng, batch, grid, num_masked, *, min_columns=2, max_columns=6,
-                 attempts=32):
+                 attempts=None):
   """Runs of whole columns covering exactly floor(num_masked / gh) columns.
 
   Runs of length uniform in [min_columns, max_columns] (shortened to what is still
   to hide) are proposed sequentially and accepted when they add columns without
   exceeding the target; columns still missing after `attempts` are drawn at random.
+  attempts=None scales with the target: four proposals per run of average length
+  needed (at least 32), so wide grids (e.g. 16x256) keep their span character.
 
   Returns:
     columns: bool[B, gw] with exactly floor(num_masked / gh) True entries per row.
   """
   gh, gw = grid
   target = num_masked // gh
+  if attempts is None:
+    attempts = max(32, math.ceil(4 * target / ((min_columns + max_columns) / 2)))
   col_index = jnp.arange(gw)
   k_runs, k_fill = jax.random.split(rng)
 
@@ -365,7 +369,7 @@ def default_config():
       ratio_start=None,  # set (e.g. 0.5) for a progressive ratio rising to `ratio`
       ratio_stages=4,
       blockwise=dict(min_area=4, max_area=None, min_aspect=0.3, attempts=32),
-      span=dict(min_columns=2, max_columns=6, attempts=32),
+      span=dict(min_columns=2, max_columns=6, attempts=None),  # None: scales with gw
       horizontal_block=dict(band_pixels=16, num_bands=1),
   ))
 
@@ -478,8 +482,8 @@ def build_spec(config, image_size, patch_size):
       if not 1 <= p["min_columns"] <= p["max_columns"]:
         _fail("span.min_columns", (p["min_columns"], p["max_columns"]),
               "need 1 <= min_columns <= max_columns")
-      if p["attempts"] < 1:
-        _fail("span.attempts", p["attempts"], "must be >= 1")
+      if p["attempts"] is not None and p["attempts"] < 1:
+        _fail("span.attempts", p["attempts"], "must be >= 1, or None to scale with the grid")
     params.append(tuple(sorted(p.items())))
 
   spec = MaskSpec(mode=mode, strategies=strategies, probabilities=probabilities,

@@ -95,10 +95,11 @@ def test_span_is_mostly_whole_columns_for_any_count(grid, ratio, seed):
   np.testing.assert_array_equal(full_columns.sum(axis=1), num_masked // grid[0])
 
 
-def test_span_forms_runs_within_the_length_range():
-  columns = np.asarray(masking.span_columns(jax.random.key(0), 256, (8, 32), 8 * 12,
-                                            min_columns=3, max_columns=5, attempts=32))
-  np.testing.assert_array_equal(columns.sum(axis=1), 12)
+@pytest.mark.parametrize("grid, target", [((8, 32), 12), ((16, 256), 150)])
+def test_span_forms_runs_within_the_length_range(grid, target):
+  columns = np.asarray(masking.span_columns(jax.random.key(0), 64, grid, grid[0] * target,
+                                            min_columns=3, max_columns=5))
+  np.testing.assert_array_equal(columns.sum(axis=1), target)
   run_lengths = []
   for row in columns:
     padded = np.concatenate([[0], row.astype(int), [0]])
@@ -108,7 +109,7 @@ def test_span_forms_runs_within_the_length_range():
   # Runs may merge (longer) or be trimmed to fill the last columns (shorter), but a
   # span mask is mostly runs in the configured range, unlike scattered columns.
   assert np.mean(run_lengths >= 3) > 0.8
-  assert np.mean(run_lengths == 1) < 0.1
+  assert np.mean(run_lengths == 1) < 0.2  # scattered columns: ~0.6
 
 
 @pytest.mark.parametrize("band_pixels, patch_width", [(16, 4), (8, 4), (12, 4), (32, 8)])
