@@ -15,6 +15,9 @@ from ml_collections import config_flags
 
 PROGRAMS = {
     "pretrain": "mms_jax.train.pretrain",
+    "recognition": "mms_jax.train.recognition",
+    "segmentation": "mms_jax.train.segmentation",
+    "super_resolution": "mms_jax.train.super_resolution",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",

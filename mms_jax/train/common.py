@@ -106,7 +106,7 @@ def learning_rate_schedule(config, total_steps):
   warmup = min(max(warmup, 0), max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=max(warmup, 1),
-      decay_steps=max(total_steps, warmup + 1), end_value=config.lr.get("end", 0.0) * peak)
+      decay_steps=max(total_steps, max(warmup, 1) + 1), end_value=config.lr.get("end", 0.0) * peak)
 
 
 _NO_DECAY = re.compile(r"(bias|scale|cls_token|mask_token|pos_embed|position)")

@@ -1,0 +1,315 @@
+"""Scene-text recognition fine-tuning of a pretrained MMS encoder (METHOD.md §4).
+
+  python -m mms_jax.main --config=configs/finetune_recognition.py --workdir=DIR \
+      --config.init_from=PRETRAIN_WORKDIR
+  ... --config.eval_only=True [--config.eval_from=CKPT]    # score a checkpoint, exit
+
+Sections, top to bottom: config checks -> mesh -> data -> model and optimizer ->
+update step -> resume -> evaluation and pictures -> loop.
+"""
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image
+from PIL import ImageDraw
+
+from mms_jax.data import labels as labels_lib
+from mms_jax.data import pipeline
+from mms_jax.data import tokenizer as tokenizer_lib
+from mms_jax.evaluate import str_benchmarks
+from mms_jax.evaluate import text_metrics
+from mms_jax.models import recognition as rec
+from mms_jax.models import vit
+from mms_jax.train import checkpoints
+from mms_jax.train import common
+from mms_jax.train import finetune
+from mms_jax.train import guards
+
+
+# ------------------------------------------------------------------------------------
+# Config checks (before anything compiles).
+# ------------------------------------------------------------------------------------
+def check_config(config):
+  """Validates the fields; returns the Tokenizer. Errors name the field."""
+  m = config.model
+  if m.head not in ("ctc", "ar"):
+    raise common.ConfigError(f"config.model.head={m.head!r}: use 'ctc' or 'ar'")
+  if m.dtype not in ("float32", "bfloat16"):
+    raise common.ConfigError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")
+  if m.encoder_variant not in (None, *vit.VARIANTS):
+    raise common.ConfigError(f"config.model.encoder_variant={m.encoder_variant!r}: use "
+                             f"one of {sorted(vit.VARIANTS)}")
+  width, _, heads = vit.Encoder(variant=m.encoder_variant, width=m.get("encoder_width"),
+                                depth=m.get("encoder_depth"),
+                                num_heads=m.get("encoder_num_heads")).dims()
+  if width % heads or m.decoder_width % m.decoder_num_heads:
+    raise common.ConfigError("config.model: widths must be divisible by their head counts")
+  gh, gw = vit.grid_shape(tuple(config.image_size), tuple(m.patch))
+  charset = labels_lib.get_charset(config.charset)
+  data_charset = labels_lib.get_charset(config.data.charset or config.charset)
+  if not set(data_charset) <= set(charset):
+    raise common.ConfigError(f"config.data.charset={config.data.charset!r} has characters "
+                             f"outside config.charset={config.charset!r}")
+  if not config.data.charset:
+    raise common.ConfigError("config.data.charset is empty: set it (e.g. to config.charset) "
+                             "so labels are normalised to the model's charset")
+  if config.data.max_label_length > m.max_length:
+    raise common.ConfigError(f"config.data.max_label_length={config.data.max_label_length} "
+                             f"> config.model.max_length={m.max_length}")
+  if m.head == "ctc" and gw < m.max_length:
+    raise common.ConfigError(f"CTC needs at least max_length={m.max_length} columns; the "
+                             f"patch grid has gw={gw}")
+  if not 0 <= config.loss.label_smoothing < 1:
+    raise common.ConfigError("config.loss.label_smoothing must be in [0, 1)")
+  pipeline.validate(config.data)
+  return tokenizer_lib.Tokenizer(charset, m.head)
+
+
+def build_model(config, tokenizer):
+  m = config.model
+  return rec.Recognizer(
+      num_classes=tokenizer.num_classes, head=m.head, vocab_size=tokenizer.vocab_size,
+      bos=tokenizer.bos or 0, eos=tokenizer_lib.EOS, max_length=m.max_length,
+      encoder_variant=m.encoder_variant, encoder_width=m.get("encoder_width"),
+      encoder_depth=m.get("encoder_depth"), encoder_num_heads=m.get("encoder_num_heads"),
+      patch=tuple(m.patch), decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
+      decoder_num_heads=m.decoder_num_heads, decoder_mlp_ratio=m.decoder_mlp_ratio,
+      gelu=m.gelu, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype],
+      scan_layers=m.scan_layers)
+
+
+# ------------------------------------------------------------------------------------
+# Update step.
+# ------------------------------------------------------------------------------------
+def make_train_step(model, config, tokenizer, optimizer, schedule, mesh, shardings):
+  frozen = bool(config.get("freeze_encoder", False))
+
+  def loss_fn(params, images, ids, lengths):
+    if frozen:  # no encoder backward pass at all
+      params = {**params, "encoder": jax.lax.stop_gradient(params["encoder"])}
+    variables = {"params": params}
+    if config.model.head == "ar":
+      logits = model.apply(variables, images, ids[:, :-1], train=True)
+      return rec.ar_loss(logits, ids[:, 1:], tokenizer.pad, config.loss.label_smoothing)
+    logits = model.apply(variables, images, train=True)
+    loss = rec.ctc_loss(logits, ids, lengths, blank_id=tokenizer_lib.BLANK)
+    return loss, jnp.zeros((), jnp.float32)
+
+  def train_step(state, batch):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, accuracy), grads = grad_fn(state.params, batch["image"], batch["ids"],
+                                      batch["lengths"])
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = finetune.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    if config.model.head == "ar":
+      metrics["token_accuracy"] = accuracy
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return jax.jit(train_step, donate_argnums=(0,),
+                 out_shardings=(shardings, common.replicated(mesh)))
+
+
+def host_batch(batch, tokenizer, max_length):
+  """Token ids of the labels, normalised to the model charset first (the synthetic
+  source yields raw labels); a longer label is cut to max_length."""
+  texts = [(labels_lib.normalize_label(str(t), tokenizer.charset, None) or "")[:max_length]
+           for t in batch["label"]]
+  ids, lengths = tokenizer.encode(texts, max_length)
+  return {"image": batch["image"], "ids": ids, "lengths": lengths}
+
+
+# ------------------------------------------------------------------------------------
+# Evaluation and pictures.
+# ------------------------------------------------------------------------------------
+def make_predict(model, tokenizer, batch_size):
+  """params -> (images float32[b, H, W, 3] -> b strings); pads to one batch shape."""
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.predict))
+
+  def predictor(params):
+    def predict(images):
+      n = images.shape[0]
+      padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
+      padded[:n] = images[:batch_size]
+      return tokenizer.decode(np.asarray(apply(params, padded)))[:n]
+    return predict
+
+  return predictor
+
+
+def eval_targets(config):
+  """[(table name, data config, split)] to evaluate."""
+  targets = [(s.replace("/", "_").strip("._") or "benchmarks", config.data, s)
+             for s in config.eval.splits]
+  if config.eval.get("benchmarks_path"):
+    data = config.data.copy_and_resolve_references()
+    data.unlock()
+    data.update(source="str_lmdb", path=config.eval.benchmarks_path, reader="direct")
+    targets.append(("benchmarks", data, config.eval.get("benchmarks_split") or "."))
+  return targets
+
+
+def run_evals(predict, config, workdir, step, writer, picture=True):
+  """Scores every eval target; writes eval_<name>.{md,csv}; returns {name: rows}."""
+  results, kept = {}, []
+  eval_charset = config.eval.get("charset") or text_metrics.DEFAULT_CHARSET
+
+  def keep(batch, preds):
+    if len(kept) < config.get("num_picture_images", 8):
+      take = config.get("num_picture_images", 8) - len(kept)
+      kept.extend(zip(batch["image"][:take], batch["label"][:take], preds[:take]))
+
+  for name, data, split in eval_targets(config):
+    rows = str_benchmarks.evaluate(
+        predict, data, split, batch_size=config.eval.batch_size,
+        image_size=tuple(config.image_size), charset=eval_charset,
+        max_batches=config.eval.get("max_batches"), on_batch=keep if not results else None)
+    results[name] = rows
+    title = f"{name} at step {step} (charset {eval_charset})"
+    str_benchmarks.write_tables(rows, workdir, f"eval_{name}", title)
+    if jax.process_index() == 0:
+      print(str_benchmarks.format_table(rows, title), flush=True)
+    writer.write_scalars(step, {f"eval/{name}/{r['benchmark']}/{k}": r[k] for r in rows
+                                for k in ("word_accuracy", "one_minus_ned")})
+  if picture and kept and config.get("picture_every", 1) and jax.process_index() == 0:
+    path = os.path.join(workdir, f"predictions_{step:07d}.png")
+    prediction_picture(kept, path, eval_charset)
+    logging.info("Wrote %s", path)
+  return results
+
+
+def prediction_picture(examples, path, charset="36", scale=2, columns=4):
+  """A PNG grid: each image with 'pred' and 'gt' under it (green when they match)."""
+  examples = list(examples)
+  h, w = examples[0][0].shape[:2]
+  cell_w, cell_h = w * scale + 8, h * scale + 34
+  rows = (len(examples) + columns - 1) // columns
+  canvas = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+  draw = ImageDraw.Draw(canvas)
+  for i, (image, gt, pred) in enumerate(examples):
+    x, y = (i % columns) * cell_w + 4, (i // columns) * cell_h + 2
+    pixels = np.clip((np.asarray(image) + 1) * 127.5, 0, 255).astype(np.uint8)
+    canvas.paste(Image.fromarray(pixels).resize((w * scale, h * scale), Image.NEAREST), (x, y))
+    ok = text_metrics.normalize(gt, charset) == text_metrics.normalize(pred, charset)
+    draw.text((x, y + h * scale + 2), f"pred: {pred}", fill=(0, 128, 0) if ok else (200, 0, 0))
+    draw.text((x, y + h * scale + 16), f"gt:   {gt}", fill="black")
+  canvas.save(path)
+
+
+# ------------------------------------------------------------------------------------
+# The program.
+# ------------------------------------------------------------------------------------
+def train_and_evaluate(config, workdir):
+  """Fine-tunes until config.total_steps (resuming from workdir), then evaluates.
+
+  With config.eval_only, evaluates finetune.eval_checkpoint(config, workdir) and
+  returns {table name: rows} instead of a state.
+  """
+  tokenizer = check_config(config)
+  common.maybe_initialize_distributed(config)
+  if not config.get("eval_only"):  # keep the training run's config.json
+    common.write_config(config, workdir)
+  writer = common.MetricWriter(workdir)
+  total_steps = common.total_steps(config)
+  max_length = config.model.max_length
+
+  # ---- Mesh.
+  mesh = common.make_mesh(config)
+  common.check_batch_size(config, mesh)
+  logging.info("Mesh %s over %d devices; global batch %d.", dict(mesh.shape),
+               jax.device_count(), config.batch_size)
+
+  # ---- Model and optimizer, created already sharded.
+  model = build_model(config, tokenizer)
+  height, width = config.image_size
+
+  def init_params(rng):
+    images = jnp.zeros((1, height, width, 3), jnp.float32)
+    args = (images, jnp.zeros((1, max_length + 1), jnp.int32)) if config.model.head == "ar" \
+        else (images,)
+    return model.init({"params": rng}, *args)["params"]
+
+  init_rng = jax.random.key(config.seed)
+  abstract_params = jax.eval_shape(init_params, init_rng)
+  optimizer, schedule = finetune.make_finetune_optimizer(config, total_steps, abstract_params)
+
+  def init_state(rng):
+    params = init_params(rng)
+    return common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=optimizer.init(params),
+                             rng=jax.random.key_data(jax.random.key(config.seed + 1)))
+
+  abstract_state = jax.eval_shape(init_state, init_rng)
+  shardings = common.state_shardings(abstract_state, mesh)
+  fresh_state = jax.jit(init_state, out_shardings=shardings)
+  predictor = make_predict(model, tokenizer, config.eval.batch_size)
+
+  # ---- Evaluate-only: score a checkpoint and exit.
+  if config.get("eval_only"):
+    params, step = finetune.load_for_eval(
+        finetune.eval_checkpoint(config, workdir),
+        checkpoints.abstract_with_sharding(abstract_state.params, shardings.params))
+    results = run_evals(predictor(params), config, workdir, step, writer)
+    writer.close()
+    return results
+
+  # ---- Data: each process reads its own shard; batches are assembled globally.
+  data_iter = pipeline.make_pipeline(
+      config.data, "train", config.batch_size, train=True, seed=config.seed,
+      image_size=tuple(config.image_size), worker_count=config.data.get("worker_count", 0))
+
+  # ---- Resume: this workdir -> resume_from -> init_from (encoder only) -> scratch.
+  ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                  keep_every=config.checkpoint.get("keep_every"),
+                                  program="recognition")
+  state, data_state, source = checkpoints.restore_or_initialize(
+      ckpt, checkpoints.abstract_with_sharding(abstract_state, shardings),
+      resume_from=config.get("resume_from") or None, init_from=config.get("init_from") or None,
+      merge_params=finetune.init_from_merger(lambda: fresh_state(init_rng),
+                                           source=config.get("init_from", "")))
+  if state is None:
+    logging.warning("No init_from: the encoder starts from random weights.")
+    state = fresh_state(init_rng)
+  if data_state is not None:
+    data_iter.set_state(data_state)
+  start_step = int(state.step)
+  common.log_parameter_summary(state.params["encoder"], "encoder")
+  common.log_parameter_summary(state.params["head"], f"{config.model.head} head")
+  logging.info("Starting at step %d (%s); training to step %d%s.", start_step, source,
+               total_steps, " with the encoder frozen" if config.get("freeze_encoder") else "")
+
+  train_step = make_train_step(model, config, tokenizer, optimizer, schedule, mesh, shardings)
+  throughput = common.Throughput(total_steps, config.batch_size, start_step)
+  last_saved = start_step
+
+  # ---- Loop. Whatever stops it, started saves are finished and get their manifest.
+  with ckpt, checkpoints.PreemptionWatcher() as watcher:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = common.global_batch(host_batch(next(data_iter), tokenizer, max_length), mesh)
+      state, metrics = train_step(state, batch)
+
+      is_log = step % config.log_every == 0 or step == total_steps or step == start_step + 1
+      is_save = step % config.checkpoint.every == 0 or step == total_steps
+      is_eval = step == total_steps or (config.eval.every and step % config.eval.every == 0)
+      stop = watcher.should_stop(step)
+      if is_log or is_save or stop:
+        metrics = jax.device_get(metrics)
+        guards.check_finite(metrics, step, last_checkpoint=last_saved or None)
+      if is_log:
+        writer.write_scalars(step, {**metrics, **throughput(step)})
+      if is_save or stop:
+        ckpt.save(step, state, data_state=data_iter.get_state(), config=config, force=True)
+        last_saved = step
+      if is_eval and not stop:
+        run_evals(predictor(state.params), config, workdir, step, writer)
+      if stop:
+        logging.warning("Stopped at step %d after saving a checkpoint.", step)
+        break
+  if start_step == total_steps and config.eval.get("on_resume_finished", False):
+    run_evals(predictor(state.params), config, workdir, start_step, writer)
+  writer.close()
+  return state
