@@ -76,6 +76,15 @@ def get_config(variant="small"):
 
   if variant == "small":
     pass
+  elif variant == "small_ctc":
+    # Short-CPU-run attempt of docs/results.md: the same encoder with the CTC head (no
+    # decoder to learn, cheaper steps), batch 16, peak lr 1e-3, 2400 steps.
+    c.model.head = "ctc"
+    c.batch_size = 16
+    c.lr = dict(base=1.6e-2, warmup_steps=100, warmup_fraction=None, end=0.0)  # peak 1e-3
+    c.total_steps = 2400
+    c.eval.every = 800
+    c.checkpoint.every = 800
   elif variant == "tiny":
     c.model.update(encoder_width=32, encoder_depth=1, encoder_num_heads=2,
                    decoder_width=32, decoder_depth=1, decoder_num_heads=2)
@@ -108,5 +117,6 @@ def get_config(variant="small"):
     c.checkpoint = dict(every=5000, keep=3, keep_every=None)
     c.distributed.auto = True
   else:
-    raise ValueError(f"unknown variant {variant!r}: small, tiny or S_union14m")
+    raise ValueError(f"unknown variant {variant!r}: small, small_ctc, tiny or "
+                     "S_union14m")
   return c
