@@ -107,10 +107,12 @@ def beit_blockwise(rng, batch, grid, num_masked, *, min_area=4, min_aspect=0.3,
   return mask.reshape(batch, -1)
 
 
-def span_runs_one(rng, grid, num_masked, *, min_columns=2, max_columns=6, attempts=32):
+def span_runs_one(rng, grid, num_masked, *, min_columns=2, max_columns=6, attempts=None):
   """Columns hidden by accepted runs of one image, bool[gw] (<= num_masked // gh)."""
   gh, gw = grid
   target = num_masked // gh
+  if attempts is None:  # as masking.span_columns
+    attempts = max(32, math.ceil(4 * target / ((min_columns + max_columns) / 2)))
   columns = np.zeros(gw, bool)
   count = 0
   for _ in range(attempts):
