@@ -3,7 +3,6 @@ optimizer and schedule, train state, metric writers and run bookkeeping.
 
 Trainers import these functions; nothing here knows which program runs.
 """
-import dataclasses
 import json
 import logging
 import os
@@ -15,7 +14,6 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
@@ -26,6 +24,19 @@ BATCH_AXES = ("data", "fsdp")
 
 class ConfigError(ValueError):
   """A config field is invalid; the message names the field and the fix."""
+
+
+def checked_model_dtype(model_config):
+  """The compute dtype of `config.model`, after checking dtype and encoder variant."""
+  from mms_jax.models import vit  # pylint: disable=g-import-not-at-top
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(model_config.dtype)
+  if dtype is None:
+    raise ConfigError(f"config.model.dtype={model_config.dtype!r}: use 'float32' or "
+                      "'bfloat16'")
+  if model_config.encoder_variant not in (None, *vit.VARIANTS):
+    raise ConfigError(f"config.model.encoder_variant={model_config.encoder_variant!r}: "
+                      f"use one of {sorted(vit.VARIANTS)}")
+  return dtype
 
 
 # ------------------------------------------------------------------------------------

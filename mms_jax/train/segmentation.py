@@ -44,12 +44,7 @@ def eval_splits(config):
 
 def build_model(config):
   m = config.model
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(m.dtype)
-  if dtype is None:
-    raise common.ConfigError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")
-  if m.encoder_variant not in (None, *vit.VARIANTS):
-    raise common.ConfigError(f"config.model.encoder_variant={m.encoder_variant!r}: use one "
-                             f"of {sorted(vit.VARIANTS)}")
+  dtype = common.checked_model_dtype(m)
   return dense_heads.Segmenter(
       encoder_variant=m.encoder_variant, encoder_width=m.get("encoder_width"),
       encoder_depth=m.get("encoder_depth"), encoder_num_heads=m.get("encoder_num_heads"),
