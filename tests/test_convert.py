@@ -162,6 +162,19 @@ def test_hf_export_refuses_a_decoder_with_non_square_patch(tmp_path):
   assert json.loads((tmp_path / 'enc/config.json').read_text())['patch_size'] == [8, 4]
 
 
+def test_constructor_kwargs_need_the_shapes(rect):
+  _, params, config = rect
+  with pytest.raises(cv.ConversionError, match='channels, width, depth'):
+    tl.timm_kwargs(config)  # the config alone does not know the tensor shapes
+  kw = tl.timm_kwargs(config, {'encoder': params['encoder']})
+  assert (kw['img_size'], kw['patch_size'], kw['embed_dim'], kw['depth'], kw['num_heads'],
+          kw['mlp_ratio'], kw['act_layer']) == ([32, 128], [4, 4], 64, 2, 2, 4.0, 'gelu')
+  kw = tl.mae_kwargs(config, params)
+  assert (kw['decoder_embed_dim'], kw['decoder_depth'], kw['decoder_num_heads']) == (32, 1, 2)
+  with pytest.raises(cv.ConversionError, match='decoder_num_heads'):
+    tl.mae_kwargs(cv.ModelConfig(image_size=(32, 128), num_heads=2), params)
+
+
 # ---------------------------------------------------------------------------
 # Against torch / transformers.
 
@@ -248,6 +261,9 @@ def test_hf_pretraining_forward_rectangular_grid(tmp_path, rect):
   # The stored real-grid position embeddings survive from_pretrained as they are.
   np.testing.assert_array_equal(hf_model.decoder.decoder_pos_embed.detach().numpy(),
                                 vit.sincos_pos_embed_2d(32, (8, 32), True))
+  # ... and stay fixed when the model is trained, as in mms_jax.
+  assert not hf_model.vit.embeddings.position_embeddings.requires_grad
+  assert not hf_model.decoder.decoder_pos_embed.requires_grad
 
 
 def test_flax_torch_flax_round_trip_is_exact(tmp_path, rect):
@@ -261,6 +277,45 @@ def test_flax_torch_flax_round_trip_is_exact(tmp_path, rect):
   back, found = cv.read_torch_checkpoint(tmp_path)
   assert_trees_equal(back, params)
   assert (found.num_heads, found.decoder_num_heads, found.image_size) == (2, 2, (32, 128))
+
+
+def test_hf_fine_tune_steps_then_import_back(tmp_path):
+  """docs/pytorch.md section 4: a few AdamW steps on one batch, then back to mms_jax."""
+  transformers, torch = _transformers(), _torch()
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  _, params, config = make_model()
+  cv.to_hf_vitmae({'encoder': params['encoder']}, config, tmp_path / 'hf')
+  torch.manual_seed(0)
+  encoder = transformers.ViTMAEModel.from_pretrained(tmp_path / 'hf', mask_ratio=0.0)
+  encoder.embeddings.position_embeddings.requires_grad_(False)
+  head = torch.nn.Linear(encoder.config.hidden_size, 5)
+  noise = torch.arange(256.)
+  x, y = torch.rand(4, 3, 32, 128) * 2 - 1, torch.tensor([0, 1, 2, 3])
+
+  def forward(x):
+    return head(encoder(x, noise=noise.repeat(len(x), 1)).last_hidden_state[:, 0])
+
+  trainable = [p for p in [*encoder.parameters(), *head.parameters()] if p.requires_grad]
+  opt = torch.optim.AdamW(trainable, lr=1e-3)
+  encoder.train()
+  losses = []
+  for _ in range(5):
+    loss = torch.nn.functional.cross_entropy(forward(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+  assert losses[-1] < 0.9 * losses[0], losses
+  save_file(encoder.state_dict(), tmp_path / 'tuned.safetensors')
+  tuned = cv.from_torch_state_dict(cv.load_torch_file(tmp_path / 'tuned.safetensors'))
+  before = np.asarray(params['encoder']['blocks_0']['attn']['qkv']['kernel'])
+  assert np.abs(tuned['encoder']['blocks_0']['attn']['qkv']['kernel'] - before).max() > 1e-4
+  # ... the weights were trained, and the imported encoder computes the tuned features.
+  encoder.eval()
+  with torch.no_grad():
+    theirs = encoder(x, noise=noise.repeat(4, 1)).last_hidden_state.numpy()
+  images = jnp.asarray(x.permute(0, 2, 3, 1).numpy())
+  np.testing.assert_allclose(theirs, encode(tuned, config, images), atol=1e-5, rtol=0)
 
 
 def torch_reference_encoder(sd, images, patch, heads, gelu='none'):
@@ -303,21 +358,125 @@ def test_mae_layout_matches_torch_reference(tmp_path, file_format):
   assert_trees_equal(cv.from_torch_state_dict(sd, 'mae'), params)
 
 
-def test_timm_features_match(tmp_path):
-  timm = pytest.importorskip('timm', reason='timm is not installed (optional)')
+def _timm():
+  _torch()
+  return pytest.importorskip(
+      'timm', reason='timm is not installed: it needs torchvision, whose only wheels here '
+      'come with torch 2.14.1 (5.6 GB); see docs/pytorch.md, section 6')
+
+
+# Models shared with other tests (make_model is cached): each GELU, each patch shape.
+@pytest.mark.parametrize('patch,gelu', [((4, 4), 'tanh'), ((8, 4), 'erf')])
+def test_timm_features_match(patch, gelu):
   torch = _torch()
+  _timm()
   from timm.models.vision_transformer import VisionTransformer  # pylint: disable=g-import-not-at-top
-  del timm
-  _, params, config = make_model()
-  model = VisionTransformer(**tl.timm_kwargs(config)).eval()
+  _, params, config = make_model(patch=patch, gelu=gelu)
+  model = VisionTransformer(**tl.timm_kwargs(config, {'encoder': params['encoder']})).eval()
+  # The model really is the rectangular one: 32x128 image, (ph, pw) conv, grid 8x32 / 4x32.
+  assert model.patch_embed.grid_size == config.grid and config.grid[0] != config.grid[1]
+  assert tuple(model.patch_embed.proj.kernel_size) == patch
+  assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}
+  probe = torch.linspace(-4, 4, 101)
+  np.testing.assert_array_equal(  # timm's activation is the GELU flavour asked for
+      model.blocks[0].mlp.act(probe).numpy(),
+      torch.nn.functional.gelu(probe, approximate='none' if gelu == 'erf' else 'tanh').numpy())
   sd = cv.to_timm_state_dict(params, config)
   model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
   images = jax.random.normal(jax.random.key(7), (2, 32, 128, 3))
   with torch.no_grad():
     theirs = model.forward_features(nchw(images)).numpy()
-  np.testing.assert_allclose(theirs, encode(params, config, images), atol=1e-5, rtol=0)
+    pooled = model(nchw(images)).numpy()  # global_pool='token', num_classes=0: the cls feature
+  ours = encode(params, config, images, gelu)
+  np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(pooled, ours[:, 0], atol=1e-5, rtol=0)
   back = cv.from_torch_state_dict(model.state_dict(), 'timm')
   assert_trees_equal(back, {'encoder': params['encoder']})
+
+
+def timm_mae(kwargs):
+  """A model with the module names of MAE's MaskedAutoencoderViT, built from timm's
+  PatchEmbed and Block and the constructor arguments that `mae_kwargs` lists."""
+  torch = _torch()
+  _timm()
+  from timm.layers import PatchEmbed  # pylint: disable=g-import-not-at-top
+  from timm.models.vision_transformer import Block  # pylint: disable=g-import-not-at-top
+  nn = torch.nn
+  norm = functools.partial(nn.LayerNorm, eps=kwargs['layer_norm_eps'])
+  act = functools.partial(nn.GELU, approximate={'exact': 'none', 'tanh': 'tanh'}[kwargs['gelu']])
+
+  def blocks(width, depth, heads):
+    return nn.ModuleList(Block(width, heads, kwargs['mlp_ratio'], qkv_bias=True,
+                               norm_layer=norm, act_layer=act) for _ in range(depth))
+
+  class TimmMAE(nn.Module):
+    """forward(images [B, C, H, W], mask bool[B, L]) -> pixel predictions [B, L, P]."""
+
+    def __init__(self):
+      super().__init__()
+      d, dd, c = kwargs['embed_dim'], kwargs['decoder_embed_dim'], kwargs['in_chans']
+      self.patch_embed = PatchEmbed(kwargs['img_size'], kwargs['patch_size'], c, d)
+      n = self.patch_embed.num_patches
+      self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+      self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n, d), requires_grad=False)
+      self.blocks = blocks(d, kwargs['depth'], kwargs['num_heads'])
+      self.norm = norm(d)
+      self.decoder_embed = nn.Linear(d, dd)
+      self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+      self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + n, dd), requires_grad=False)
+      self.decoder_blocks = blocks(dd, kwargs['decoder_depth'], kwargs['decoder_num_heads'])
+      self.decoder_norm = norm(dd)
+      ph, pw = self.patch_embed.patch_size
+      self.decoder_pred = nn.Linear(dd, ph * pw * c)
+
+    def forward(self, images, mask):
+      x = self.patch_embed(images) + self.pos_embed[:, 1:]
+      b, n, d = x.shape
+      keep = n - int(mask[0].sum())
+      # Visible tokens first, each group in index order (as mms_jax's ids_from_mask).
+      ids_shuffle = torch.argsort(mask.float() + torch.arange(n) / (2.0 * n), dim=1)
+      ids_restore = torch.argsort(ids_shuffle, dim=1)
+      x = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, d))
+      x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1), x], dim=1)
+      for block in self.blocks:
+        x = block(x)
+      x = self.decoder_embed(self.norm(x))
+      tokens = torch.cat([x[:, 1:], self.mask_token.expand(b, n - keep, -1)], dim=1)
+      tokens = torch.gather(tokens, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))
+      x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed
+      for block in self.decoder_blocks:
+        x = block(x)
+      return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+  return TimmMAE()
+
+
+@pytest.mark.parametrize('patch,gelu', [((4, 4), 'erf'), ((8, 4), 'tanh')])
+def test_mae_layout_runs_in_timm_blocks(patch, gelu):
+  torch = _torch()
+  model, params, config = make_model(patch=patch, gelu=gelu)
+  kwargs = tl.mae_kwargs(config, params)
+  torch_model = timm_mae(kwargs).eval()
+  sd = cv.to_mae_state_dict(params, config)
+  torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+  length = config.grid[0] * config.grid[1]
+  num_masked = length * 3 // 4
+  images = jax.random.normal(jax.random.key(8), (2, 32, 128, 3))
+  mask = random_mask(np.random.default_rng(1), 2, length, num_masked)
+  pred, _ = jax.jit(model.apply, static_argnames='num_masked')(
+      {'params': params}, images, jnp.asarray(mask), num_masked=num_masked)
+  loss, _ = mae.mae_loss(images, pred, jnp.asarray(mask), patch)
+  with torch.no_grad():
+    theirs = torch_model(nchw(images), torch.from_numpy(mask))
+  np.testing.assert_allclose(theirs.numpy(), np.asarray(pred), atol=1e-5, rtol=0)
+  # MAE's loss: per-patch normalised target (unbiased variance), mean over hidden patches.
+  (ph, pw), (gh, gw) = patch, config.grid
+  target = nchw(images).reshape(2, 3, gh, ph, gw, pw).permute(0, 2, 4, 3, 5, 1)
+  target = target.reshape(2, length, ph * pw * 3)
+  target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** .5
+  m = torch.from_numpy(mask).float()
+  their_loss = (((theirs - target) ** 2).mean(-1) * m).sum() / m.sum()
+  np.testing.assert_allclose(their_loss.item(), float(loss), rtol=1e-5)
 
 
 class NotWeights:
@@ -337,15 +496,44 @@ def test_pth_with_pickled_objects_is_refused(tmp_path, rect):
       cv.load_torch_file(tmp_path / name)
 
 
-def test_cli_and_orbax_checkpoints(tmp_path, rect):
-  transformers = _transformers()
+def write_run(workdir, params):
+  """An mms_jax pretraining checkpoint (step 10) of the tiny rect model, with its run config."""
   from mms_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
-  model, params, _ = rect
   run_config = {'image_size': [32, 128], 'model': dict(TINY, patch=[4, 4], encoder_mode='mae',
                                                       gelu='erf'),
                 'loss': {'norm_pix': True}, 'masking': {'ratio': 0.75}}
-  with checkpoints.Checkpointer(tmp_path / 'run', async_save=False, program='pretrain') as ckpt:
+  with checkpoints.Checkpointer(workdir, async_save=False, program='pretrain') as ckpt:
     ckpt.save(10, {'params': params, 'step': np.int32(10)}, config=run_config)
+
+
+def test_timm_loads_the_export_as_documented(tmp_path, rect):
+  """docs/pytorch.md section 3, timm: config.json kwargs + model.safetensors."""
+  torch = _torch()
+  _timm()
+  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  from timm.models.vision_transformer import VisionTransformer  # pylint: disable=g-import-not-at-top
+  _, params, config = rect
+  write_run(tmp_path / 'run', params)
+  path = cv.convert(tmp_path / 'run', tmp_path / 'timm', 'timm')
+  kwargs = json.loads((tmp_path / 'timm/config.json').read_text())['kwargs']
+  model = VisionTransformer(**kwargs).eval()
+  model.load_state_dict(load_file(path))
+  images = jax.random.normal(jax.random.key(9), (2, 32, 128, 3))
+  with torch.no_grad():
+    theirs = model.forward_features(nchw(images)).numpy()
+  np.testing.assert_allclose(theirs, encode(params, config, images), atol=1e-5, rtol=0)
+  # A classifier as in section 4: only the new head is missing.
+  tuned = VisionTransformer(**{**kwargs, 'num_classes': 5})
+  result = tuned.load_state_dict(load_file(path), strict=False)
+  assert sorted(result.missing_keys) == ['head.bias', 'head.weight']
+  assert not result.unexpected_keys
+
+
+def test_cli_and_orbax_checkpoints(tmp_path, rect):
+  transformers = _transformers()
+  from mms_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  _, params, _ = rect
+  write_run(tmp_path / 'run', params)
   env = {'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin'}
   cmd = [sys.executable, '-m', 'mms_jax.convert', f'--src={tmp_path / "run"}', '--format=hf',
          f'--dst={tmp_path / "hf"}']
@@ -355,6 +543,8 @@ def test_cli_and_orbax_checkpoints(tmp_path, rect):
   assert hf_model.config.num_attention_heads == 2 and hf_model.config.image_size == [32, 128]
   # ... and back into an orbax checkpoint that init_from accepts.
   step_dir = cv.convert(tmp_path / 'hf', tmp_path / 'back', 'mms')
+  with pytest.raises(cv.ConversionError, match='already holds a checkpoint'):
+    cv.convert(tmp_path / 'hf', tmp_path / 'back', 'mms')  # never overwritten
   assert_trees_equal(checkpoints.load_params(tmp_path / 'back'), params)
   back_params, back_config = cv.load_mms_checkpoint(step_dir)
   config = cv.ModelConfig.from_run_config(back_config)

@@ -51,8 +51,9 @@ _TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt')
 def to_timm_state_dict(params, config: ModelConfig) -> tl.StateDict:
   """Encoder params -> timm VisionTransformer state dict (numpy, float32).
 
-  Build the model with `timm.create_model('vit_small_patch16_224', pretrained=False,
-  **torch_layouts.timm_kwargs(config))` or `VisionTransformer(**timm_kwargs(config))`.
+  Build the model with `VisionTransformer(**torch_layouts.timm_kwargs(config, params))`
+  (or `timm.create_model('vit_small_patch16_224', pretrained=False, **kwargs)`) and
+  `load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})` (strict).
   """
   return tl.to_state_dict(params, config, 'timm')
 
@@ -305,11 +306,15 @@ def load_mms_checkpoint(path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
 def save_mms_checkpoint(params, config: Optional[ModelConfig], workdir, *, step: int = 0):
   """Writes `{'params': params}` as an mms_jax checkpoint (with manifest) in
   `<workdir>/checkpoints/<step>`, so that `init_from=<workdir>` and
-  `load_mms_checkpoint` read it. Returns the step directory."""
+  `load_mms_checkpoint` read it. Returns the step directory. A workdir that already
+  has a checkpoint at `step` is refused (ConversionError), never overwritten."""
   from mms_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
   run_config = config.to_run_config() if config is not None else {}
   run_config['program'] = 'convert'
   with checkpoints.Checkpointer(workdir, keep=1, async_save=False, program='convert') as ckpt:
+    if step in ckpt.all_steps():
+      raise ConversionError(f'{ckpt.step_dir(step)} already holds a checkpoint; choose '
+                            'another destination or delete it')
     ckpt.save(step, {'params': params}, config=run_config, force=True)
   return ckpt.step_dir(step)
 
@@ -378,7 +383,11 @@ def load_hf_vitmae(path, model_class=None, **kwargs):
   2. Checks that the position embeddings are the real-grid sin-cos; a
      transformers version that re-initialises them (HF computes them for a
      square grid) gets them rewritten, with a warning.
-  3. For a non-square image, replaces the instance's `patchify`/`unpatchify`
+  3. Marks both position embeddings non-trainable, as ViTMAE's constructor
+     and mms_jax have them (transformers 5.23's from_pretrained returns them
+     with requires_grad=True, so an optimizer over `model.parameters()` would
+     train them and the result would no longer import into mms_jax).
+  4. For a non-square image, replaces the instance's `patchify`/`unpatchify`
      (HF's accept square images only) by grid-aware ones, so the pretraining
      forward and loss work on e.g. 32x128 inputs.
   Returns the model in eval mode.
@@ -403,6 +412,7 @@ def load_hf_vitmae(path, model_class=None, **kwargs):
                     f'restoring the {grid[0]}x{grid[1]} sin-cos', stacklevel=2)
       with torch.no_grad():
         param.copy_(want)
+    param.requires_grad_(False)
   if size[0] != size[1] and hasattr(model, 'patchify'):
     model.patchify = _GridPatchify(patch, cfg.num_channels)
     model.unpatchify = _GridUnpatchify(patch, grid, cfg.num_channels)

@@ -654,8 +654,37 @@ def _check_pos(value, width, grid, name, policy, notes):
                         'Use pos_embed_policy=ignore (--pos_embed=ignore) to drop it anyway.')
 
 
-def timm_kwargs(config: ModelConfig) -> Dict[str, Any]:
-  """Constructor kwargs of a timm VisionTransformer matching the encoder."""
+_KWARG_FIELDS = ('patch', 'channels', 'width', 'depth', 'num_heads', 'mlp_ratio')
+
+
+def _shaped(config: ModelConfig, params, what: str) -> ModelConfig:
+  """`config` with the tensor-carried fields filled from `params` (if given); raises
+  if a constructor argument is still unknown."""
+  if params is not None:
+    config = config.with_shapes_of(params)
+  missing = [k for k in _KWARG_FIELDS if getattr(config, k) is None]
+  if config.has_decoder and config.decoder_num_heads is None:
+    missing.append('decoder_num_heads')
+  if missing:
+    raise ConversionError(
+        f'{what}: {", ".join(missing)} unknown. Pass the params ({what}(config, params)) or '
+        'a config from config.with_shapes_of(params) / read_torch_checkpoint; head counts '
+        'come from the run config or --num_heads / --decoder_num_heads')
+  return config
+
+
+def timm_kwargs(config: ModelConfig, params=None) -> Dict[str, Any]:
+  """Constructor kwargs of a timm VisionTransformer matching the encoder.
+
+  `VisionTransformer(**timm_kwargs(config, params))` (or `timm.create_model(
+  'vit_small_patch16_224', pretrained=False, **kwargs)`, whose defaults they all
+  override) builds the model that `to_timm_state_dict` loads into with
+  strict=True: rectangular `img_size` and (possibly non-square) `patch_size` as
+  pairs, exact or tanh GELU, timm's default LayerNorm eps 1e-6, cls token,
+  `num_classes=0` (`model(x)` is the cls feature; replace `num_classes` for a new
+  head). Tensor-carried fields are read from `params` when given.
+  """
+  config = _shaped(config, params, 'timm_kwargs')
   return dict(img_size=list(config.image_size), patch_size=list(config.patch),
               in_chans=config.channels, embed_dim=config.width, depth=config.depth,
               num_heads=config.num_heads, mlp_ratio=float(config.mlp_ratio), qkv_bias=True,
@@ -663,12 +692,15 @@ def timm_kwargs(config: ModelConfig) -> Dict[str, Any]:
               act_layer='gelu' if config.gelu == 'erf' else 'gelu_tanh')
 
 
-def mae_kwargs(config: ModelConfig) -> Dict[str, Any]:
+def mae_kwargs(config: ModelConfig, params=None) -> Dict[str, Any]:
   """Constructor kwargs of MAE's MaskedAutoencoderViT (and derived text MAE code).
 
-  The MAE reference code takes square int sizes; rectangular images and
-  non-square patches need code that accepts pairs (as MAERec-style code does).
+  The MAE reference code takes square int sizes and a `norm_layer`; rectangular
+  images and non-square patches need code that accepts pairs (as MAERec-style
+  code does). `layer_norm_eps` and `gelu` ('exact' | 'tanh') say which LayerNorm
+  and GELU the blocks need (the reference model builders use eps 1e-6 and exact GELU).
   """
+  config = _shaped(config, params, 'mae_kwargs')
   out = dict(img_size=list(config.image_size), patch_size=list(config.patch),
              in_chans=config.channels, embed_dim=config.width, depth=config.depth,
              num_heads=config.num_heads, mlp_ratio=float(config.mlp_ratio),
