@@ -25,6 +25,7 @@ Variants (`--config=configs/finetune_recognition.py:VARIANT`):
   --config.eval.benchmarks_path=/data/str/test       # + the LMDB benchmarks
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from mms_jax.data import pipeline
 
@@ -37,7 +38,7 @@ def get_config(variant="small"):
   c.image_size = (32, 128)
   c.charset = "36"  # model output charset: a labels.CHARSETS name or the characters
 
-  c.model = dict(encoder_variant=None, encoder_width=128, encoder_depth=4,
+  c.model = dict(encoder_variant=placeholder(str), encoder_width=128, encoder_depth=4,
                  encoder_num_heads=4, patch=(4, 4), head="ar", decoder_width=128,
                  decoder_depth=2, decoder_num_heads=4, decoder_mlp_ratio=4, max_length=25,
                  gelu="erf", dtype="float32", scan_layers=False)
@@ -52,24 +53,26 @@ def get_config(variant="small"):
 
   c.batch_size = 32
   c.total_steps = 1500
-  c.num_epochs = ml_collections.config_dict.placeholder(float)
+  c.num_epochs = placeholder(float)
   c.grad_accum_steps = 1
   c.fsdp = 1
-  c.lr = dict(base=4e-3, warmup_steps=100, warmup_fraction=None, end=0.0)  # peak 5e-4
+  c.lr = dict(base=4e-3, warmup_steps=100,  # peak 5e-4
+              warmup_fraction=placeholder(float), end=0.0)
   c.optimizer = dict(b1=0.9, b2=0.999, weight_decay=0.05)
   c.grad_clip_norm = 1.0
   c.freeze_encoder = False  # True: frozen-encoder probe (only the head trains)
   c.layer_decay = 1.0       # < 1: layer-wise lr decay over encoder blocks
 
   c.eval = dict(splits=("test_heldout_fonts", "test_hard"), every=500, batch_size=64,
-                max_batches=None, charset="36", benchmarks_path="", benchmarks_split=".")
+                max_batches=placeholder(int), charset="36", benchmarks_path="",
+                benchmarks_split=".")
   c.eval_only = False
   c.eval_from = ""  # eval_only: a workdir or step directory (default: this workdir)
 
   c.log_every = 50
   c.picture_every = 1  # 0: no prediction pictures at evaluations
   c.num_picture_images = 8
-  c.checkpoint = dict(every=500, keep=2, keep_every=None)
+  c.checkpoint = dict(every=500, keep=2, keep_every=placeholder(int))
   c.resume_from = ""
   c.init_from = ""  # a pretraining (or fine-tuning) workdir or step directory
   c.distributed = dict(coordinator_address="", num_processes=1, process_id=0, auto=False)
@@ -81,7 +84,8 @@ def get_config(variant="small"):
     # decoder to learn, cheaper steps), batch 16, peak lr 1e-3, 2400 steps.
     c.model.head = "ctc"
     c.batch_size = 16
-    c.lr = dict(base=1.6e-2, warmup_steps=100, warmup_fraction=None, end=0.0)  # peak 1e-3
+    c.lr = dict(base=1.6e-2, warmup_steps=100,  # peak 1e-3
+                warmup_fraction=placeholder(float), end=0.0)
     c.total_steps = 2400
     c.eval.every = 800
     c.checkpoint.every = 800
@@ -98,8 +102,9 @@ def get_config(variant="small"):
     c.num_picture_images = 4
   elif variant == "S_union14m":
     c.charset = "94"
-    c.model.update(encoder_variant="S", encoder_width=None, encoder_depth=None,
-                   encoder_num_heads=None, decoder_width=384, decoder_depth=6,
+    c.model.update(encoder_variant="S", encoder_width=placeholder(int),
+                   encoder_depth=placeholder(int), encoder_num_heads=placeholder(int),
+                   decoder_width=384, decoder_depth=6,
                    decoder_num_heads=8, dtype="bfloat16")
     c.data.source = "str_lmdb"
     c.data.reader = "tfds"
@@ -114,7 +119,7 @@ def get_config(variant="small"):
     c.layer_decay = 0.75
     c.eval.update(splits=("test",), every=10_000, batch_size=512)
     c.log_every = 100
-    c.checkpoint = dict(every=5000, keep=3, keep_every=None)
+    c.checkpoint = dict(every=5000, keep=3, keep_every=placeholder(int))
     c.distributed.auto = True
   else:
     raise ValueError(f"unknown variant {variant!r}: small, small_ctc, tiny or "

@@ -20,6 +20,7 @@ Variants (`--config=configs/finetune_segmentation.py:VARIANT`):
   # Evaluate a checkpoint only: --config.eval_only=True [--config.eval_from=DIR]
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from mms_jax.data import pipeline
 
@@ -31,7 +32,7 @@ def get_config(variant="small"):
   c.seed = 0
   c.image_size = (32, 128)
 
-  c.model = dict(encoder_variant=None, encoder_width=128, encoder_depth=4,
+  c.model = dict(encoder_variant=placeholder(str), encoder_width=128, encoder_depth=4,
                  encoder_num_heads=4, patch=(4, 4), head_width=128, head_depth=2,
                  head_num_heads=2, gelu="erf", dtype="float32", scan_layers=False)
   c.threshold = 0.5  # foreground if sigmoid(logit) >= threshold (metrics, pictures)
@@ -48,9 +49,10 @@ def get_config(variant="small"):
   c.batch_size = 32
   c.eval_batch_size = 64
   c.total_steps = 300
-  c.num_epochs = ml_collections.config_dict.placeholder(float)
+  c.num_epochs = placeholder(float)
   c.fsdp = 1
-  c.lr = dict(base=4e-3, warmup_steps=30, warmup_fraction=None, end=0.0)
+  c.lr = dict(base=4e-3, warmup_steps=30,
+              warmup_fraction=placeholder(float), end=0.0)
   c.optimizer = dict(b1=0.9, b2=0.999, weight_decay=0.05)
   c.grad_clip_norm = 1.0
   c.freeze_encoder = False
@@ -60,7 +62,7 @@ def get_config(variant="small"):
   c.eval_every = 100
   c.pictures = True  # a PNG with every evaluation
   c.num_picture_images = 4
-  c.checkpoint = dict(every=100, keep=2, keep_every=None)
+  c.checkpoint = dict(every=100, keep=2, keep_every=placeholder(int))
   c.resume_from = ""
   c.init_from = ""  # a pretraining workdir or step directory (its encoder is loaded)
   c.eval_only = False
@@ -82,8 +84,9 @@ def get_config(variant="small"):
     c.checkpoint.every = 2
     c.num_picture_images = 3
   elif variant == "paper":
-    c.model.update(encoder_variant="S", encoder_width=None, encoder_depth=None,
-                   encoder_num_heads=None, head_width=384, head_depth=3, head_num_heads=2)
+    c.model.update(encoder_variant="S", encoder_width=placeholder(int),
+                   encoder_depth=placeholder(int), encoder_num_heads=placeholder(int),
+                   head_width=384, head_depth=3, head_num_heads=2)
     c.data.source = "textseg"
     c.data.reader = "tfds"
     c.data.augment = True
@@ -96,7 +99,7 @@ def get_config(variant="small"):
     c.optimizer.b2 = 0.999
     c.log_every = 100
     c.eval_every = 2000
-    c.checkpoint = dict(every=2000, keep=2, keep_every=None)
+    c.checkpoint = dict(every=2000, keep=2, keep_every=placeholder(int))
   else:
     raise ValueError(f"unknown variant {variant!r}: small, tiny or paper")
   return c

@@ -25,6 +25,7 @@ Variants (`--config=configs/finetune_sr.py:VARIANT`):
   # Evaluate a checkpoint only: --config.eval_only=True [--config.eval_from=DIR]
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from mms_jax.data import pipeline
 
@@ -36,7 +37,7 @@ def get_config(variant="small"):
   c.seed = 0
   c.image_size = (32, 128)  # HR size; the LR input is half of it
 
-  c.model = dict(encoder_variant=None, encoder_width=128, encoder_depth=4,
+  c.model = dict(encoder_variant=placeholder(str), encoder_width=128, encoder_depth=4,
                  encoder_num_heads=4, patch=(4, 4), head_width=128, head_depth=2,
                  head_num_heads=2, residual=True, gelu="erf", dtype="float32",
                  scan_layers=False)
@@ -56,9 +57,10 @@ def get_config(variant="small"):
   c.batch_size = 32
   c.eval_batch_size = 64
   c.total_steps = 300
-  c.num_epochs = ml_collections.config_dict.placeholder(float)
+  c.num_epochs = placeholder(float)
   c.fsdp = 1
-  c.lr = dict(base=4e-3, warmup_steps=30, warmup_fraction=None, end=0.0)
+  c.lr = dict(base=4e-3, warmup_steps=30,
+              warmup_fraction=placeholder(float), end=0.0)
   c.optimizer = dict(b1=0.9, b2=0.999, weight_decay=0.05)
   c.grad_clip_norm = 1.0
   c.freeze_encoder = False
@@ -68,7 +70,7 @@ def get_config(variant="small"):
   c.eval_every = 100
   c.pictures = True  # a PNG with every evaluation
   c.num_picture_images = 4
-  c.checkpoint = dict(every=100, keep=2, keep_every=None)
+  c.checkpoint = dict(every=100, keep=2, keep_every=placeholder(int))
   c.resume_from = ""
   c.init_from = ""  # a pretraining workdir or step directory (its encoder is loaded)
   c.eval_only = False
@@ -90,8 +92,9 @@ def get_config(variant="small"):
     c.checkpoint.every = 2
     c.num_picture_images = 3
   elif variant == "paper":
-    c.model.update(encoder_variant="S", encoder_width=None, encoder_depth=None,
-                   encoder_num_heads=None, head_width=384, head_depth=3, head_num_heads=2)
+    c.model.update(encoder_variant="S", encoder_width=placeholder(int),
+                   encoder_depth=placeholder(int), encoder_num_heads=placeholder(int),
+                   head_width=384, head_depth=3, head_num_heads=2)
     c.data.source = "textzoom"
     c.data.reader = "tfds"
     c.data.worker_count = 4
@@ -102,7 +105,7 @@ def get_config(variant="small"):
     c.lr = dict(base=1e-3, warmup_steps=0, warmup_fraction=0.05, end=0.0)
     c.log_every = 100
     c.eval_every = 2000
-    c.checkpoint = dict(every=2000, keep=2, keep_every=None)
+    c.checkpoint = dict(every=2000, keep=2, keep_every=placeholder(int))
   else:
     raise ValueError(f"unknown variant {variant!r}: small, tiny or paper")
   return c

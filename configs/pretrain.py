@@ -18,6 +18,7 @@ Variants (`--config=configs/pretrain.py:VARIANT`):
 Any field can be overridden on the command line (--config.masking.mode=multi_view).
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from mms_jax import masking
 from mms_jax.data import pipeline
@@ -30,7 +31,7 @@ def get_config(variant="small"):
   c.seed = 0
   c.image_size = (32, 128)
 
-  c.model = dict(encoder_variant=None, encoder_width=128, encoder_depth=4,
+  c.model = dict(encoder_variant=placeholder(str), encoder_width=128, encoder_depth=4,
                  encoder_num_heads=4, patch=(4, 4), decoder_width=128, decoder_depth=2,
                  decoder_num_heads=4, encoder_mode="mae", gelu="erf", dtype="float32",
                  scan_layers=False)
@@ -44,19 +45,20 @@ def get_config(variant="small"):
 
   c.batch_size = 32
   c.total_steps = 600
-  c.num_epochs = ml_collections.config_dict.placeholder(float)
+  c.num_epochs = placeholder(float)
   c.grad_accum_steps = 1
   c.fsdp = 1
   # The paper's base lr is 1.5e-4 at batch 1024 over millions of images; a short
   # CPU run at batch 32 needs a larger one to move at all.
-  c.lr = dict(base=4e-3, warmup_steps=50, warmup_fraction=None, end=0.0)
+  c.lr = dict(base=4e-3, warmup_steps=50,
+              warmup_fraction=placeholder(float), end=0.0)
   c.optimizer = dict(b1=0.9, b2=0.95, weight_decay=0.05)
   c.grad_clip_norm = 1.0
 
   c.log_every = 25
   c.picture_every = 200
   c.num_picture_images = 4
-  c.checkpoint = dict(every=200, keep=3, keep_every=None)
+  c.checkpoint = dict(every=200, keep=3, keep_every=placeholder(int))
   c.resume_from = ""
   c.init_from = ""
   c.distributed = dict(coordinator_address="", num_processes=1, process_id=0, auto=False)
@@ -74,8 +76,9 @@ def get_config(variant="small"):
     c.checkpoint.every = 3
     c.data.size = dict(train=256)
   elif variant == "S4_union14m":
-    c.model.update(encoder_variant="S", encoder_width=None, encoder_depth=None,
-                   encoder_num_heads=None, decoder_width=512, decoder_depth=8,
+    c.model.update(encoder_variant="S", encoder_width=placeholder(int),
+                   encoder_depth=placeholder(int), encoder_num_heads=placeholder(int),
+                   decoder_width=512, decoder_depth=8,
                    decoder_num_heads=16, scan_layers=True)
     c.data.source = "unlabeled"
     c.data.reader = "tfds"
@@ -84,7 +87,7 @@ def get_config(variant="small"):
     c.total_steps = 0
     c.num_epochs = 20.0
     c.lr = dict(base=1.5e-4, warmup_steps=0, warmup_fraction=0.1, end=0.0)
-    c.grad_clip_norm = None
+    c.grad_clip_norm = placeholder(float)
     c.log_every = 100
     c.picture_every = 5000
     c.checkpoint = dict(every=2000, keep=3, keep_every=20000)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections.config_dict import placeholder
 import numpy as np
 
 STRATEGIES = ("random_patch", "blockwise", "span", "horizontal_block")
@@ -366,10 +367,10 @@ def default_config():
       probabilities=(),  # per_sample; empty = equal
       shares=(),  # union: fraction of the count each strategy draws; empty = equal
       ratio=0.75,
-      ratio_start=None,  # set (e.g. 0.5) for a progressive ratio rising to `ratio`
+      ratio_start=placeholder(float),  # set (e.g. 0.5) for a progressive ratio rising to `ratio`
       ratio_stages=4,
-      blockwise=dict(min_area=4, max_area=None, min_aspect=0.3, attempts=32),
-      span=dict(min_columns=2, max_columns=6, attempts=None),  # None: scales with gw
+      blockwise=dict(min_area=4, max_area=placeholder(int), min_aspect=0.3, attempts=32),
+      span=dict(min_columns=2, max_columns=6, attempts=placeholder(int)),  # None: scales with gw
       horizontal_block=dict(band_pixels=16, num_bands=1),
   ))
 

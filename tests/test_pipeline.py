@@ -362,3 +362,26 @@ def test_synthetic_direct_state_restore():
   got = next(again)
   np.testing.assert_array_equal(want['image'], got['image'])
   np.testing.assert_array_equal(want['mask'], got['mask'])
+
+
+def test_synthetic_train_overrides_change_only_the_train_split():
+  base = _config(source='synthetic', reader='direct', size={'train': 24, 'val': 8})
+  easy = _config(**{**base.to_dict(), 'synthetic_train': {
+      'max_label_length': 3, 'fraction_random_strings': 1.0}})
+  train = _labels(pipeline.make_pipeline(easy, 'train', 24, train=False))
+  assert len(train) == 24 and max(len(t) for t in train) <= 3
+  assert max(len(t) for t in _labels(pipeline.make_pipeline(base, 'train', 24,
+                                                            train=False))) > 3
+  assert (_labels(pipeline.make_pipeline(easy, 'val', 8, train=False))
+          == _labels(pipeline.make_pipeline(base, 'val', 8, train=False)))
+
+
+def test_synthetic_train_overrides_are_validated_and_named(tmp_path):
+  with pytest.raises(ValueError, match='cannot set'):
+    builders.synthetic_split_config({}, 'train', {'difficulty': 'hard'})
+  bad = _config(source='synthetic', reader='direct', synthetic_train={'colour': 1})
+  with pytest.raises(ValueError, match='colour'):
+    pipeline.make_source(bad, 'train')
+  names = {builders.synthetic_config({}, {'train': 8}, overrides).name
+           for overrides in (None, {}, {'max_label_length': 5})}
+  assert len(names) == 2

@@ -83,23 +83,40 @@ def _record_skips(builder, split: str, counts: formats.SkipCounts) -> None:
 # --------------------------------------------------------------- synthetic ----
 
 
-def synthetic_split_config(synthetic: Mapping[str, Any], split: str) -> dict[str, Any]:
-  """The SyntheticConfig dict of one split: its fonts, difficulty and own seed."""
+def synthetic_split_config(synthetic: Mapping[str, Any], split: str,
+                           train_overrides: Optional[Mapping[str, Any]] = None
+                           ) -> dict[str, Any]:
+  """The SyntheticConfig dict of one split: its fonts, difficulty and own seed.
+
+  `train_overrides` (SyntheticConfig fields) apply to the 'train' split only, so a
+  program can train on an easier or different distribution while its evaluation
+  splits stay fixed. The split's fonts, difficulty and seed cannot be overridden.
+  """
   font_split, difficulty, stream = SYNTHETIC_SPLITS[split]
   seed = int(np.random.SeedSequence([int(synthetic.get('seed', 0)), stream])
              .generate_state(1)[0])
-  return {**synthetic, 'seed': seed, 'font_split': font_split, 'difficulty': difficulty}
+  overrides = dict(train_overrides or {}) if split == 'train' else {}
+  fixed = sorted({'seed', 'font_split', 'difficulty'} & set(overrides))
+  if fixed:
+    raise ValueError(f'data.synthetic_train cannot set {fixed}: the split decides them '
+                     '(set data.synthetic.seed to change every split).')
+  return {**synthetic, **overrides, 'seed': seed, 'font_split': font_split,
+          'difficulty': difficulty}
 
 
 @dataclasses.dataclass
 class SyntheticBuilderConfig(tfds.core.BuilderConfig):
-  """synthetic_json: SyntheticConfig fields as JSON; sizes: ((split, n), ...)."""
+  """synthetic_json: SyntheticConfig fields as JSON; train_json: train-only overrides;
+  sizes: ((split, n), ...)."""
   synthetic_json: str = '{}'
+  train_json: str = '{}'
   sizes: tuple[tuple[str, int], ...] = ()
 
 
 def synthetic_config(synthetic: Optional[Mapping[str, Any]] = None,
-                     sizes: Optional[Mapping[str, int]] = None) -> SyntheticBuilderConfig:
+                     sizes: Optional[Mapping[str, int]] = None,
+                     train_overrides: Optional[Mapping[str, Any]] = None
+                     ) -> SyntheticBuilderConfig:
   from mms_jax.data import synthetic as synthetic_lib  # pylint: disable=g-import-not-at-top
   # Hash every field (defaults included): a changed default gets a new name.
   synthetic = json.loads(json.dumps(
@@ -111,10 +128,18 @@ def synthetic_config(synthetic: Optional[Mapping[str, Any]] = None,
     raise ValueError(f'Unknown synthetic splits {sorted(unknown)}; '
                      f'expected some of {list(SYNTHETIC_SPLITS)}.')
   sizes = tuple(sorted((k, int(v)) for k, v in sizes.items() if v > 0))
-  name = 'cfg_' + _digest({'synthetic': synthetic, 'sizes': sizes})
+  train_overrides = json.loads(json.dumps(dict(train_overrides or {}), default=str))
+  # Validates the overrides (unknown or fixed fields) before anything is built.
+  synthetic_lib.SyntheticConfig.from_dict(
+      synthetic_split_config(synthetic, 'train', train_overrides))
+  key = {'synthetic': synthetic, 'sizes': sizes}
+  if train_overrides:  # keeps the names of data sets built without overrides
+    key['train'] = train_overrides
   return SyntheticBuilderConfig(
-      name=name, synthetic_json=json.dumps(synthetic, sort_keys=True), sizes=sizes,
-      description=f'synthetic {synthetic} sizes {dict(sizes)}')
+      name='cfg_' + _digest(key), synthetic_json=json.dumps(synthetic, sort_keys=True),
+      train_json=json.dumps(train_overrides, sort_keys=True), sizes=sizes,
+      description=f'synthetic {synthetic} train overrides {train_overrides} '
+                  f'sizes {dict(sizes)}')
 
 
 class MmsSyntheticText(tfds.core.GeneratorBasedBuilder):
@@ -149,7 +174,8 @@ class MmsSyntheticText(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, n: int) -> Iterator[tuple[str, dict]]:
     from mms_jax.data import synthetic as synthetic_lib  # pylint: disable=g-import-not-at-top
     cfg = synthetic_lib.SyntheticConfig.from_dict(
-        synthetic_split_config(self._synthetic(), split))
+        synthetic_split_config(self._synthetic(), split,
+                               json.loads(self.builder_config.train_json)))
     generator = synthetic_lib.SyntheticGenerator(cfg)
     counts = formats.SkipCounts()
     for i in range(n):
@@ -322,12 +348,13 @@ BUILDERS = {
 def make_builder(source: str, data_dir: str, *, path: str = '',
                  options: formats.ReadOptions = formats.ReadOptions(),
                  synthetic: Optional[Mapping[str, Any]] = None,
-                 sizes: Optional[Mapping[str, int]] = None):
+                 sizes: Optional[Mapping[str, int]] = None,
+                 synthetic_train: Optional[Mapping[str, Any]] = None):
   """The TFDS builder of a source (not yet prepared)."""
   if source not in BUILDERS:
     raise ValueError(f'Unknown source {source!r}; expected one of {list(BUILDERS)}.')
   if source == 'synthetic':
-    config = synthetic_config(synthetic, sizes)
+    config = synthetic_config(synthetic, sizes, synthetic_train)
   else:
     config = real_config(source, path, options)
   return BUILDERS[source](config=config, data_dir=os.path.expanduser(data_dir))

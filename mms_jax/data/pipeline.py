@@ -25,6 +25,8 @@ Batches:
     (read the raw format / run the generator on the fly; no build step).
   size: synthetic split sizes {split: n} (an int sets the train size).
   synthetic: SyntheticConfig fields.
+  synthetic_train: SyntheticConfig fields for the 'train' split only (e.g. easier
+    labels), leaving the evaluation splits as they are.
   splits: {split: tree sub-path(s)}, e.g. {'train': 'train/real', 'test': 'evaluation'}.
   charset, max_label_length, case_sensitive, max_aspect, max_pixels: read options.
   keep_aspect, augment: preprocessing; worker_count, read_threads, prefetch: grain.
@@ -73,6 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.reader = 'tfds'
   c.size = dict(builders.DEFAULT_SYNTHETIC_SIZES)
   c.synthetic = ml_collections.ConfigDict()
+  c.synthetic_train = ml_collections.ConfigDict()
   c.splits = ml_collections.ConfigDict()
   c.charset = ''  # '' keeps labels as stored (stripped); '36', '94', ...
   c.max_label_length = 25
@@ -174,8 +177,11 @@ class NamedSource(grain.RandomAccessDataSource):
 class SyntheticSource(grain.RandomAccessDataSource):
   """Generates synthetic examples on the fly: record i = generator.sample(i)."""
 
-  def __init__(self, synthetic: Mapping[str, Any], split: str, size: int):
-    self.config = builders.synthetic_split_config(dict(synthetic), split)
+  def __init__(self, synthetic: Mapping[str, Any], split: str, size: int,
+               train_overrides: Optional[Mapping[str, Any]] = None):
+    self.config = builders.synthetic_split_config(dict(synthetic), split, train_overrides)
+    from mms_jax.data import synthetic as synthetic_lib  # pylint: disable=g-import-not-at-top
+    synthetic_lib.SyntheticConfig.from_dict(self.config)  # names a bad field now
     self.split = split
     self.size = int(size)
     self._generator = None
@@ -238,7 +244,8 @@ def make_source(data_config, split: str):
   if reader == 'direct':
     if source == 'synthetic':
       return SyntheticSource(_to_dict(_get(data_config, 'synthetic', None)), split,
-                             sizes[split])
+                             sizes[split],
+                             _to_dict(_get(data_config, 'synthetic_train', None)))
     if source == 'textseg':
       ids = formats.textseg_split_ids(path)[split]
       src = formats.TextSegReader(path, options, name=split, image_ids=ids)
@@ -254,7 +261,8 @@ def make_source(data_config, split: str):
   builder = builders.make_builder(
       source, _get(data_config, 'data_dir'), path=path, options=options,
       synthetic=_to_dict(_get(data_config, 'synthetic', None)),
-      sizes=synthetic_sizes(data_config) if source == 'synthetic' else None)
+      sizes=synthetic_sizes(data_config) if source == 'synthetic' else None,
+      synthetic_train=_to_dict(_get(data_config, 'synthetic_train', None)))
   builders.prepare(builder)
   if source in ('synthetic', 'textseg'):
     names = [split]

@@ -1,0 +1,121 @@
+r"""Small-scale MMS ablation: which masking makes the best encoder? (docs/results.md)
+
+For every seed and arm, pretrains the same encoder on the same unlabeled synthetic
+images with one masking setting (or not at all, arm 'none'), then runs every stage
+from that encoder and collects the final evaluation of each:
+
+  arms    none (random init) | random_patch (plain MAE) | blockwise | span |
+          mms_per_sample | mms_multi_view
+  stages  probe (recognition, encoder frozen) | finetune (recognition, all weights) |
+          segmentation | super_resolution
+
+Writes ablation.md (mean ± std over seeds), ablation.csv and ablation_raw.json to the
+workdir, and keeps every run's own workdir under <workdir>/seed_<s>/<arm>/<stage>.
+Re-running the command skips finished runs and resumes an interrupted one.
+
+Variants (`--config=configs/ablation.py:VARIANT`):
+
+  (default) small   The configs/pretrain.py small encoder; recognition on a small
+                    labeled set (~2k words); about 80 min per seed on a quiet 2-core CPU.
+  tiny              Seconds per run: the suite runs it so the pipeline keeps working.
+
+  python -m mms_jax.main --config=configs/ablation.py --workdir=workdirs/ablation
+  python -m mms_jax.main --config=configs/ablation.py --workdir=workdirs/ablation \
+      --config.seeds='(0, 1, 2)' --config.arms='("none", "random_patch", "mms_per_sample")'
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+def _sibling(name, variant):
+  """configs/<name>.py:get_config(variant), loaded from beside this file."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"mms_jax_configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def get_config(variant="small"):
+  variant = variant or "small"
+  if variant not in ("small", "tiny"):
+    raise ValueError(f"unknown variant {variant!r}: small or tiny")
+  c = ml_collections.ConfigDict()
+  c.program = "ablation"
+  mms = ("random_patch", "blockwise", "span")
+  # Pretraining arm -> the masking it uses; 'none' (no pretraining) needs no entry.
+  c.arm_masking = dict(
+      random_patch=dict(mode="single", strategies=("random_patch",)),
+      blockwise=dict(mode="single", strategies=("blockwise",)),
+      span=dict(mode="single", strategies=("span",)),
+      mms_per_sample=dict(mode="per_sample", strategies=mms),
+      mms_multi_view=dict(mode="multi_view", strategies=mms),
+  )
+  c.arms = ("none", "random_patch", "blockwise", "span", "mms_per_sample",
+            "mms_multi_view")
+  c.seeds = (0,)
+  c.stages = ("probe", "finetune", "segmentation", "super_resolution")
+  # Table columns: (stage, metric key in that stage's final evaluation, column title).
+  c.report = (
+      ("probe", "eval/test_heldout_fonts/test_heldout_fonts/one_minus_ned",
+       "probe 1-NED held-out fonts"),
+      ("probe", "eval/test_hard/test_hard/one_minus_ned", "probe 1-NED hard"),
+      ("finetune", "eval/test_heldout_fonts/test_heldout_fonts/word_accuracy",
+       "fine-tune word acc held-out fonts"),
+      ("finetune", "eval/test_heldout_fonts/test_heldout_fonts/one_minus_ned",
+       "fine-tune 1-NED held-out fonts"),
+      ("finetune", "eval/test_hard/test_hard/word_accuracy", "fine-tune word acc hard"),
+      ("finetune", "eval/test_hard/test_hard/one_minus_ned", "fine-tune 1-NED hard"),
+      ("segmentation", "eval/test_heldout_fonts/iou", "seg IoU held-out fonts"),
+      ("super_resolution", "eval/test_heldout_fonts/psnr", "SR PSNR held-out fonts"),
+      ("super_resolution", "eval/test_heldout_fonts/ssim", "SR SSIM held-out fonts"),
+  )
+
+  # The synthetic data every stage reads: one seed for all arms and model seeds, so
+  # arms differ only in their masking.
+  data_seed = 0
+  recognition_train = dict(fraction_random_strings=0.0, max_label_length=12)
+
+  c.pretrain = _sibling("pretrain", variant)
+  c.pretrain.data.synthetic.seed = data_seed
+  c.pretrain.picture_every = 0
+
+  c.finetune = _sibling("finetune_recognition", "small_ctc" if variant == "small" else "tiny")
+  c.finetune.data.synthetic.seed = data_seed
+  c.finetune.picture_every = 0
+  c.probe = ml_collections.ConfigDict(c.finetune.to_dict())
+  c.probe.freeze_encoder = True
+
+  c.segmentation = _sibling("finetune_segmentation", variant)
+  c.super_resolution = _sibling("finetune_sr", variant)
+  for stage in (c.segmentation, c.super_resolution):
+    stage.data.synthetic.seed = data_seed
+    stage.pictures = False
+    stage.eval_splits = ("test_heldout_fonts",)
+
+  if variant == "small":
+    c.pretrain.total_steps = 1200
+    for stage in (c.finetune, c.probe):
+      stage.model.head = "ctc"
+      stage.data.size = dict(train=2048, val=256, test_heldout_fonts=500, test_hard=500)
+      stage.data.synthetic_train = recognition_train
+      stage.batch_size = 32
+      stage.total_steps = 1500
+      stage.eval.every = 0
+      stage.checkpoint.every = 1500
+    c.probe.lr.base = 3e-2  # only the head trains: a larger step
+    for stage in (c.segmentation, c.super_resolution):
+      stage.total_steps = 300
+      stage.eval_every = 0
+      stage.data.size = dict(train=2048, test_heldout_fonts=256)
+  else:
+    c.arms = ("none", "random_patch", "mms_multi_view")
+    c.seeds = (0, 1)
+    for stage in (c.finetune, c.probe):
+      stage.data.synthetic_train = recognition_train
+      stage.model.head = "ctc"
+      stage.eval.splits = ("test_heldout_fonts", "test_hard")
+    for stage in (c.segmentation, c.super_resolution):
+      stage.data.size = dict(train=64, test_heldout_fonts=8)
+  return c
