@@ -18,6 +18,7 @@ PROGRAMS = {
     "recognition": "mms_jax.train.recognition",
     "segmentation": "mms_jax.train.segmentation",
     "super_resolution": "mms_jax.train.super_resolution",
+    "ablation": "mms_jax.train.ablation",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",

@@ -1,0 +1,208 @@
+"""The masking ablation (configs/ablation.py): pretrain per arm, run every stage, tabulate.
+
+Workdir layout:
+  seed_<s>/<arm>/pretrain/     the arm's pretraining run (none for arm 'none')
+  seed_<s>/<arm>/<stage>/      each stage's own run, initialised from that encoder
+  runs.jsonl                   one line per finished run with its final evaluation
+  ablation.md, ablation.csv    mean ± std over seeds per arm and reported metric
+  ablation_raw.json            the settings and every run's numbers
+
+A run already in runs.jsonl is skipped; an unfinished one resumes from its own
+checkpoints, so the command can be interrupted (SIGTERM, Ctrl-C) and re-run.
+"""
+import copy
+import csv
+import importlib
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from mms_jax.train import common
+
+STAGE_PROGRAMS = {"probe": "recognition", "finetune": "recognition",
+                  "segmentation": "segmentation", "super_resolution": "super_resolution"}
+TRAINERS = {"pretrain": "mms_jax.train.pretrain",
+            "recognition": "mms_jax.train.recognition",
+            "segmentation": "mms_jax.train.segmentation",
+            "super_resolution": "mms_jax.train.super_resolution"}
+
+
+class Interrupted(RuntimeError):
+  """A run stopped before its last step (preemption); re-run the command to resume."""
+
+
+def check_config(config):
+  """Raises common.ConfigError naming the field, before any run starts."""
+  arms = tuple(config.arms)
+  known = set(config.arm_masking.keys()) | {"none"}
+  unknown = [a for a in arms if a not in known]
+  if not arms or unknown:
+    raise common.ConfigError(
+        f"config.arms={arms}: {unknown or 'empty'}; use some of {sorted(known)} (add "
+        "an entry to config.arm_masking for a new masking arm)")
+  stages = tuple(config.stages)
+  bad = [s for s in stages if s not in STAGE_PROGRAMS]
+  if bad:
+    raise common.ConfigError(f"config.stages has unknown {bad}; use some of "
+                             f"{list(STAGE_PROGRAMS)}")
+  seeds = tuple(config.seeds)
+  if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+    raise common.ConfigError(f"config.seeds={seeds}: give non-negative integers, e.g. "
+                             "--config.seeds='(0, 1, 2)'")
+  for stage in stages:
+    if config[stage].program != STAGE_PROGRAMS[stage]:
+      raise common.ConfigError(f"config.{stage}.program={config[stage].program!r}; the "
+                               f"{stage} stage runs the {STAGE_PROGRAMS[stage]!r} program")
+  if config.pretrain.program != "pretrain":
+    raise common.ConfigError("config.pretrain must be a pretraining config")
+  if jax.process_count() > 1:
+    raise common.ConfigError("the ablation runs in a single process; launch it without "
+                             "config.distributed")
+
+
+def pretrain_config(config, arm, seed):
+  c = copy.deepcopy(config.pretrain)
+  with c.unlocked():
+    c.seed = seed
+    c.masking.mode = config.arm_masking[arm].mode
+    c.masking.strategies = tuple(config.arm_masking[arm].strategies)
+  return c
+
+
+def stage_config(config, stage, seed, init_from):
+  c = copy.deepcopy(config[stage])
+  with c.unlocked():
+    c.seed = seed
+    c.init_from = init_from
+  return c
+
+
+def final_evaluation(workdir, step):
+  """The 'eval/...' scalars written at `step` in workdir/metrics.jsonl ({} if none)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  found = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        row = json.loads(line)
+        if row.get("step") == step:
+          found.update({k: v for k, v in row.items() if k.startswith("eval/")})
+  return found
+
+
+def _run_program(program, config, workdir):
+  """Runs one program to its last step; returns its final evaluation."""
+  state = importlib.import_module(TRAINERS[program]).train_and_evaluate(config, workdir)
+  last = common.total_steps(config)
+  if int(state.step) != last:
+    raise Interrupted(f"{workdir} stopped at step {int(state.step)} of {last}; re-run the "
+                      "same command to resume the ablation")
+  return final_evaluation(workdir, last)
+
+
+def load_runs(workdir):
+  runs = {}
+  path = os.path.join(workdir, "runs.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        row = json.loads(line)
+        runs[(row["seed"], row["arm"], row["stage"])] = row
+  return runs
+
+
+def summarize(config, runs):
+  """Rows [arm, (title, mean, std, n) per report column] over the seeds run."""
+  table = []
+  for arm in config.arms:
+    cells = []
+    for stage, key, title in config.report:
+      if stage not in config.stages:
+        continue
+      values = [runs[(s, arm, stage)]["metrics"].get(key) for s in config.seeds
+                if (s, arm, stage) in runs]
+      values = np.array([v for v in values if v is not None], np.float64)
+      std = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+      cells.append((title, float(values.mean()) if len(values) else float("nan"), std,
+                    len(values)))
+    table.append((arm, cells))
+  return table
+
+
+def format_markdown(table, title):
+  header = [title for title, *_ in table[0][1]]
+  lines = ["| arm | " + " | ".join(header) + " |",
+           "|---|" + "---:|" * len(header)]
+  for arm, cells in table:
+    shown = []
+    for _, mean, std, n in cells:
+      if n == 0:
+        shown.append("—")
+      else:
+        shown.append(f"{mean:.4g}" + (f" ± {std:.2g}" if n > 1 else ""))
+    lines.append(f"| {arm} | " + " | ".join(shown) + " |")
+  return "\n".join(lines)
+
+
+def write_reports(config, workdir, runs):
+  table = summarize(config, runs)
+  title = (f"Masking ablation, seeds {tuple(config.seeds)} (mean ± std over seeds; "
+           "std needs 2 or more)")
+  markdown = format_markdown(table, title)
+  with open(os.path.join(workdir, "ablation.md"), "w") as f:
+    f.write(f"{title}\n\n{markdown}\n")
+  with open(os.path.join(workdir, "ablation.csv"), "w", newline="") as f:
+    out = csv.writer(f)
+    out.writerow(["arm", "metric", "mean", "std", "n"])
+    for arm, cells in table:
+      for name, mean, std, n in cells:
+        out.writerow([arm, name, mean, std, n])
+  with open(os.path.join(workdir, "ablation_raw.json"), "w") as f:
+    json.dump({"config": json.loads(config.to_json_best_effort()),
+               "runs": list(runs.values())}, f, indent=1, sort_keys=True)
+  print(f"\n{title}\n\n{markdown}\n", flush=True)
+  return table
+
+
+def train_and_evaluate(config, workdir):
+  """Runs every (seed, arm, stage) not yet in runs.jsonl; returns the summary table."""
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  common.write_config(config, workdir)
+  runs = load_runs(workdir)
+  todo = [(s, a, st) for s in config.seeds for a in config.arms for st in config.stages
+          if (s, a, st) not in runs]
+  logging.info("Ablation: %d arms x %d stages x %d seeds; %d runs to do.",
+               len(config.arms), len(config.stages), len(config.seeds), len(todo))
+  started = time.time()
+  for seed in config.seeds:
+    for arm in config.arms:
+      arm_dir = os.path.join(workdir, f"seed_{seed}", arm)
+      stages = [st for st in config.stages if (seed, arm, st) not in runs]
+      if not stages:
+        continue
+      init_from = ""
+      if arm != "none":
+        init_from = os.path.join(arm_dir, "pretrain")
+        logging.info("Ablation: pretraining %s, seed %d.", arm, seed)
+        _run_program("pretrain", pretrain_config(config, arm, seed), init_from)
+      for stage in stages:
+        logging.info("Ablation: %s from %s, seed %d.", stage, arm, seed)
+        t0 = time.time()
+        stage_dir = os.path.join(arm_dir, stage)
+        metrics = _run_program(STAGE_PROGRAMS[stage],
+                               stage_config(config, stage, seed, init_from), stage_dir)
+        row = {"seed": seed, "arm": arm, "stage": stage, "metrics": metrics,
+               "seconds": round(time.time() - t0, 1), "workdir": stage_dir}
+        runs[(seed, arm, stage)] = row
+        with open(os.path.join(workdir, "runs.jsonl"), "a") as f:
+          f.write(json.dumps(row, sort_keys=True) + "\n")
+        done = sum(1 for k in runs if k[0] in config.seeds)
+        logging.info("Ablation: %d/%d runs done, %.1f min so far.", done,
+                     len(config.seeds) * len(config.arms) * len(config.stages),
+                     (time.time() - started) / 60)
+  return write_reports(config, workdir, runs)

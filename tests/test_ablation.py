@@ -1,0 +1,74 @@
+"""The masking ablation program: runs every (seed, arm, stage), tabulates, resumes."""
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import load_config, run_main
+from mms_jax.train import ablation
+from mms_jax.train import checkpoints
+from mms_jax.train import common
+
+
+def test_tiny_ablation_runs_tabulates_and_skips_finished_runs(tmp_path):
+  overrides = ["--config.arms=('none', 'span')", "--config.seeds=(0,)",
+               "--config.stages=('probe', 'segmentation')"]
+  log = run_main("ablation.py:tiny", tmp_path, *overrides, timeout=600)
+  runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+  assert sorted((r["arm"], r["stage"]) for r in runs) == [
+      ("none", "probe"), ("none", "segmentation"), ("span", "probe"),
+      ("span", "segmentation")]
+  config = load_config("ablation", "tiny")
+  for r in runs:
+    wanted = {key for stage, key, _ in config.report if stage == r["stage"]}
+    assert wanted <= set(r["metrics"]), (r["stage"], sorted(r["metrics"]))
+    assert all(math.isfinite(v) for v in r["metrics"].values())
+  table = (tmp_path / "ablation.md").read_text()
+  assert "| none |" in table and "| span |" in table and "seg IoU" in table
+  assert "fine-tune" not in table  # stages not run are not reported
+
+  # The probe starts from the arm's own pretrained encoder and leaves it unchanged.
+  pretrained = checkpoints.load_params(tmp_path / "seed_0/span/pretrain")["encoder"]
+  probed = checkpoints.load_params(tmp_path / "seed_0/span/probe")["encoder"]
+  jax.tree.map(np.testing.assert_array_equal, pretrained, probed)
+  scratch = checkpoints.load_params(tmp_path / "seed_0/none/probe")["encoder"]
+  assert not np.array_equal(jax.tree.leaves(scratch)[0], jax.tree.leaves(probed)[0])
+  assert not (tmp_path / "seed_0/none/pretrain").exists()
+
+  again = run_main("ablation.py:tiny", tmp_path, *overrides)
+  assert "0 runs to do" in again and "Ablation: pretraining" not in again
+  assert "Ablation: pretraining span" in log
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+  config = load_config("ablation", "tiny")
+  key = config.report[0][1]
+  runs = {(s, arm, "probe"): {"metrics": {key: v}}
+          for arm, values in (("none", (0.1, 0.3)), ("span", (0.5, 0.5)))
+          for s, v in zip((0, 1), values)}
+  with config.unlocked():
+    config.arms, config.seeds, config.stages = ("none", "span", "random_patch"), (0, 1), (
+        "probe",)
+  table = dict(ablation.summarize(config, runs))
+  title, mean, std, n = table["none"][0]
+  assert title == config.report[0][2] and n == 2
+  assert mean == pytest.approx(0.2) and std == pytest.approx(np.std([0.1, 0.3], ddof=1))
+  assert table["span"][0][1:] == (0.5, 0.0, 2)
+  assert table["random_patch"][0][3] == 0  # not run yet: shown as a dash
+  markdown = ablation.format_markdown(list(table.items()), "t")
+  assert "| random_patch | —" in markdown and "0.2 ± 0.14" in markdown
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("arms", ("none", "jigsaw"), "jigsaw"),
+    ("stages", ("probe", "ocr"), "ocr"),
+    ("seeds", (), "seeds"),
+])
+def test_bad_ablation_config_names_the_field(field, value, message):
+  config = load_config("ablation", "tiny")
+  with config.unlocked():
+    config[field] = value
+  with pytest.raises(common.ConfigError, match=message):
+    ablation.check_config(config)
