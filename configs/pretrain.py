@@ -7,14 +7,16 @@ Variants (`--config=configs/pretrain.py:VARIANT`):
                     on a 2-core CPU (see docs/results.md).
   tiny              Seconds-long smoke run (tests, notebooks).
   S4_union14m       Paper scale (METHOD.md §2): ViT-S/4 on Union14M-U-style LMDBs,
-                    global batch 1024, 20 epochs (2 warmup). About 9.7 PFLOP per epoch
-                    of 3.2M images at 3.05 GFLOP/image (fwd+bwd, measured analytically),
-                    i.e. hours on a TPU v4-32 slice or 8 A100s; see docs/scaling.md.
+                    global batch 1024, 20 epochs (2 warmup), bf16 compute. About
+                    50.7 GFLOP per image (fwd+bwd with the decoder, analytic;
+                    docs/benchmarks.md), ~0.5 EFLOP per epoch of ~10M images, ~10 EFLOP
+                    in all; time and cost per accelerator in docs/scaling.md.
                     Set --config.data.path=/path/to/Union14M-U.
 
   python -m mms_jax.main --config=configs/pretrain.py --workdir=workdirs/pretrain
   python -m mms_jax.main --config=configs/pretrain.py:S4_union14m \
-      --config.data.path=/data/union14m_u --workdir=gs://bucket/mms_s4
+      --config.data.path=/data/union14m_u --workdir=/mnt/shared/mms_s4
+  (a workdir every host sees: NFS, Filestore or a gcsfuse mount; not a gs:// URL)
 Any field can be overridden on the command line (--config.masking.mode=multi_view).
 """
 import ml_collections
@@ -79,7 +81,7 @@ def get_config(variant="small"):
     c.model.update(encoder_variant="S", encoder_width=placeholder(int),
                    encoder_depth=placeholder(int), encoder_num_heads=placeholder(int),
                    decoder_width=512, decoder_depth=8,
-                   decoder_num_heads=16, scan_layers=True)
+                   decoder_num_heads=16, scan_layers=True, dtype="bfloat16")
     c.data.source = "unlabeled"
     c.data.reader = "tfds"
     c.data.worker_count = 8

@@ -5,10 +5,19 @@ import pathlib
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Most of the suite's time is XLA compiling the same tiny programs again in each test and
+# subprocess: JAX's persistent compilation cache (keyed by the program, the flags and the
+# jax version) lets them reuse one another's executables. Set before jax is imported.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "mms_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def load_config(name, variant=""):

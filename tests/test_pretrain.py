@@ -1,9 +1,9 @@
 """The pretraining program end to end: runs, resumes exactly, survives preemption,
-stops on NaN, and gives the same result on 1 or 8 devices and 1 or 2 processes."""
+stops on NaN, counts epochs, and gives the same result on 1 or 8 devices (several
+processes: tests/test_launch.py)."""
 import json
 import math
 import os
-import pathlib
 import signal
 import subprocess
 import time
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, free_port, load_config, main_command, run_main, subprocess_env
+from conftest import ROOT, load_config, main_command, run_main, subprocess_env
 from mms_jax.train import checkpoints
 from mms_jax.train import guards
 from mms_jax.train import pretrain
@@ -149,22 +149,8 @@ def test_eight_devices_and_fsdp_match_one_device(tmp_path):
                 atol=1e-5)
 
 
-@pytest.mark.parametrize("num_processes", [2])
-def test_several_processes_match_one(tmp_path, num_processes):
-  steps = [*QUICK, "--config.total_steps=3"]
-  run_main("pretrain.py:tiny", tmp_path / "one", *steps)
-  port = free_port()
-  workdir = tmp_path / "multi"
-  processes = [
-      subprocess.Popen(
-          main_command("pretrain.py:tiny", workdir, *steps,
-                       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                       f"--config.distributed.num_processes={num_processes}",
-                       f"--config.distributed.process_id={i}"),
-          cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
-      for i in range(num_processes)]
-  logs = [p.communicate(timeout=300)[1] for p in processes]
-  for p, log in zip(processes, logs):
-    assert p.returncode == 0, log[-4000:]
-  assert f"in {num_processes} processes" in logs[0]
-  _assert_trees(_params(tmp_path / "one"), _params(workdir), rtol=1e-4, atol=1e-5)
+def test_num_epochs_sets_the_length_from_the_training_set(tmp_path):
+  log = run_main("pretrain.py:tiny", tmp_path, *QUICK, "--config.total_steps=0",
+                 "--config.num_epochs=1.0", "--config.data.size.train=24")
+  assert "training to step 3." in log  # 24 images / batch 8
+  assert (tmp_path / "checkpoints" / "3").is_dir()

@@ -57,6 +57,10 @@ def check_config(config):
     if config[stage].program != STAGE_PROGRAMS[stage]:
       raise common.ConfigError(f"config.{stage}.program={config[stage].program!r}; the "
                                f"{stage} stage runs the {STAGE_PROGRAMS[stage]!r} program")
+  for name in ("pretrain", *stages):
+    if not config[name].get("total_steps"):
+      raise common.ConfigError(f"config.{name}.total_steps is not set: the ablation "
+                               "compares runs of a fixed number of steps")
   if config.pretrain.program != "pretrain":
     raise common.ConfigError("config.pretrain must be a pretraining config")
   if jax.process_count() > 1:

@@ -214,7 +214,10 @@ def train_and_evaluate(config, workdir):
   if not config.get("eval_only"):  # keep the training run's config.json
     common.write_config(config, workdir)
   writer = common.MetricWriter(workdir)
-  total_steps = common.total_steps(config)
+  num_train = None
+  if not config.get("total_steps"):  # num_epochs: count the training set
+    num_train = len(pipeline.make_source(config.data, "train"))
+  total_steps = common.total_steps(config, num_train)
   max_length = config.model.max_length
 
   # ---- Mesh.
