@@ -24,8 +24,8 @@ from mms_jax.train import checkpoints
 
 LAUNCH = ROOT / "launch"
 CONFIG = f"--config={ROOT / 'configs' / 'pretrain.py'}:tiny"
-# One masking strategy keeps compilation short; per_sample masking across processes is
-# covered by tests/test_pretrain.py::test_several_processes_match_one.
+# One masking strategy keeps compilation short; the strategy does not change what crosses
+# processes (masks are sampled inside the jitted step for the global batch).
 FAST = ["--config.log_every=1", "--config.masking.mode=single",
         "--config.masking.strategies=('random_patch',)"]
 # Cross-process sums round differently from one device (see test_pretrain.py).
@@ -62,9 +62,9 @@ def _finish(processes, timeout=TIMEOUT):
   return [p.returncode for p in processes]
 
 
-def _local(num_processes, workdir, *overrides, log_dir):
+def _local(num_processes, workdir, *overrides, log_dir, config=CONFIG):
   return ["bash", str(LAUNCH / "local_processes.sh"), "-n", str(num_processes), "--port",
-          str(free_port()), "--log-dir", str(log_dir), "--", CONFIG, f"--workdir={workdir}",
+          str(free_port()), "--log-dir", str(log_dir), "--", config, f"--workdir={workdir}",
           *overrides]
 
 
@@ -272,3 +272,17 @@ def test_tpu_pod_script_drives_gcloud(tmp_path):
   assert collected == [[*tpu_vm, "scp", "mms-test:mms_jax_run.log",
                         f"{tmp_path / 'logs'}/worker_{i}.log", f"--worker={i}", *tail]
                        for i in range(2)]
+
+
+def test_two_process_recognition_scores_the_whole_split_like_one_process(tmp_path):
+  config = f"--config={ROOT / 'configs' / 'finetune_recognition.py'}:tiny"
+  multi = tmp_path / "multi"
+  codes = _finish([_start(_local(2, multi, log_dir=tmp_path / "logs", config=config),
+                          tmp_path / "launcher.log", _env())])
+  assert codes == [0], _text(tmp_path / "launcher.log")[-3000:]
+  run_main("finetune_recognition.py:tiny", tmp_path / "single", "--config.eval_only=True",
+           f"--config.eval_from={multi}")
+  for split in ("test_heldout_fonts", "test_hard"):
+    table = _text(multi / f"eval_{split}.csv")
+    assert table.splitlines()[1].split(",")[:2] == [split, "16"]  # every image, once
+    assert table == _text(tmp_path / "single" / f"eval_{split}.csv")

@@ -56,10 +56,15 @@ def evaluate_dataset(predict: Callable[[np.ndarray], Sequence[str]], data_config
 
   predict(images float32[B, H, W, 3]) -> B strings. on_batch(batch, predictions) is
   called for every batch (e.g. to keep a picture).
+
+  Every process reads the whole data set (one shard): in a multi-process run the
+  jitted predict then sees the same batches everywhere, and every process ends with
+  the same counts.
   """
   total = text_metrics.add_counts()
   loader = pipeline.make_pipeline(data_config, split, batch_size, train=False,
-                                  image_size=tuple(image_size), worker_count=0)
+                                  image_size=tuple(image_size), worker_count=0,
+                                  shard_index=0, shard_count=1)
   for i, batch in enumerate(loader):
     if max_batches is not None and i >= max_batches:
       break

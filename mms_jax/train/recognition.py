@@ -170,8 +170,8 @@ def run_evals(predict, config, workdir, step, writer, picture=True):
         max_batches=config.eval.get("max_batches"), on_batch=keep if not results else None)
     results[name] = rows
     title = f"{name} at step {step} (charset {eval_charset})"
-    str_benchmarks.write_tables(rows, workdir, f"eval_{name}", title)
     if jax.process_index() == 0:
+      str_benchmarks.write_tables(rows, workdir, f"eval_{name}", title)
       print(str_benchmarks.format_table(rows, title), flush=True)
     writer.write_scalars(step, {f"eval/{name}/{r['benchmark']}/{k}": r[k] for r in rows
                                 for k in ("word_accuracy", "one_minus_ned")})
