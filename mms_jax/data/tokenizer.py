@@ -34,6 +34,7 @@ class Tokenizer:
     n = len(charset)
     self.num_classes = n + 1
     self.bos, self.pad = (n + 1, n + 2) if kind == 'ar' else (None, BLANK)
+    self.eos = EOS
     self.vocab_size = n + 3 if kind == 'ar' else n + 1
     codes = np.array([ord(c) for c in charset], np.int64)
     self._order = np.argsort(codes)

@@ -180,6 +180,21 @@ class Recognizer(nn.Module):
                      self.max_length + 1, self.bos, self.eos)[0]
 
 
+def from_config(m, tokenizer) -> Recognizer:
+  """The Recognizer of a recognition config's `model` field (ConfigDict or the dict of
+  a run's config.json) and its tokenizer (data/tokenizer.py)."""
+  return Recognizer(
+      num_classes=tokenizer.num_classes, head=m["head"], vocab_size=tokenizer.vocab_size,
+      bos=tokenizer.bos or 0, eos=tokenizer.eos, max_length=m["max_length"],
+      encoder_variant=m.get("encoder_variant"), encoder_width=m.get("encoder_width"),
+      encoder_depth=m.get("encoder_depth"), encoder_num_heads=m.get("encoder_num_heads"),
+      patch=tuple(m["patch"]), decoder_width=m["decoder_width"],
+      decoder_depth=m["decoder_depth"], decoder_num_heads=m["decoder_num_heads"],
+      decoder_mlp_ratio=m.get("decoder_mlp_ratio", 4), gelu=m.get("gelu", "erf"),
+      dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.get("dtype", "float32")],
+      scan_layers=m.get("scan_layers", False))
+
+
 # ------------------------------------------------------------------------------------
 # Losses.
 # ------------------------------------------------------------------------------------

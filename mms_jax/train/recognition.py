@@ -70,16 +70,7 @@ def check_config(config):
 
 
 def build_model(config, tokenizer):
-  m = config.model
-  return rec.Recognizer(
-      num_classes=tokenizer.num_classes, head=m.head, vocab_size=tokenizer.vocab_size,
-      bos=tokenizer.bos or 0, eos=tokenizer_lib.EOS, max_length=m.max_length,
-      encoder_variant=m.encoder_variant, encoder_width=m.get("encoder_width"),
-      encoder_depth=m.get("encoder_depth"), encoder_num_heads=m.get("encoder_num_heads"),
-      patch=tuple(m.patch), decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
-      decoder_num_heads=m.decoder_num_heads, decoder_mlp_ratio=m.decoder_mlp_ratio,
-      gelu=m.gelu, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype],
-      scan_layers=m.scan_layers)
+  return rec.from_config(config.model, tokenizer)
 
 
 # ------------------------------------------------------------------------------------

@@ -218,25 +218,13 @@ def _all_hosts(per_image):
 # Optional: word accuracy of a recognizer trained by the recognition program.
 # ------------------------------------------------------------------------------------
 def _recognizer_from_config(rc):
-  """(Recognizer, Tokenizer) from a recognition run's config.json (a dict).
-
-  Mirrors train/recognition.py:build_model (trainers do not import each other).
-  """
+  """(Recognizer, Tokenizer) from a recognition run's config.json (a dict)."""
   from mms_jax.data import labels as labels_lib  # pylint: disable=g-import-not-at-top
   from mms_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from mms_jax.models import recognition  # pylint: disable=g-import-not-at-top
-  m = rc["model"]
-  tokenizer = tokenizer_lib.Tokenizer(labels_lib.get_charset(rc["charset"]), m["head"])
-  model = recognition.Recognizer(
-      num_classes=tokenizer.num_classes, head=m["head"], vocab_size=tokenizer.vocab_size,
-      bos=tokenizer.bos or 0, eos=tokenizer_lib.EOS, max_length=m["max_length"],
-      encoder_variant=m.get("encoder_variant"), encoder_width=m.get("encoder_width"),
-      encoder_depth=m.get("encoder_depth"), encoder_num_heads=m.get("encoder_num_heads"),
-      patch=tuple(m["patch"]), decoder_width=m["decoder_width"],
-      decoder_depth=m["decoder_depth"], decoder_num_heads=m["decoder_num_heads"],
-      decoder_mlp_ratio=m.get("decoder_mlp_ratio", 4), gelu=m.get("gelu", "erf"),
-      dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.get("dtype", "float32")],
-      scan_layers=m.get("scan_layers", False))
+  tokenizer = tokenizer_lib.Tokenizer(labels_lib.get_charset(rc["charset"]),
+                                      rc["model"]["head"])
+  model = recognition.from_config(rc["model"], tokenizer)
   return model, tokenizer
 
 
