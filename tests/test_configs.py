@@ -7,7 +7,8 @@ from conftest import load_config
 VARIANTS = [("pretrain", v) for v in ("small", "tiny", "S4_union14m")] + [
     ("finetune_recognition", v) for v in ("small", "small_ctc", "tiny", "S_union14m")] + [
     ("finetune_segmentation", v) for v in ("small", "tiny", "paper")] + [
-    ("finetune_sr", v) for v in ("small", "tiny", "paper")]
+    ("finetune_sr", v) for v in ("small", "tiny", "paper")] + [
+    ("ablation", v) for v in ("small", "tiny")]
 
 
 def _leaf_types(config, prefix=""):
