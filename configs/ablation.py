@@ -25,6 +25,7 @@ Variants (`--config=configs/ablation.py:VARIANT`):
   python -m mms_jax.main --config=configs/ablation.py --workdir=workdirs/ablation \
       --config.seeds='(0, 1, 2)' --config.arms='("none", "random_patch", "mms_per_sample")'
 """
+import copy
 import importlib.util
 import os
 
@@ -86,7 +87,7 @@ def get_config(variant="small"):
   c.finetune = _sibling("finetune_recognition", "small_ctc" if variant == "small" else "tiny")
   c.finetune.data.synthetic.seed = data_seed
   c.finetune.picture_every = 0
-  c.probe = ml_collections.ConfigDict(c.finetune.to_dict())
+  c.probe = copy.deepcopy(c.finetune)
   c.probe.freeze_encoder = True
 
   c.segmentation = _sibling("finetune_segmentation", variant)
