@@ -2,6 +2,8 @@
 
   python benchmarks/bench_pretrain.py                      # tiny and ViT-S, f32 and bf16
   python benchmarks/bench_pretrain.py --models=S --batch=16,64 --dtypes=float32
+  XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python benchmarks/bench_pretrain.py \
+      --models=S --dtypes=float32 --profile_dir=/tmp/mms_profile   # per-op table
 
 Prints one markdown table: images/s of the jitted pretraining step (masks sampled on
 device, AdamW update), achieved GFLOP/s from the analytic model-FLOP count, its
@@ -26,11 +28,18 @@ from mms_jax.models import vit  # pylint: disable=g-import-not-at-top,wrong-impo
 from mms_jax.train import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mms_jax.train import pretrain  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_MODELS = flags.DEFINE_list("models", ["tiny", "S"], "tiny (the tests' model) and/or S")
-_BATCH = flags.DEFINE_list("batch", ["16"], "per-step batch sizes")
-_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes")
-_STEPS = flags.DEFINE_integer("steps", 3, "timed steps per configuration (after compile)")
-_COMPILE = flags.DEFINE_bool("compile_scan", True, "also time ViT-S compile with/without scan")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():  # only when run as a program: other benchmarks import this module
+  flags.DEFINE_list("models", ["tiny", "S"], "tiny (the tests' model) and/or S")
+  flags.DEFINE_list("batch", ["16"], "per-step batch sizes")
+  flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes")
+  flags.DEFINE_integer("steps", 3, "timed steps per configuration (after compile)")
+  flags.DEFINE_bool("compile_scan", True, "also time ViT-S compile with/without scan")
+  flags.DEFINE_string("profile_dir", "", "trace one step of each configuration there and "
+                      "print a per-op-category time table (set XLA_FLAGS="
+                      "--xla_cpu_enable_xprof_traceme=true for per-op events)")
 
 
 def model_config(name, dtype, batch, scan=False):
@@ -124,23 +133,90 @@ def measure(config, steps):
               flops=analytic_flops_per_image(config, spec))
 
 
+def _category(op, meta, shape):
+  """A coarse name for one HLO op of the step, from its kind and op_name metadata."""
+  for key in ("qkv", "proj", "fc1", "fc2", "embed", "pred", "patch_embed"):
+    if f"/{key}/" in meta:
+      return key + (" (dot)" if "ynn" in op or op.startswith("dot") else " (other)")
+  if "gelu" in meta or "erf" in meta:
+    return "gelu"
+  if "norm" in meta:
+    return "layernorm"
+  if ("/while" in meta or "bhq" in meta or "softmax" in meta or "reduce_max" in meta
+      or ",257,257]" in shape or (not meta and op.startswith(("dot", "fusion")))):
+    return "attention core (QK^T, softmax, PV and their gradients)"
+  if "/attn/" in meta:
+    return "attention layout (qkv split / head merge and their gradients)"
+  if "mae_loss" in meta or "patchify" in meta or "take_along" in meta or "gather" in op:
+    return "loss, masking, token gathers"
+  if "add" in meta:
+    return "residual adds, gradient sums"
+  return "other (optimizer, copies, ...)"
+
+
+def profile(config, directory):
+  """Traces one step; returns [(category, seconds)] summed over the op events."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  spec, step, state, images = build_step(config)
+  num_masked = spec.num_masked()
+  hlo = step.lower(state, images, num_masked).compile().as_text()
+  info = {}
+  for line in hlo.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) (\w[\w-]*)\(", line)
+    if m:
+      meta = re.search(r'op_name="([^"]*)"', line)
+      kind = re.search(r'"kind":"(\w+)"', line)
+      info[m.group(1)] = (m.group(3) + (kind.group(1) if kind else ""), m.group(2),
+                          meta.group(1) if meta else "")
+  for _ in range(2):
+    state, metrics = step(state, images, num_masked)
+  jax.block_until_ready(metrics)
+  with jax.profiler.trace(directory, create_perfetto_trace=True):
+    state, metrics = step(state, images, num_masked)
+    jax.block_until_ready(metrics)
+  trace = sorted(pathlib.Path(directory).glob("**/perfetto_trace.json.gz"))[-1]
+  events = json.load(gzip.open(trace))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  totals = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("name") in info:
+      op, shape, meta = info[e["name"]]
+      if not op.startswith(("while", "call")):  # containers: their bodies are counted
+        totals[_category(op, meta, shape)] += e["dur"] / 1e6
+  return totals.most_common()
+
+
 def main(argv):
   del argv
+  if FLAGS.profile_dir:
+    for name in FLAGS.models:
+      for dtype in FLAGS.dtypes:
+        for batch in map(int, FLAGS.batch):
+          rows = profile(model_config(name, dtype, batch), f"{FLAGS.profile_dir}/{name}_{dtype}_{batch}")
+          total = sum(t for _, t in rows)
+          print(f"\n{name} {dtype} batch {batch}: {total:.2f} s of op events in one step\n"
+                "| ops | s | share |\n|---|---|---|")
+          for category, seconds in rows:
+            print(f"| {category} | {seconds:.3f} | {100 * seconds / total:.0f}% |")
+    return
   peak = matmul_peak()
   print(f"jax {jax.__version__}, {jax.device_count()} CPU device(s); "
         f"f32 2048^2 matmul peak {peak:.1f} GFLOP/s\n")
   print("| model | dtype | batch | s/step | img/s | GFLOP/img (analytic / XLA) | GFLOP/s "
         "| % of matmul peak | compile s |")
   print("|---|---|---|---|---|---|---|---|---|")
-  for name in _MODELS.value:
-    for dtype in _DTYPES.value:
-      for batch in map(int, _BATCH.value):
-        r = measure(model_config(name, dtype, batch), _STEPS.value)
+  for name in FLAGS.models:
+    for dtype in FLAGS.dtypes:
+      for batch in map(int, FLAGS.batch):
+        r = measure(model_config(name, dtype, batch), FLAGS.steps)
         achieved = r["flops"] * batch / r["seconds"] / 1e9
         print(f"| {name} | {dtype} | {batch} | {r['seconds']:.3f} | {batch / r['seconds']:.1f} "
               f"| {r['flops'] / 1e9:.2f} / {r['xla_flops'] / 1e9:.2f} | {achieved:.1f} "
               f"| {100 * achieved / peak:.0f}% | {r['compile']:.1f} |", flush=True)
-  if _COMPILE.value:
+  if FLAGS.compile_scan:
     print("\n| ViT-S MAE step | compile s |\n|---|---|")
     for scan in (False, True):
       spec, step, state, images = build_step(model_config("S", "float32", 16, scan=scan))
@@ -150,4 +226,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -36,7 +36,7 @@ def get_config(variant="small"):
   c.model = dict(encoder_variant=placeholder(str), encoder_width=128, encoder_depth=4,
                  encoder_num_heads=4, patch=(4, 4), decoder_width=128, decoder_depth=2,
                  decoder_num_heads=4, encoder_mode="mae", gelu="erf", dtype="float32",
-                 scan_layers=False)
+                 scan_layers=False, attention="auto")  # auto: chunked on CPU
   c.loss = dict(norm_pix=True, visible_weight=0.0)
   c.masking = masking.default_config()
 
@@ -49,6 +49,9 @@ def get_config(variant="small"):
   c.total_steps = 600
   c.num_epochs = placeholder(float)
   c.grad_accum_steps = 1
+  # CPU only: split each device's batch into micro-batches whose largest activation
+  # fits this many bytes (None: 12 MiB; 0: off). See docs/performance.md.
+  c.micro_batch_bytes = placeholder(int)
   c.fsdp = 1
   # The paper's base lr is 1.5e-4 at batch 1024 over millions of images; a short
   # CPU run at batch 32 needs a larger one to move at all.

@@ -344,3 +344,114 @@ def test_tanh_gelu_option_is_close(tiny_mae):
   ref, _ = tiny_mae.apply(tiny_mae.params, images, mask, num_masked=NUM_MASKED)
   assert not np.array_equal(out, ref)
   np.testing.assert_allclose(out, ref, atol=1e-2)
+
+
+# ------------------------------------------------------- attention formulations (perf)
+# The chunked attention (default on CPU, docs/performance.md) must compute the same
+# function and the same gradients as the straightforward einsum + softmax.
+
+def _attention_grads(fn, q, k, v, g):
+  loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * g)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+def _chunked_bhtd(chunk_bytes):
+  """chunked_attention with the plain [B, H, T, hd] layout of plain_attention."""
+  def fn(q, k, v):
+    swap = lambda x: x.transpose(1, 0, 2, 3)
+    return swap(vit.chunked_attention(swap(q), swap(k), swap(v), chunk_bytes))
+  return fn
+
+
+def _max_rel_err(a, b):
+  return max(float(jnp.max(jnp.abs(jnp.float32(x) - jnp.float32(y))) /
+                   jnp.max(jnp.abs(jnp.float32(y))))
+             for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+@pytest.mark.parametrize('shape', [(2, 4, 17, 8), (3, 6, 65, 16), (1, 2, 257, 32)])
+@pytest.mark.parametrize('chunk_bytes', [1, 2**14, 2**30])  # a loop per head ... one call
+def test_chunked_attention_matches_plain(shape, chunk_bytes):
+  rng = np.random.default_rng(0)
+  q, k, v, g = [jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4)]
+  ref = _attention_grads(vit.plain_attention, q, k, v, g)
+  out = _attention_grads(_chunked_bhtd(chunk_bytes), q, k, v, g)
+  assert _max_rel_err(out, ref) < 2e-6  # value and dq, dk, dv
+
+
+def test_chunked_attention_chunks():
+  assert vit._heads_per_chunk((16, 16, 257, 32), 2**21) == 1  # MAE decoder: a loop per head
+  assert vit._heads_per_chunk((6, 16, 65, 64), 2**21) == 6  # ViT-S encoder: one call
+  assert vit._heads_per_chunk((6, 64, 65, 64), 2**21) == 1
+  assert vit._heads_per_chunk((6, 32, 65, 64), 2**21) == 3
+  assert vit.resolve_attention('auto') == 'chunked'  # the tests run on CPU
+  assert vit.resolve_attention('plain') == 'plain'
+  with pytest.raises(ValueError, match='attention must be one of'):
+    vit.resolve_attention('flash')
+
+
+def test_chunked_attention_bf16_is_as_accurate_as_plain():
+  rng = np.random.default_rng(1)
+  q, k, v, g = [jnp.asarray(rng.standard_normal((3, 6, 65, 16)), jnp.bfloat16)
+                for _ in range(4)]
+  exact = _attention_grads(vit.plain_attention, *[x.astype(jnp.float32) for x in (q, k, v)], g)
+  plain = _max_rel_err(_attention_grads(vit.plain_attention, q, k, v, g), exact)
+  for chunk_bytes in (1, 2**30):
+    chunked = _max_rel_err(_attention_grads(_chunked_bhtd(chunk_bytes), q, k, v, g), exact)
+    assert chunked < max(2 * plain, 1e-2), (chunked, plain)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_mae_attention_impls_agree(tiny_mae, monkeypatch, scan_layers):
+  """Whole model, loss and parameter gradients: 'chunked' (one call, and a loop per
+  head) equals 'plain'."""
+  images, mask = random_images(12, 3), exact_masks(12, (3, L), NUM_MASKED)
+  params = vit.scan_params(tiny_mae.params) if scan_layers else tiny_mae.params
+
+  def loss_and_grads(attention):
+    module = mae.MAE(encoder_variant='tiny', attention=attention, scan_layers=scan_layers,
+                     **TINY_DECODER)
+
+    def loss(p):
+      pred, _ = module.apply({'params': p}, images, mask, num_masked=NUM_MASKED)
+      return mae.mae_loss(images, pred, mask, PATCH)[0]
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  ref = loss_and_grads('plain')
+  assert _max_rel_err(loss_and_grads('chunked'), ref) < 1e-5
+  monkeypatch.setattr(vit, 'ATTENTION_CHUNK_BYTES', 1)  # force the per-head loop
+  assert _max_rel_err(loss_and_grads('chunked'), ref) < 1e-5
+
+
+def test_cpu_micro_batches_match_one_batch():
+  """The automatic CPU micro-batch split of the pretraining step (docs/performance.md)
+  gives the same update as one batch, up to float rounding."""
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from mms_jax import masking  # pylint: disable=g-import-not-at-top
+  from mms_jax.train import common, pretrain  # pylint: disable=g-import-not-at-top
+
+  def one_step(micro_batch_bytes):
+    config = load_config('pretrain', 'tiny')
+    config.micro_batch_bytes = micro_batch_bytes
+    spec = pretrain.check_config(config)
+    mesh, model = common.make_mesh(config), pretrain.build_model(config)
+    optimizer, schedule = common.make_optimizer(config, config.total_steps)
+    n = spec.num_masked()
+    params = model.init({'params': jax.random.key(0)}, random_images(0, 1),
+                        masking.random_patch(jax.random.key(0), 1, spec.grid, n),
+                        num_masked=n)['params']
+    state = common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=optimizer.init(params),
+                              rng=jax.random.key_data(jax.random.key(1)))
+    shardings = common.state_shardings(state, mesh)
+    split = pretrain.micro_batches_per_step(model, config, spec, mesh)
+    step = pretrain.make_train_step(model, config, spec, optimizer, schedule, mesh, shardings)
+    images = common.global_batch(np.asarray(random_images(5, config.batch_size)), mesh)
+    state, metrics = step(state, images, n)
+    return split, jax.device_get((state.params, metrics))
+
+  (one, (params_1, metrics_1)), (split, (params_n, metrics_n)) = one_step(0), one_step(1)
+  assert (one, split) == (1, 8)
+  np.testing.assert_allclose(metrics_n['loss'], metrics_1['loss'], rtol=1e-5)
+  for x, y in zip(jax.tree_util.tree_leaves(params_n), jax.tree_util.tree_leaves(params_1)):
+    np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)

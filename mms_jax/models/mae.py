@@ -31,6 +31,7 @@ class Decoder(nn.Module):
   gelu: str = 'erf'
   dtype: Any = jnp.float32
   scan_layers: bool = False
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, x, ids_restore, grid):
@@ -48,7 +49,7 @@ class Decoder(nn.Module):
 
     x, _ = vit.block_stack(x, depth=self.depth, num_heads=self.num_heads, name='blocks',
                            scan=self.scan_layers, mlp_ratio=self.mlp_ratio,
-                           gelu=self.gelu, dtype=self.dtype)
+                           gelu=self.gelu, dtype=self.dtype, attention=self.attention)
     x = vit.layer_norm(self.dtype, 'norm')(x)
     # Every patch is predicted; if only hidden ones are needed (visible_weight 0),
     # gathering x[:, 1:] with ids_masked before this head is the place to do it.
@@ -63,7 +64,7 @@ class MAE(nn.Module):
     patch: (ph, pw). channels: C of the input images (sets P).
     decoder_width/depth/num_heads: the MAE decoder (unused in 'simmim' mode).
     encoder_mode: 'mae' (token dropping) or 'simmim' (mask token in the encoder).
-    gelu, dtype, scan_layers: passed to every block (see vit.Encoder).
+    gelu, dtype, scan_layers, attention: passed to every block (see vit.Encoder).
   """
   encoder_variant: Optional[str] = 'S'
   encoder_width: Optional[int] = None
@@ -79,17 +80,19 @@ class MAE(nn.Module):
   gelu: str = 'erf'
   dtype: Any = jnp.float32
   scan_layers: bool = False
+  attention: str = 'auto'
 
   def setup(self):
     self.encoder = vit.Encoder(
         variant=self.encoder_variant, width=self.encoder_width, depth=self.encoder_depth,
         num_heads=self.encoder_num_heads, patch=self.patch, mlp_ratio=self.mlp_ratio,
-        gelu=self.gelu, dtype=self.dtype, scan_layers=self.scan_layers)
+        gelu=self.gelu, dtype=self.dtype, scan_layers=self.scan_layers,
+        attention=self.attention)
     patch_dim = self.patch[0] * self.patch[1] * self.channels
     if self.encoder_mode == 'mae':
       self.decoder = Decoder(
           self.decoder_width, self.decoder_depth, self.decoder_num_heads, patch_dim,
-          self.mlp_ratio, self.gelu, self.dtype, self.scan_layers)
+          self.mlp_ratio, self.gelu, self.dtype, self.scan_layers, self.attention)
     elif self.encoder_mode == 'simmim':
       width = self.encoder.dims()[0]
       self.simmim_mask_token = self.param('simmim_mask_token', nn.initializers.normal(0.02),

@@ -11,6 +11,7 @@ Conventions (see docs/model.md for the parameter-name table):
 
 Shapes in docstrings: B batch, L = gh * gw tokens, D width, P = ph * pw * C.
 """
+import functools
 import re
 from typing import Any, Optional, Sequence, Tuple
 
@@ -97,13 +98,110 @@ def layer_norm(dtype, name):
   return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+ATTENTION_IMPLS = ('auto', 'chunked', 'plain')
+ATTENTION_CHUNK_BYTES = 2 ** 21  # f32 logits per chunk of the 'chunked' attention
+
+
+def plain_attention(q, k, v):
+  """softmax(q k^T) v, q already scaled; q, k, v: [B, H, T, hd] -> [B, H, T, hd].
+
+  The straightforward formulation (autodiff through einsum + softmax, softmax in
+  float32): the reference the other implementation is tested against.
+  """
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum('bhqk,bhkd->bhqd', probs, v)
+
+
+def _attention_chunk(q, k, v):
+  """One chunk of chunked_attention's forward: ([..., T, hd] out, [..., T, 1] lse)."""
+  s = jnp.einsum('...qd,...kd->...qk', q, k, preferred_element_type=jnp.float32)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  e = jnp.exp(s - m)
+  denom = jnp.sum(e, axis=-1, keepdims=True)
+  out = jnp.einsum('...qk,...kd->...qd', (e / denom).astype(v.dtype), v)
+  return out, m + jnp.log(denom)
+
+
+def _attention_chunk_grads(q, k, v, out, lse, dout):
+  """One chunk of the backward pass (probabilities recomputed from lse)."""
+  p = jnp.exp(jnp.einsum('...qd,...kd->...qk', q, k, preferred_element_type=jnp.float32) - lse)
+  dv = jnp.einsum('...qk,...qd->...kd', p.astype(dout.dtype), dout)
+  dp = jnp.einsum('...qd,...kd->...qk', dout, v, preferred_element_type=jnp.float32)
+  # rowsum(p * dp) = rowsum(dout * out): a [T, hd] product instead of [T, T].
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  ds = (p * (dp - delta)).astype(q.dtype)
+  dq = jnp.einsum('...qk,...kd->...qd', ds, k)
+  dk = jnp.einsum('...qk,...qd->...kd', ds, q)
+  return dq, dk, dv
+
+
+def _heads_per_chunk(shape, chunk_bytes):
+  """Largest divisor g of H with g * B * T * T * 4 bytes <= chunk_bytes (at least 1)."""
+  h, b, t, _ = shape
+  fits = [g for g in range(1, h + 1) if h % g == 0 and g * b * t * t * 4 <= chunk_bytes]
+  return max(fits, default=1)
+
+
+def _map_chunks(fn, g, *xs):
+  """fn over groups of g heads ([H, ...] -> [H // g, g, ...]); one call if g == H."""
+  h = xs[0].shape[0]
+  if g == h:
+    return fn(*xs)
+  split = [x.reshape(h // g, g, *x.shape[1:]) for x in xs]
+  outs = jax.lax.map(lambda args: fn(*args), split)
+  return jax.tree.map(lambda y: y.reshape(h, *y.shape[2:]), outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def chunked_attention(q, k, v, chunk_bytes=ATTENTION_CHUNK_BYTES):
+  """softmax(q k^T) v, q already scaled; q, k, v: [H, B, T, hd] -> [H, B, T, hd].
+
+  The same function as plain_attention (heads-first layout), computed a few heads
+  at a time (`lax.map` over groups of heads whose [B, T, T] logits fit in
+  `chunk_bytes`), with a hand-written backward pass that keeps only out and the
+  log-sum-exp and recomputes the probabilities chunk by chunk. On CPU this keeps
+  the [T, T] matrices in cache instead of writing several [B, H, T, T] arrays to
+  memory (docs/performance.md). The loop runs over heads, never over the batch,
+  so a batch split over devices stays split.
+  """
+  return _chunked_forward(q, k, v, chunk_bytes)[0]
+
+
+def _chunked_forward(q, k, v, chunk_bytes):
+  g = _heads_per_chunk(q.shape, chunk_bytes)
+  out, lse = _map_chunks(_attention_chunk, g, q, k, v)
+  return out, (q, k, v, out, lse)
+
+
+def _chunked_backward(chunk_bytes, residuals, dout):
+  q = residuals[0]
+  g = _heads_per_chunk(q.shape, chunk_bytes)
+  return _map_chunks(_attention_chunk_grads, g, *residuals, dout)
+
+
+chunked_attention.defvjp(_chunked_forward, _chunked_backward)
+
+
+def resolve_attention(impl):
+  """'auto' -> 'chunked' on CPU, 'plain' elsewhere (XLA fuses attention there)."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'attention must be one of {ATTENTION_IMPLS}, got {impl!r}')
+  if impl == 'auto':
+    return 'chunked' if jax.default_backend() == 'cpu' else 'plain'
+  return impl
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (timm / MAE layout).
 
   qkv/kernel: [D, 3D]; its output features split as (3, heads, head_dim).
+  attention: 'auto' | 'chunked' | 'plain' (see resolve_attention); the same
+  function and parameters either way.
   """
   num_heads: int
   dtype: Any = jnp.float32
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
@@ -113,12 +211,13 @@ class Attention(nn.Module):
       raise ValueError(f'width {d} is not divisible by {self.num_heads} heads')
     hd = d // self.num_heads
     qkv = dense(3 * d, self.dtype, 'qkv')(x).reshape(b, n, 3, self.num_heads, hd)
-    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [B, heads, N, hd]: heads-major matmuls
-    logits = jnp.einsum('bhqd,bhkd->bhqk', q * (hd ** -0.5), k)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum('bhqk,bhkd->bhqd', probs, v)
-    out = out.transpose(0, 2, 1, 3).reshape(b, n, d)
-    return dense(d, self.dtype, 'proj')(out)
+    if resolve_attention(self.attention) == 'plain':
+      q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [B, heads, N, hd]: heads-major matmuls
+      out = plain_attention(q * (hd ** -0.5), k, v).transpose(0, 2, 1, 3)
+    else:
+      q, k, v = qkv.transpose(2, 3, 0, 1, 4)  # each [heads, B, N, hd]: loop over heads
+      out = chunked_attention(q * (hd ** -0.5), k, v, ATTENTION_CHUNK_BYTES).transpose(1, 2, 0, 3)
+    return dense(d, self.dtype, 'proj')(out.reshape(b, n, d))
 
 
 class Mlp(nn.Module):
@@ -143,10 +242,11 @@ class Block(nn.Module):
   mlp_ratio: int = 4
   gelu: str = 'erf'
   dtype: Any = jnp.float32
+  attention: str = 'auto'
 
   def setup(self):
     self.norm1 = layer_norm(self.dtype, 'norm1')
-    self.attn = Attention(self.num_heads, self.dtype, name='attn')
+    self.attn = Attention(self.num_heads, self.dtype, self.attention, name='attn')
     self.norm2 = layer_norm(self.dtype, 'norm2')
     self.mlp = Mlp(self.mlp_ratio, self.gelu, self.dtype, name='mlp')
 
@@ -218,6 +318,7 @@ class Encoder(nn.Module):
     scan_layers: nn.scan over blocks (params stacked under `blocks`); see
       scan_params / unscan_params to convert checkpoints.
     return_blocks: put every block's output in aux['blocks'].
+    attention: 'auto' | 'chunked' | 'plain' attention formulation (Attention).
   """
   variant: Optional[str] = 'S'
   width: Optional[int] = None
@@ -229,6 +330,7 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   scan_layers: bool = False
   return_blocks: bool = False
+  attention: str = 'auto'
 
   def dims(self):
     """(width, depth, num_heads) after applying overrides to the variant."""
@@ -276,7 +378,8 @@ class Encoder(nn.Module):
 
     x, per_block = block_stack(x, depth=depth, num_heads=num_heads, name='blocks',
                                scan=self.scan_layers, keep=self.return_blocks,
-                               mlp_ratio=self.mlp_ratio, gelu=self.gelu, dtype=self.dtype)
+                               mlp_ratio=self.mlp_ratio, gelu=self.gelu, dtype=self.dtype,
+                               attention=self.attention)
     aux = {'pre_norm': x}
     if self.return_blocks:
       aux['blocks'] = per_block

@@ -93,7 +93,8 @@ def micro_batches_per_step(model, config, spec, mesh, backend=None):
   is the same as one big batch up to float rounding (every sample hides the same
   number of patches, so the loss is the mean of the micro-batch losses)."""
   accumulation = int(config.get("grad_accum_steps", 1))
-  budget = int(config.get("micro_batch_bytes", CPU_MICRO_BATCH_BYTES))
+  budget = config.get("micro_batch_bytes")
+  budget = CPU_MICRO_BATCH_BYTES if budget is None else int(budget)
   if (backend or jax.default_backend()) != "cpu" or budget <= 0:
     return accumulation
   per_device = config.batch_size // (mesh.devices.size * accumulation)
