@@ -13,13 +13,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-PROGRAMS = {
-    "pretrain": "mms_jax.train.pretrain",
-    "recognition": "mms_jax.train.recognition",
-    "segmentation": "mms_jax.train.segmentation",
-    "super_resolution": "mms_jax.train.super_resolution",
-    "ablation": "mms_jax.train.ablation",
-}
+from mms_jax.programs import PROGRAMS
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)

@@ -21,14 +21,11 @@ import jax
 import numpy as np
 from absl import logging
 
+from mms_jax.programs import PROGRAMS
 from mms_jax.train import common
 
 STAGE_PROGRAMS = {"probe": "recognition", "finetune": "recognition",
                   "segmentation": "segmentation", "super_resolution": "super_resolution"}
-TRAINERS = {"pretrain": "mms_jax.train.pretrain",
-            "recognition": "mms_jax.train.recognition",
-            "segmentation": "mms_jax.train.segmentation",
-            "super_resolution": "mms_jax.train.super_resolution"}
 
 
 class Interrupted(RuntimeError):
@@ -100,7 +97,7 @@ def final_evaluation(workdir, step):
 
 def _run_program(program, config, workdir):
   """Runs one program to its last step; returns its final evaluation."""
-  state = importlib.import_module(TRAINERS[program]).train_and_evaluate(config, workdir)
+  state = importlib.import_module(PROGRAMS[program]).train_and_evaluate(config, workdir)
   last = common.total_steps(config)
   if int(state.step) != last:
     raise Interrupted(f"{workdir} stopped at step {int(state.step)} of {last}; re-run the "
