@@ -421,37 +421,3 @@ def test_mae_attention_impls_agree(tiny_mae, monkeypatch, scan_layers):
   assert _max_rel_err(loss_and_grads('chunked'), ref) < 1e-5
   monkeypatch.setattr(vit, 'ATTENTION_CHUNK_BYTES', 1)  # force the per-head loop
   assert _max_rel_err(loss_and_grads('chunked'), ref) < 1e-5
-
-
-def test_cpu_micro_batches_match_one_batch():
-  """The automatic CPU micro-batch split of the pretraining step (docs/performance.md)
-  gives the same update as one batch, up to float rounding."""
-  from conftest import load_config  # pylint: disable=g-import-not-at-top
-  from mms_jax import masking  # pylint: disable=g-import-not-at-top
-  from mms_jax.train import common, pretrain  # pylint: disable=g-import-not-at-top
-
-  def one_step(micro_batch_bytes):
-    config = load_config('pretrain', 'tiny')
-    config.micro_batch_bytes = micro_batch_bytes
-    spec = pretrain.check_config(config)
-    mesh, model = common.make_mesh(config), pretrain.build_model(config)
-    optimizer, schedule = common.make_optimizer(config, config.total_steps)
-    n = spec.num_masked()
-    params = model.init({'params': jax.random.key(0)}, random_images(0, 1),
-                        masking.random_patch(jax.random.key(0), 1, spec.grid, n),
-                        num_masked=n)['params']
-    state = common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=optimizer.init(params),
-                              rng=jax.random.key_data(jax.random.key(1)))
-    shardings = common.state_shardings(state, mesh)
-    split = pretrain.micro_batches_per_step(model, config, spec, mesh)
-    step = pretrain.make_train_step(model, config, spec, optimizer, schedule, mesh, shardings)
-    images = common.global_batch(np.asarray(random_images(5, config.batch_size)), mesh)
-    state, metrics = step(state, images, n)
-    return split, jax.device_get((state.params, metrics))
-
-  (one, (params_1, metrics_1)), (split, (params_n, metrics_n)) = one_step(0), one_step(1)
-  assert (one, split) == (1, 8)
-  np.testing.assert_allclose(metrics_n['loss'], metrics_1['loss'], rtol=1e-5)
-  for x, y in zip(jax.tree_util.tree_leaves(params_n), jax.tree_util.tree_leaves(params_1)):
-    np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)

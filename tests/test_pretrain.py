@@ -3,17 +3,19 @@ stops on NaN, counts epochs, and gives the same result on 1 or 8 devices (severa
 processes: tests/test_launch.py)."""
 import json
 import math
-import os
 import signal
 import subprocess
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import ROOT, load_config, main_command, run_main, subprocess_env
+from mms_jax import masking
 from mms_jax.train import checkpoints
+from mms_jax.train import common
 from mms_jax.train import guards
 from mms_jax.train import pretrain
 
@@ -154,3 +156,37 @@ def test_num_epochs_sets_the_length_from_the_training_set(tmp_path):
                  "--config.num_epochs=1.0", "--config.data.size.train=24")
   assert "training to step 3." in log  # 24 images / batch 8
   assert (tmp_path / "checkpoints" / "3").is_dir()
+
+
+def _random_images(seed, batch, hw=(32, 128)):
+  return jax.random.uniform(jax.random.key(seed), (batch, *hw, 3), minval=-1, maxval=1)
+
+
+def test_cpu_micro_batches_match_one_batch():
+  """The automatic CPU micro-batch split of the pretraining step (docs/performance.md)
+  gives the same update as one batch, up to float rounding."""
+  def one_step(micro_batch_bytes):
+    config = load_config('pretrain', 'tiny')
+    config.micro_batch_bytes = micro_batch_bytes
+    spec = pretrain.check_config(config)
+    mesh, model = common.make_mesh(config), pretrain.build_model(config)
+    optimizer, schedule = common.make_optimizer(config, config.total_steps)
+    n = spec.num_masked()
+    params = model.init({'params': jax.random.key(0)}, _random_images(0, 1),
+                        masking.random_patch(jax.random.key(0), 1, spec.grid, n),
+                        num_masked=n)['params']
+    state = common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=optimizer.init(params),
+                              rng=jax.random.key_data(jax.random.key(1)))
+    shardings = common.state_shardings(state, mesh)
+    split = pretrain.micro_batches_per_step(model, config, spec, mesh)
+    step = pretrain.make_train_step(model, config, spec, optimizer, schedule, mesh, shardings)
+    images = common.global_batch(np.asarray(_random_images(5, config.batch_size)), mesh)
+    state, metrics = step(state, images, n)
+    return split, jax.device_get((state.params, metrics))
+
+  (one, (params_1, metrics_1)), (split, (params_n, metrics_n)) = one_step(0), one_step(1)
+  assert (one, split) == (1, 8)
+  np.testing.assert_allclose(metrics_n['loss'], metrics_1['loss'], rtol=1e-5)
+  for x, y in zip(jax.tree_util.tree_leaves(params_n), jax.tree_util.tree_leaves(params_1)):
+    np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
