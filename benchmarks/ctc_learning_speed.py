@@ -121,13 +121,13 @@ def train_one(name, train, test, tokenizer):
     return float(np.mean([p == t for p, t in zip(out, texts)]))
 
   (train_images, train_texts), (test_images, test_texts) = train, test
+  train_ids, train_lengths = tokenizer.encode(train_texts, 25)
   rng = np.random.default_rng(0)
   losses, rows, start = [], [], time.time()
   for s in range(1, FLAGS.steps + 1):
     idx = rng.integers(0, len(train_texts), FLAGS.batch_size)
-    ids, lengths = tokenizer.encode([train_texts[i] for i in idx], 25)
     variables, opt_state, loss = step(variables, opt_state, train_images[idx],
-                                      jnp.asarray(ids), jnp.asarray(lengths))
+                                      train_ids[idx], train_lengths[idx])
     losses.append(float(loss))
     if s % FLAGS.every == 0 or s == FLAGS.steps:
       rows.append((s, np.mean(losses[-FLAGS.every:]),
