@@ -4,5 +4,6 @@ PROGRAMS = {
     "recognition": "mms_jax.train.recognition",
     "segmentation": "mms_jax.train.segmentation",
     "super_resolution": "mms_jax.train.super_resolution",
+    "probe": "mms_jax.train.probe",
     "ablation": "mms_jax.train.ablation",
 }

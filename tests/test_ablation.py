@@ -2,7 +2,6 @@
 import json
 import math
 
-import jax
 import numpy as np
 import pytest
 
@@ -27,14 +26,21 @@ def test_tiny_ablation_runs_tabulates_and_skips_finished_runs(tmp_path):
     assert all(math.isfinite(v) for v in r["metrics"].values())
   table = (tmp_path / "ablation.md").read_text()
   assert "| none |" in table and "| span |" in table and "seg IoU" in table
+  assert "probe seg IoU" in table and "probe 1-NED hard" in table
   assert "fine-tune" not in table  # stages not run are not reported
 
-  # The probe starts from the arm's own pretrained encoder and leaves it unchanged.
+  # Each stage starts from its arm's own encoder: the probe reads the arm's pretraining
+  # (a random encoder for 'none'), the fine-tune starts from it and trains it.
+  probed = {arm: json.loads((tmp_path / f"seed_0/{arm}/probe/probe.json").read_text())
+            for arm in ("none", "span")}
+  assert probed["span"]["init_from"] == str(tmp_path / "seed_0/span/pretrain")
+  assert probed["none"]["init_from"] == ""
+  assert probed["span"]["metrics"] != probed["none"]["metrics"]
   pretrained = checkpoints.load_params(tmp_path / "seed_0/span/pretrain")["encoder"]
-  probed = checkpoints.load_params(tmp_path / "seed_0/span/probe")["encoder"]
-  jax.tree.map(np.testing.assert_array_equal, pretrained, probed)
-  scratch = checkpoints.load_params(tmp_path / "seed_0/none/probe")["encoder"]
-  assert not np.array_equal(jax.tree.leaves(scratch)[0], jax.tree.leaves(probed)[0])
+  tuned = checkpoints.load_params(tmp_path / "seed_0/span/segmentation")["encoder"]
+  assert pretrained.keys() == tuned.keys()
+  assert not np.array_equal(tuned["patch_embed"]["kernel"],
+                            pretrained["patch_embed"]["kernel"])
   assert not (tmp_path / "seed_0/none/pretrain").exists()
 
   again = run_main("ablation.py:tiny", tmp_path, *overrides)

@@ -4,6 +4,8 @@ Workdir layout:
   seed_<s>/<arm>/pretrain/     the arm's pretraining run (none for arm 'none')
   seed_<s>/<arm>/<stage>/      each stage's own run, initialised from that encoder
   runs.jsonl                   one line per finished run with its final evaluation
+  xla_cache/                   JAX's persistent compilation cache (config.compilation_cache):
+                               the arms and seeds compile the same programs again
   ablation.md, ablation.csv    mean ± std over seeds per arm and reported metric
   ablation_raw.json            the settings and every run's numbers
 
@@ -24,7 +26,7 @@ from absl import logging
 from mms_jax.programs import PROGRAMS
 from mms_jax.train import common
 
-STAGE_PROGRAMS = {"probe": "recognition", "finetune": "recognition",
+STAGE_PROGRAMS = {"probe": "probe", "finetune": "recognition",
                   "segmentation": "segmentation", "super_resolution": "super_resolution"}
 
 
@@ -169,10 +171,19 @@ def write_reports(config, workdir, runs):
   return table
 
 
+def use_compilation_cache(workdir):
+  """Points JAX's persistent compilation cache at workdir/xla_cache, unless the user set one."""
+  if jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "xla_cache"))
+
+
 def train_and_evaluate(config, workdir):
   """Runs every (seed, arm, stage) not yet in runs.jsonl; returns the summary table."""
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
+  if config.get("compilation_cache", True):
+    use_compilation_cache(workdir)
   common.write_config(config, workdir)
   runs = load_runs(workdir)
   todo = [(s, a, st) for s in config.seeds for a in config.arms for st in config.stages
