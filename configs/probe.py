@@ -7,8 +7,8 @@ Variants (`--config=configs/probe.py:VARIANT`):
 
   (default) small   The configs/pretrain.py small encoder (128 wide, 4 blocks, 4x4
                     patches); 2,048 training images (dictionary words up to 12 letters),
-                    scored on 500 held-out-font and 500 hard images; 2,000 head steps
-                    per task. ~3 min on a 2-core CPU, almost all of it the encoder pass.
+                    scored on 500 held-out-font and 500 hard images; 1,000 head steps
+                    per task. ~4 min on a 2-core CPU, almost all of it the encoder pass.
   tiny              Seconds (tests).
 
   python -m mms_jax.main --config=configs/probe.py --workdir=workdirs/probe \
@@ -47,7 +47,7 @@ def get_config(variant="small"):
 
   c.encode_batch_size = 64
   c.batch_size = 128
-  c.total_steps = 2000  # head-training steps, per task
+  c.total_steps = 1000  # head-training steps, per task
   c.lr = dict(recognition=3e-3, segmentation=3e-3, super_resolution=1e-3)
   c.weight_decay = 1e-4
   c.threshold = 0.5

@@ -90,6 +90,7 @@ def test_ctc_probe_transcribes_columns_that_spell_the_label():
   columns[:, :, :] = 1.0 / len(tokenizer)  # no information: no word can be read
   blind = _fit_and_score("recognition", data, config, tokenizer, steps=100, lr=5e-2)
   assert blind["word_accuracy"] < 0.05
+  assert scores["ctc_loss"] < 0.2 and blind["ctc_loss"] > 1.0
 
 
 def test_probe_program_probes_the_given_encoder(tmp_path):
