@@ -47,6 +47,12 @@ def test_tiny_ablation_runs_tabulates_and_skips_finished_runs(tmp_path):
   assert "0 runs to do" in again and "Ablation: pretraining" not in again
   assert "Ablation: pretraining span" in log
 
+  # report_only tabulates what has finished (seed 1 has nothing yet) and runs nothing.
+  report = run_main("ablation.py:tiny", tmp_path, *overrides[:1], "--config.seeds=(0, 1)",
+                    "--config.stages=('probe', 'segmentation')", "--config.report_only=True")
+  assert "Ablation: pretraining" not in report and not (tmp_path / "seed_1").exists()
+  assert "seeds (0, 1)" in (tmp_path / "ablation.md").read_text()
+
 
 def test_summary_is_mean_and_sample_std_over_seeds():
   config = load_config("ablation", "tiny")

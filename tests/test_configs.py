@@ -8,6 +8,7 @@ VARIANTS = [("pretrain", v) for v in ("small", "tiny", "S4_union14m")] + [
     ("finetune_recognition", v) for v in ("small", "small_ctc", "tiny", "S_union14m")] + [
     ("finetune_segmentation", v) for v in ("small", "tiny", "paper")] + [
     ("finetune_sr", v) for v in ("small", "tiny", "paper")] + [
+    ("probe", v) for v in ("small", "tiny")] + [
     ("ablation", v) for v in ("small", "tiny")]
 
 

@@ -11,6 +11,7 @@ Workdir layout:
 
 A run already in runs.jsonl is skipped; an unfinished one resumes from its own
 checkpoints, so the command can be interrupted (SIGTERM, Ctrl-C) and re-run.
+config.report_only=True writes the tables from the finished runs and runs nothing.
 """
 import copy
 import csv
@@ -186,6 +187,8 @@ def train_and_evaluate(config, workdir):
     use_compilation_cache(workdir)
   common.write_config(config, workdir)
   runs = load_runs(workdir)
+  if config.get("report_only"):
+    return write_reports(config, workdir, runs)
   todo = [(s, a, st) for s in config.seeds for a in config.arms for st in config.stages
           if (s, a, st) not in runs]
   logging.info("Ablation: %d arms x %d stages x %d seeds; %d runs to do.",
