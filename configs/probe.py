@@ -7,8 +7,8 @@ Variants (`--config=configs/probe.py:VARIANT`):
 
   (default) small   The configs/pretrain.py small encoder (128 wide, 4 blocks, 4x4
                     patches); 2,048 training images (dictionary words up to 12 letters),
-                    scored on 500 held-out-font and 500 hard images; 1,000 head steps
-                    per task. ~4 min on a 2-core CPU, almost all of it the encoder pass.
+                    scored on 500 held-out-font and 500 hard images. ~4 min on a
+                    2-core CPU, almost all of it the encoder pass.
   tiny              Seconds (tests).
 
   python -m mms_jax.main --config=configs/probe.py --workdir=workdirs/probe \
@@ -46,10 +46,13 @@ def get_config(variant="small"):
   c.eval_splits = ("test_heldout_fonts", "test_hard")
 
   c.encode_batch_size = 64
+  # Recognition: CTC head, AdamW on minibatches (warmup 5%, cosine decay).
+  c.total_steps = 2000
   c.batch_size = 128
-  c.total_steps = 1000  # head-training steps, per task
-  c.lr = dict(recognition=3e-3, segmentation=3e-3, super_resolution=1e-3)
-  c.weight_decay = 1e-4
+  c.recognition = dict(lr=3e-3, weight_decay=1e-4)
+  # Segmentation: logistic regression, full-batch L-BFGS; SR: ridge regression.
+  c.segmentation = dict(iterations=200, l2=1e-4)
+  c.super_resolution = dict(ridge=1e-4)
   c.threshold = 0.5
   c.log_every = 500
   c.init_from = ""  # a pretraining workdir or step directory; '' = random encoder
@@ -62,6 +65,7 @@ def get_config(variant="small"):
     c.encode_batch_size = 16
     c.batch_size = 16
     c.total_steps = 20
+    c.segmentation.iterations = 5
     c.log_every = 10
   else:
     raise ValueError(f"unknown variant {variant!r}: small or tiny")

@@ -17,7 +17,9 @@ PATCH, GRID = (4, 4), (8, 32)
 H, W = 32, 128
 
 
-def _fit_and_score(task, data, config, tokenizer=None, steps=300, lr=3e-2):
+def _fit_and_score(task, data, config, tokenizer=None, fit=True, **fields):
+  """Fits the task's probe head to `data` (config fields overridden by `fields`, e.g.
+  total_steps=...) and scores it on the same data; fit=False scores the initial head."""
   width = next(v for k, v in data.items() if k in ("columns", "tokens", "lr_tokens")).shape[-1]
   outputs = {"recognition": len(tokenizer or ()), "segmentation": 16, "super_resolution": 48}
   head = probe.make_head(task, outputs[task])
@@ -26,8 +28,12 @@ def _fit_and_score(task, data, config, tokenizer=None, steps=300, lr=3e-2):
   if task == "recognition":
     train["ids"], train["lengths"] = probe.recognition_targets(train.pop("label"),
                                                                tokenizer, 25)
-  params = probe.fit_head(probe.task_losses(task, head, PATCH, GRID), params, train,
-                          steps=steps, batch_size=64, lr=lr, weight_decay=0.0, seed=0)
+  with config.unlocked():
+    for name, value in fields.items():
+      parent, _, leaf = name.rpartition(".")
+      (config[parent] if parent else config)[leaf] = value
+  if fit:
+    params = probe.fit_task(task, head, params, train, config, PATCH, GRID)
   return probe.evaluate_task(task, head, params, data, config, tokenizer, PATCH, GRID)
 
 
@@ -48,11 +54,11 @@ def test_segmentation_probe_reads_an_oracle_encoder_exactly():
   masks = _random_masks(np.random.default_rng(0), 96)
   tokens = np.asarray(vit.patchify(masks[..., None], PATCH)) * 2 - 1  # [N, 256, 16]
   scores = _fit_and_score("segmentation", {"tokens": tokens, "mask": masks}, config,
-                          steps=600, lr=0.1)
+                          **{"segmentation.iterations": 50})
   assert scores["iou"] > 0.97
   # Tokens from the wrong images carry no information: the probe cannot fake it.
   shuffled = _fit_and_score("segmentation", {"tokens": tokens[::-1].copy(), "mask": masks},
-                            config, steps=600, lr=0.1)
+                            config, **{"segmentation.iterations": 50})
   assert shuffled["iou"] < 0.5
 
 
@@ -63,10 +69,14 @@ def test_sr_probe_starts_at_bicubic_and_reads_an_oracle_residual():
   upsampled = np.clip(image + rng.normal(0, 0.2, image.shape), -1, 1).astype(np.float32)
   residual = np.asarray(vit.patchify(image - upsampled, PATCH))  # [N, 256, 48]
   data = {"lr_tokens": residual, "upsampled": upsampled, "image": image}
-  untrained = _fit_and_score("super_resolution", data, config, steps=1, lr=0.0)
+  untrained = _fit_and_score("super_resolution", data, config, fit=False)
   assert untrained["psnr"] == pytest.approx(untrained["bicubic_psnr"], abs=1e-4)
-  trained = _fit_and_score("super_resolution", data, config, steps=400, lr=1e-2)
+  trained = _fit_and_score("super_resolution", data, config)
   assert trained["psnr"] > trained["bicubic_psnr"] + 15
+  # Pure noise features: ridge regression can only stay near bicubic.
+  noise = dict(data, lr_tokens=rng.normal(size=residual.shape).astype(np.float32))
+  assert abs(_fit_and_score("super_resolution", noise, config)["psnr"]
+             - untrained["psnr"]) < 0.5
 
 
 def test_ctc_probe_transcribes_columns_that_spell_the_label():
@@ -85,10 +95,12 @@ def test_ctc_probe_transcribes_columns_that_spell_the_label():
       columns[i, 2 * j + 1] = 0
       columns[i, 2 * j + 1, row[j]] = 1
   data = {"columns": columns, "label": np.asarray(words, object)}
-  scores = _fit_and_score("recognition", data, config, tokenizer, steps=400, lr=5e-2)
+  scores = _fit_and_score("recognition", data, config, tokenizer, total_steps=400,
+                          **{"recognition.lr": 5e-2})
   assert scores["word_accuracy"] == 1.0 and scores["one_minus_ned"] == 1.0
   columns[:, :, :] = 1.0 / len(tokenizer)  # no information: no word can be read
-  blind = _fit_and_score("recognition", data, config, tokenizer, steps=100, lr=5e-2)
+  blind = _fit_and_score("recognition", data, config, tokenizer, total_steps=100,
+                         **{"recognition.lr": 5e-2})
   assert blind["word_accuracy"] < 0.05
   assert scores["ctc_loss"] < 0.2 and blind["ctc_loss"] > 1.0
 
@@ -130,10 +142,12 @@ def test_probe_program_probes_the_given_encoder(tmp_path):
 @pytest.mark.parametrize("field,value,message", [
     ("tasks", ("recognition", "ocr"), "tasks"),
     ("total_steps", 0, "total_steps"),
+    ("segmentation.l2", 0.0, "l2"),
 ])
 def test_bad_probe_config_names_the_field(field, value, message):
   config = load_config("probe", "tiny")
   with config.unlocked():
-    config[field] = value
+    parent, _, leaf = field.rpartition(".")
+    (config[parent] if parent else config)[leaf] = value
   with pytest.raises(common.ConfigError, match=message):
     probe.check_config(config)

@@ -214,8 +214,8 @@ def ar_loss(logits, targets, pad_id, label_smoothing=0.0):
   return (per_token * valid).sum() / count, accuracy
 
 
-def ctc_loss(logits, labels, label_lengths, blank_id=0):
-  """CTC over all gw frames, divided by the label length, batch mean.
+def ctc_loss_per_char(logits, labels, label_lengths, blank_id=0):
+  """CTC over all gw frames, divided by the label length: float32[B].
 
   logits [B, T, K]; labels int[B, N] (padded); label_lengths int[B].
   """
@@ -223,7 +223,12 @@ def ctc_loss(logits, labels, label_lengths, blank_id=0):
   label_paddings = (jnp.arange(labels.shape[1])[None] >= label_lengths[:, None])
   per_seq = optax.ctc_loss(logits, jnp.zeros((b, t), jnp.float32), labels,
                            label_paddings.astype(jnp.float32), blank_id=blank_id)
-  return jnp.mean(per_seq / jnp.maximum(label_lengths, 1))
+  return per_seq / jnp.maximum(label_lengths, 1)
+
+
+def ctc_loss(logits, labels, label_lengths, blank_id=0):
+  """The batch mean of ctc_loss_per_char."""
+  return jnp.mean(ctc_loss_per_char(logits, labels, label_lengths, blank_id))
 
 
 # ------------------------------------------------------------------------------------

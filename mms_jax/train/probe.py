@@ -4,17 +4,20 @@
       --config.init_from=PRETRAIN_WORKDIR        # '' probes a randomly initialised encoder
 
 The encoder runs once over every image of each split, and its features stay in memory.
-Only a linear layer per task then trains on them, so a probe can take thousands of
-steps for the price of one pass over the data:
+Only a linear layer per task is then fitted to them, for the price of one pass over
+the data. The segmentation and SR heads are convex problems solved to their optimum, so
+they measure the features, not a training recipe:
 
   recognition       column features [N, gw, D] (tokens averaged over the gh rows of each
-                    column) -> linear -> charset + blank, CTC loss, greedy decoding;
-                    word accuracy and 1-NED (the 36-character protocol)
+                    column) -> linear -> charset + blank, CTC loss (AdamW minibatches,
+                    config.total_steps); greedy decoding; word accuracy, 1-NED (the
+                    36-character protocol) and the CTC loss per character
   segmentation      token features [N, L, D] -> linear -> a ph x pw foreground patch per
-                    token, per-pixel BCE; foreground IoU
+                    token: logistic regression (per-pixel BCE + L2), full-batch L-BFGS;
+                    foreground IoU
   super_resolution  token features of the bicubic-upsampled LR image -> linear -> the
-                    ph x pw x 3 HR residual per token (starts at zero = bicubic), L2;
-                    PSNR / SSIM against HR
+                    ph x pw x 3 HR residual per token: ridge regression, closed form;
+                    PSNR / SSIM against HR (and bicubic's)
 
 Writes metrics.jsonl (the final 'eval/<split>/...' row at step config.total_steps) and
 probe.json. Short enough to rerun: an interrupted probe starts again. Shapes: N images,
@@ -83,7 +86,12 @@ def check_config(config):
                              "segmentation and SR probes need the synthetic source (masks "
                              "and LR copies of every image)")
   if not config.get("total_steps"):
-    raise common.ConfigError("config.total_steps (head-training steps) is not set")
+    raise common.ConfigError("config.total_steps (recognition head steps) is not set")
+  if config.segmentation.iterations < 1 or config.segmentation.l2 <= 0:
+    raise common.ConfigError("config.segmentation: iterations >= 1 and l2 > 0 (the L2 "
+                             "term keeps separable pixels from driving weights to inf)")
+  if config.super_resolution.ridge <= 0:
+    raise common.ConfigError("config.super_resolution.ridge must be > 0")
   if jax.process_count() > 1:
     raise common.ConfigError("the probe runs in one process (its features are cached on "
                              "one host); launch it without config.distributed")
@@ -160,15 +168,16 @@ def sr_output(head, params, lr_tokens, upsampled, patch, grid):
   return upsampled + vit.unpatchify(residual, patch, grid, 3)
 
 
-def task_losses(task, head, patch, grid):
-  """(params, batch) -> scalar loss, for one task's cached arrays."""
+def task_losses(task, head, patch, grid, l2=0.0):
+  """(params, batch) -> scalar loss, for one task's cached arrays (+ l2 * |kernel|^2)."""
   def recognition(params, b):
     logits = head.apply({"params": params}, b["columns"])
     return rec.ctc_loss(logits, b["ids"], b["lengths"], blank_id=tokenizer_lib.BLANK)
 
   def segmentation(params, b):
     logits = segmentation_logits(head, params, b["tokens"], patch, grid)
-    return optax.sigmoid_binary_cross_entropy(logits, b["mask"]).mean()
+    bce = optax.sigmoid_binary_cross_entropy(logits, b["mask"]).mean()
+    return bce + l2 * jnp.sum(params["kernel"] ** 2)
 
   def super_resolution(params, b):
     sr = sr_output(head, params, b["lr_tokens"], b["upsampled"], patch, grid)
@@ -209,11 +218,68 @@ def fit_head(loss_fn, params, data, *, steps, batch_size, lr, weight_decay, seed
   return params
 
 
+def fit_lbfgs(loss_fn, params, data, iterations):
+  """Full-batch L-BFGS (optax, zoom line search) on loss_fn(params, data); params."""
+  optimizer = optax.lbfgs()
+
+  @jax.jit
+  def run(params, data):
+    value_fn = lambda p: loss_fn(p, data)
+    value_and_grad = optax.value_and_grad_from_state(value_fn)
+
+    def body(_, carry):
+      params, state = carry
+      value, grad = value_and_grad(params, state=state)
+      updates, state = optimizer.update(grad, state, params, value=value, grad=grad,
+                                        value_fn=value_fn)
+      return optax.apply_updates(params, updates), state
+
+    return jax.lax.fori_loop(0, iterations, body, (params, optimizer.init(params)))[0]
+
+  return run(params, jax.device_put(data))
+
+
+def fit_ridge(features, targets, ridge):
+  """Linear least squares with an L2 penalty, in closed form; nn.Dense params.
+
+  features [M, D], targets [M, P]. The penalty is `ridge` x the mean diagonal of the
+  Gram matrix (scale-free), and the bias is not penalised.
+  """
+  x = np.concatenate([features, np.ones((len(features), 1), features.dtype)], axis=1)
+  gram = (x.T @ x).astype(np.float64)
+  penalty = ridge * np.trace(gram) / len(gram) * np.eye(len(gram))
+  penalty[-1, -1] = 0.0
+  w = np.linalg.solve(gram + penalty, (x.T @ targets).astype(np.float64))
+  return {"kernel": w[:-1].astype(np.float32), "bias": w[-1].astype(np.float32)}
+
+
+def fit_task(task, head, params, data, config, patch, grid, log=None):
+  """The probe's head for `task` fitted to the cached training arrays `data`."""
+  if task == "super_resolution":
+    width = data["lr_tokens"].shape[-1]
+    residual = vit.patchify(data["image"] - data["upsampled"], patch)
+    return fit_ridge(data["lr_tokens"].reshape(-1, width),
+                     residual.reshape(-1, residual.shape[-1]), config.super_resolution.ridge)
+  if task == "segmentation":
+    return fit_lbfgs(task_losses(task, head, patch, grid, config.segmentation.l2), params,
+                     data, config.segmentation.iterations)
+  return fit_head(task_losses(task, head, patch, grid), params, data,
+                  steps=config.total_steps, batch_size=config.batch_size,
+                  lr=config.recognition.lr, weight_decay=config.recognition.weight_decay,
+                  seed=config.seed, log=log, log_every=config.log_every)
+
+
 def _batched(fn, params, arrays, batch_size):
-  """fn(params, slice of `arrays`) over slices of batch_size; concatenates the outputs."""
+  """fn(params, slice of `arrays`) over slices of batch_size (the last one padded, so
+  fn compiles once); outputs with a leading batch axis, concatenated and trimmed to N."""
   n = len(next(iter(arrays.values())))
-  outs = [fn(params, {k: v[i:i + batch_size] for k, v in arrays.items()})
-          for i in range(0, n, batch_size)]
+  outs = []
+  for i in range(0, n, batch_size):
+    part = {k: v[i:i + batch_size] for k, v in arrays.items()}
+    m = len(next(iter(part.values())))
+    part = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - m, axis=0)])
+            for k, v in part.items()}
+    outs.append(jax.tree.map(lambda x, m=m: np.asarray(x)[:m], fn(params, part)))
   return jax.tree.map(lambda *x: np.concatenate(x), *outs)
 
 
@@ -225,17 +291,17 @@ def evaluate_task(task, head, params, data, config, tokenizer, patch, grid):
 
     def predict(p, b):
       logits = head.apply({"params": p}, b["columns"])
-      per_char = rec.ctc_loss(logits, b["ids"], b["lengths"], tokenizer_lib.BLANK)
-      return rec.ctc_greedy(logits)[0], jnp.reshape(per_char * len(b["ids"]), (1,))
+      return rec.ctc_greedy(logits)[0], rec.ctc_loss_per_char(
+          logits, b["ids"], b["lengths"], tokenizer_lib.BLANK)
 
-    pred_ids, loss_sums = _batched(jax.jit(predict), params, {
+    pred_ids, per_char = _batched(jax.jit(predict), params, {
         "columns": data["columns"], "ids": ids, "lengths": lengths}, batch_size)
     scores = text_metrics.score([str(t) for t in data["label"]], tokenizer.decode(pred_ids),
                                 config.eval_charset)
     # The CTC loss per character on the split: still informative on the blank plateau.
     return {"word_accuracy": scores["word_accuracy"],
             "one_minus_ned": scores["one_minus_ned"],
-            "ctc_loss": float(np.sum(loss_sums) / len(ids))}
+            "ctc_loss": float(np.mean(per_char))}
   if task == "segmentation":
     counts = jax.jit(lambda p, b: image_metrics.confusion_counts(
         jax.nn.sigmoid(segmentation_logits(head, p, b["tokens"], patch, grid)),
@@ -273,9 +339,8 @@ def train_and_evaluate(config, workdir):
   grid = vit.grid_shape(tuple(config.image_size), patch)
   encoder = build_encoder(config)
   params = encoder_params(config, encoder)
-  logging.info("Probe of %s: tasks %s, %d head steps each.",
-               config.init_from or f"a random encoder (seed {config.seed})", tasks,
-               config.total_steps)
+  logging.info("Probe of %s: tasks %s.",
+               config.init_from or f"a random encoder (seed {config.seed})", tasks)
   apply = jax.jit(lambda p, x: encoder.apply({"params": p}, x)[0][:, 1:])
   encode = lambda images: apply(params, images)
 
@@ -304,12 +369,12 @@ def train_and_evaluate(config, workdir):
     sample = np.zeros((1, 1, width), np.float32)
     head_params = head.init(jax.random.PRNGKey(config.seed + 1 + i), sample)["params"]
     log = lambda step, loss, task=task: logging.info("[%s %d] loss=%.4g", task, step, loss)
-    head_params = fit_head(
-        task_losses(task, head, patch, grid), head_params,
-        {k: train[k] for k in fields[task]}, steps=config.total_steps,
-        batch_size=config.batch_size, lr=config.lr[task],
-        weight_decay=config.weight_decay, seed=config.seed, log=log,
-        log_every=config.log_every)
+    t0 = time.time()
+    data = {k: train[k] for k in fields[task]}
+    head_params = fit_task(task, head, head_params, data, config, patch, grid, log)
+    loss = jax.jit(task_losses(task, head, patch, grid))(head_params, data)
+    logging.info("Probe: %s head fitted in %.0f s; training loss %.4g.", task,
+                 time.time() - t0, float(loss))
     for split in config.eval_splits:
       metrics = evaluate_task(task, head, head_params, splits[split], config, tokenizer,
                               patch, grid)
