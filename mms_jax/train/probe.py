@@ -372,9 +372,9 @@ def train_and_evaluate(config, workdir):
     t0 = time.time()
     data = {k: train[k] for k in fields[task]}
     head_params = fit_task(task, head, head_params, data, config, patch, grid, log)
-    loss = jax.jit(task_losses(task, head, patch, grid))(head_params, data)
+    loss = float(jax.jit(task_losses(task, head, patch, grid))(head_params, data))
     logging.info("Probe: %s head fitted in %.0f s; training loss %.4g.", task,
-                 time.time() - t0, float(loss))
+                 time.time() - t0, loss)
     for split in config.eval_splits:
       metrics = evaluate_task(task, head, head_params, splits[split], config, tokenizer,
                               patch, grid)
