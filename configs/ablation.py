@@ -19,7 +19,9 @@ Variants (`--config=configs/ablation.py:VARIANT`):
   (default) small   The configs/pretrain.py small encoder (600 steps per arm), then
                     the probe stage only: linear probes for recognition, segmentation
                     and SR on 2,048 training images (recognition: dictionary words).
-                    See docs/results.md for the measured time per seed on a 2-core CPU.
+                    About 90 min per seed on a quiet 2-core CPU (estimated from the
+                    measured parts: 8.5 min per pretraining, multi_view ~3x, 5 min
+                    per probe; docs/results.md).
                     The fine-tuning stages are opt-in (--config.stages below):
                     recognition CTC 500 steps on 2,048 labeled words, segmentation and
                     SR 300 steps each. They cost about 10 min per run on a 2-core CPU.

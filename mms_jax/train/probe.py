@@ -48,7 +48,6 @@ from mms_jax.train import finetune
 
 PROGRAM = "probe"
 TASKS = ("recognition", "segmentation", "super_resolution")
-SR_SCALE = 2  # the pipeline's lr_image is half the image size
 
 
 @dataclasses.dataclass
