@@ -45,6 +45,7 @@ from mms_jax.models import recognition as rec
 from mms_jax.models import vit
 from mms_jax.train import common
 from mms_jax.train import finetune
+from mms_jax.train import recognition
 
 PROGRAM = "probe"
 TASKS = ("recognition", "segmentation", "super_resolution")
@@ -320,10 +321,8 @@ def evaluate_task(task, head, params, data, config, tokenizer, patch, grid):
 
 
 def recognition_targets(labels, tokenizer, max_length):
-  """Labels normalised to the model charset -> CTC ids int[N, max_length], lengths [N]."""
-  texts = [(labels_lib.normalize_label(str(t), tokenizer.charset, None) or "")[:max_length]
-           for t in labels]
-  return tokenizer.encode(texts, max_length)
+  """CTC ids int[N, max_length] and lengths [N] of raw labels (recognition.encode_labels)."""
+  return recognition.encode_labels(labels, tokenizer, max_length)
 
 
 # ------------------------------------------------------------------------------------

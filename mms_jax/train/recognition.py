@@ -105,12 +105,17 @@ def make_train_step(model, config, tokenizer, optimizer, schedule, mesh, shardin
                  out_shardings=(shardings, common.replicated(mesh)))
 
 
-def host_batch(batch, tokenizer, max_length):
-  """Token ids of the labels, normalised to the model charset first (the synthetic
+def encode_labels(labels, tokenizer, max_length):
+  """(ids, lengths) of raw labels, normalised to the model charset first (the synthetic
   source yields raw labels); a longer label is cut to max_length."""
   texts = [(labels_lib.normalize_label(str(t), tokenizer.charset, None) or "")[:max_length]
-           for t in batch["label"]]
-  ids, lengths = tokenizer.encode(texts, max_length)
+           for t in labels]
+  return tokenizer.encode(texts, max_length)
+
+
+def host_batch(batch, tokenizer, max_length):
+  """The batch's images with the token ids of its labels (encode_labels)."""
+  ids, lengths = encode_labels(batch["label"], tokenizer, max_length)
   return {"image": batch["image"], "ids": ids, "lengths": lengths}
 
 
