@@ -14,6 +14,7 @@ Variants (`--config=configs/probe.py:VARIANT`):
   python -m mms_jax.main --config=configs/probe.py --workdir=workdirs/probe \
       --config.init_from=workdirs/pretrain
   --config.tasks="('segmentation',)"                 # a subset of the three tasks
+  --config.read_depth=2                              # features after block 2 of 4
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -56,6 +57,9 @@ def get_config(variant="small"):
   c.threshold = 0.5
   c.log_every = 500
   c.init_from = ""  # a pretraining workdir or step directory; '' = random encoder
+  # Probe the features after this many blocks (through the final LayerNorm); 0 reads
+  # the patch embeddings plus position. Unset: the whole encoder.
+  c.read_depth = placeholder(int)
 
   if variant == "small":
     pass

@@ -139,10 +139,42 @@ def test_probe_program_probes_the_given_encoder(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, fresh, again)
 
 
+def _features(config, params, images):
+  return probe.feature_encoder(config).apply({"params": params}, images)[0]
+
+
+def test_read_depth_cuts_the_encoder_after_that_block():
+  """read_depth=k reads the LayerNorm'd residual stream after block k: the full depth
+  is the unset default, later blocks do not touch it, and 0 depends on no block."""
+  config = load_config("probe", "tiny")
+  with config.unlocked():
+    config.model.encoder_depth = 2
+  images = np.random.default_rng(0).uniform(-1, 1, (2, H, W, 3)).astype(np.float32)
+  params = probe.encoder_params(config, probe.build_encoder(config))
+  full = _features(config, params, images)
+  scrambled = jax.tree.map(lambda x: x, params)
+  scrambled["blocks_1"] = jax.tree.map(lambda x: x[::-1] * 3.0, params["blocks_1"])
+  with config.unlocked():
+    config.read_depth = 2
+  np.testing.assert_array_equal(_features(config, params, images), full)
+  with config.unlocked():
+    config.read_depth = 1
+  after_one = _features(config, params, images)
+  assert np.abs(after_one - full).max() > 1e-2
+  np.testing.assert_array_equal(_features(config, scrambled, images), after_one)
+  with config.unlocked():
+    config.read_depth = 0
+  scrambled["blocks_0"] = jax.tree.map(lambda x: x * 0.5, params["blocks_0"])
+  np.testing.assert_array_equal(_features(config, scrambled, images),
+                                _features(config, params, images))
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("tasks", ("recognition", "ocr"), "tasks"),
     ("total_steps", 0, "total_steps"),
     ("segmentation.l2", 0.0, "l2"),
+    ("read_depth", 2, "read_depth=2: the encoder depth is 1"),
+    ("read_depth", -1, "read_depth"),
 ])
 def test_bad_probe_config_names_the_field(field, value, message):
   config = load_config("probe", "tiny")

@@ -69,6 +69,15 @@ def build_encoder(config):
                      dtype=common.checked_model_dtype(m), scan_layers=m.scan_layers)
 
 
+def feature_encoder(config):
+  """The encoder that makes the probed features: the first config.read_depth blocks
+  (all when unset) followed by the final LayerNorm. It reads build_encoder's params."""
+  depth = config.get("read_depth")
+  if depth is None:
+    return build_encoder(config)
+  return build_encoder(config).clone(depth=depth)
+
+
 def check_config(config):
   tasks = tuple(config.tasks)
   if not tasks or any(t not in TASKS for t in tasks):
@@ -96,7 +105,14 @@ def check_config(config):
     raise common.ConfigError("the probe runs in one process (its features are cached on "
                              "one host); launch it without config.distributed")
   pipeline.validate(config.data)
-  build_encoder(config).dims()
+  depth = build_encoder(config).dims()[1]
+  read_depth = config.get("read_depth")
+  if read_depth is not None and not 0 <= read_depth <= depth:
+    raise common.ConfigError(f"config.read_depth={read_depth}: the encoder depth is {depth}; "
+                             f"use 0 (patch embeddings) to {depth}, or unset it")
+  if read_depth is not None and config.model.scan_layers:
+    raise common.ConfigError("config.read_depth needs config.model.scan_layers=False "
+                             "(a scanned stack cannot be cut after a block)")
 
 
 def encoder_params(config, encoder):
@@ -337,9 +353,13 @@ def train_and_evaluate(config, workdir):
   grid = vit.grid_shape(tuple(config.image_size), patch)
   encoder = build_encoder(config)
   params = encoder_params(config, encoder)
-  logging.info("Probe of %s: tasks %s.",
-               config.init_from or f"a random encoder (seed {config.seed})", tasks)
-  apply = jax.jit(lambda p, x: encoder.apply({"params": p}, x)[0][:, 1:])
+  read_depth = config.get("read_depth")
+  logging.info("Probe of %s (%s): tasks %s.",
+               config.init_from or f"a random encoder (seed {config.seed})",
+               "all blocks" if read_depth is None else f"the first {read_depth} blocks",
+               tasks)
+  features = feature_encoder(config)
+  apply = jax.jit(lambda p, x: features.apply({"params": p}, x)[0][:, 1:])
   encode = lambda images: apply(params, images)
 
   started = time.time()
@@ -380,7 +400,8 @@ def train_and_evaluate(config, workdir):
   writer.write_scalars(config.total_steps, results)
   writer.close()
   with open(os.path.join(workdir, "probe.json"), "w") as f:
-    json.dump({"init_from": config.init_from, "seconds": round(time.time() - started, 1),
+    json.dump({"init_from": config.init_from, "read_depth": config.get("read_depth"),
+               "seconds": round(time.time() - started, 1),
                "metrics": results}, f, indent=1, sort_keys=True)
   logging.info("Probe done in %.0f s.", time.time() - started)
   return ProbeResult(step=int(config.total_steps), metrics=results)
