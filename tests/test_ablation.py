@@ -70,7 +70,7 @@ def test_summary_is_mean_and_sample_std_over_seeds():
   assert table["span"][0][1:] == (0.5, 0.0, 2)
   assert table["random_patch"][0][3] == 0  # not run yet: shown as a dash
   markdown = ablation.format_markdown(list(table.items()), "t")
-  assert "| random_patch | —" in markdown and "0.2 ± 0.14" in markdown
+  assert "| random_patch | 0 | —" in markdown and "| none | 2 | 0.2 ± 0.14" in markdown
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -139,8 +139,8 @@ def summarize(config, runs):
 
 def format_markdown(table, title):
   header = [title for title, *_ in table[0][1]]
-  lines = ["| arm | " + " | ".join(header) + " |",
-           "|---|" + "---:|" * len(header)]
+  lines = ["| arm | seeds | " + " | ".join(header) + " |",
+           "|---|---:|" + "---:|" * len(header)]
   for arm, cells in table:
     shown = []
     for _, mean, std, n in cells:
@@ -148,7 +148,8 @@ def format_markdown(table, title):
         shown.append("—")
       else:
         shown.append(f"{mean:.4g}" + (f" ± {std:.2g}" if n > 1 else ""))
-    lines.append(f"| {arm} | " + " | ".join(shown) + " |")
+    seeds_run = max((n for *_, n in cells), default=0)
+    lines.append(f"| {arm} | {seeds_run} | " + " | ".join(shown) + " |")
   return "\n".join(lines)
 
 
