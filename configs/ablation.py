@@ -10,8 +10,8 @@ config.stages from that encoder and collects the final evaluation of each:
           segmentation and SR; configs/probe.py) | finetune (recognition, all weights) |
           segmentation | super_resolution (all weights)
 
-Writes ablation.md (mean ± std over seeds), ablation.csv and ablation_raw.json to the
-workdir, and keeps every run's own workdir under <workdir>/seed_<s>/<arm>/<stage>.
+Writes ablation.md (mean ± std over seeds, then each arm's difference to
+config.compare_to at the same seed), ablation.csv and ablation_raw.json to the workdir, and keeps every run's own workdir under <workdir>/seed_<s>/<arm>/<stage>.
 Re-running the command skips finished runs and resumes an interrupted one.
 
 Variants (`--config=configs/ablation.py:VARIANT`):
@@ -65,6 +65,8 @@ def get_config(variant="small"):
   c.arms = ("none", "random_patch", "blockwise", "span", "mms_per_sample",
             "mms_multi_view")
   c.seeds = (0,)
+  # A second table: each arm minus this arm at the same seed ('' for none).
+  c.compare_to = "random_patch"
   # Every arm and seed compiles the same programs: keep them in <workdir>/xla_cache.
   c.compilation_cache = True
   c.report_only = False  # True: tabulate the finished runs, run nothing
@@ -86,6 +88,9 @@ def get_config(variant="small"):
       ("probe", "eval/test_hard/segmentation/iou", "probe seg IoU hard"),
       ("probe", "eval/test_heldout_fonts/super_resolution/psnr",
        "probe SR PSNR held-out fonts"),
+      ("probe", "eval/test_hard/super_resolution/psnr", "probe SR PSNR hard"),
+      ("probe", "eval/test_heldout_fonts/super_resolution/ssim",
+       "probe SR SSIM held-out fonts"),
       ("finetune", "eval/test_heldout_fonts/test_heldout_fonts/word_accuracy",
        "fine-tune word acc held-out fonts"),
       ("finetune", "eval/test_heldout_fonts/test_heldout_fonts/one_minus_ned",

@@ -72,11 +72,20 @@ def test_summary_is_mean_and_sample_std_over_seeds():
   markdown = ablation.format_markdown(list(table.items()), "t")
   assert "| random_patch | 0 | —" in markdown and "| none | 2 | 0.2 ± 0.14" in markdown
 
+  # Paired by seed: none - span is (0.1 - 0.5, 0.3 - 0.5); random_patch has no seed.
+  paired = dict(ablation.summarize(config, runs, reference="span"))
+  assert "span" not in paired
+  assert paired["none"][0][1:] == pytest.approx((-0.3, np.std([-0.4, -0.2], ddof=1), 2))
+  assert paired["random_patch"][0][3] == 0
+  assert "| none | 2 | -0.3 ± 0.14" in ablation.format_markdown(
+      list(paired.items()), "t", signed=True)
+
 
 @pytest.mark.parametrize("field,value,message", [
     ("arms", ("none", "jigsaw"), "jigsaw"),
     ("stages", ("probe", "ocr"), "ocr"),
     ("seeds", (), "seeds"),
+    ("compare_to", "mae", "compare_to='mae' is not an arm"),
 ])
 def test_bad_ablation_config_names_the_field(field, value, message):
   config = load_config("ablation", "tiny")

@@ -6,7 +6,8 @@ Workdir layout:
   runs.jsonl                   one line per finished run with its final evaluation
   xla_cache/                   JAX's persistent compilation cache (config.compilation_cache):
                                the arms and seeds compile the same programs again
-  ablation.md, ablation.csv    mean ± std over seeds per arm and reported metric
+  ablation.md, ablation.csv    mean ± std over seeds per arm and reported metric, and
+                               each arm's difference to config.compare_to, paired by seed
   ablation_raw.json            the settings and every run's numbers
 
 A run already in runs.jsonl is skipped; an unfinished one resumes from its own
@@ -44,6 +45,10 @@ def check_config(config):
     raise common.ConfigError(
         f"config.arms={arms}: {unknown or 'empty'}; use some of {sorted(known)} (add "
         "an entry to config.arm_masking for a new masking arm)")
+  reference = config.get("compare_to") or ""
+  if reference and reference not in known:
+    raise common.ConfigError(f"config.compare_to={reference!r} is not an arm; use one of "
+                             f"{sorted(known)}, or '' for no paired table")
   stages = tuple(config.stages)
   bad = [s for s in stages if s not in STAGE_PROGRAMS]
   if bad:
@@ -119,17 +124,32 @@ def load_runs(workdir):
   return runs
 
 
-def summarize(config, runs):
-  """Rows [arm, (title, mean, std, n) per report column] over the seeds run."""
+def summarize(config, runs, reference=None):
+  """Rows [arm, (title, mean, std, n) per report column] over the seeds run.
+
+  With `reference` (an arm), each value is the arm's minus the reference's at the same
+  seed (same initialisation and data), over the seeds both have; the reference's own
+  row is left out.
+  """
+  def value(seed, arm, stage, key):
+    run = runs.get((seed, arm, stage))
+    return None if run is None else run["metrics"].get(key)
+
   table = []
   for arm in config.arms:
+    if arm == reference:
+      continue
     cells = []
     for stage, key, title in config.report:
       if stage not in config.stages:
         continue
-      values = [runs[(s, arm, stage)]["metrics"].get(key) for s in config.seeds
-                if (s, arm, stage) in runs]
-      values = np.array([v for v in values if v is not None], np.float64)
+      values = []
+      for seed in config.seeds:
+        v = value(seed, arm, stage, key)
+        base = value(seed, reference, stage, key) if reference else 0.0
+        if v is not None and base is not None:
+          values.append(v - base)
+      values = np.array(values, np.float64)
       std = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
       cells.append((title, float(values.mean()) if len(values) else float("nan"), std,
                     len(values)))
@@ -137,8 +157,9 @@ def summarize(config, runs):
   return table
 
 
-def format_markdown(table, title):
+def format_markdown(table, title, signed=False):
   header = [title for title, *_ in table[0][1]]
+  number = "{:+.3g}" if signed else "{:.4g}"
   lines = ["| arm | seeds | " + " | ".join(header) + " |",
            "|---|---:|" + "---:|" * len(header)]
   for arm, cells in table:
@@ -147,7 +168,7 @@ def format_markdown(table, title):
       if n == 0:
         shown.append("—")
       else:
-        shown.append(f"{mean:.4g}" + (f" ± {std:.2g}" if n > 1 else ""))
+        shown.append(number.format(mean) + (f" ± {std:.2g}" if n > 1 else ""))
     seeds_run = max((n for *_, n in cells), default=0)
     lines.append(f"| {arm} | {seeds_run} | " + " | ".join(shown) + " |")
   return "\n".join(lines)
@@ -157,19 +178,29 @@ def write_reports(config, workdir, runs):
   table = summarize(config, runs)
   title = (f"Masking ablation, seeds {tuple(config.seeds)} (mean ± std over seeds; "
            "std needs 2 or more)")
-  markdown = format_markdown(table, title)
+  sections = [(title, format_markdown(table, title))]
+  tables = [("", table)]
+  reference = config.get("compare_to") or ""
+  if reference and reference in config.arms and len(config.arms) > 1:
+    paired = summarize(config, runs, reference)
+    paired_title = (f"Difference to {reference} at the same seed (same initialisation "
+                    "and data): mean ± std over the seeds both arms have")
+    sections.append((paired_title, format_markdown(paired, paired_title, signed=True)))
+    tables.append((reference, paired))
+  text = "\n\n".join(f"{t}\n\n{m}" for t, m in sections)
   with open(os.path.join(workdir, "ablation.md"), "w") as f:
-    f.write(f"{title}\n\n{markdown}\n")
+    f.write(text + "\n")
   with open(os.path.join(workdir, "ablation.csv"), "w", newline="") as f:
     out = csv.writer(f)
-    out.writerow(["arm", "metric", "mean", "std", "n"])
-    for arm, cells in table:
-      for name, mean, std, n in cells:
-        out.writerow([arm, name, mean, std, n])
+    out.writerow(["arm", "minus_arm", "metric", "mean", "std", "n"])
+    for minus, rows in tables:
+      for arm, cells in rows:
+        for name, mean, std, n in cells:
+          out.writerow([arm, minus, name, mean, std, n])
   with open(os.path.join(workdir, "ablation_raw.json"), "w") as f:
     json.dump({"config": json.loads(config.to_json_best_effort()),
                "runs": list(runs.values())}, f, indent=1, sort_keys=True)
-  print(f"\n{title}\n\n{markdown}\n", flush=True)
+  print(f"\n{text}\n", flush=True)
   return table
 
 
