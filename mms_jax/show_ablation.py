@@ -1,0 +1,87 @@
+r"""Plots an ablation's probe results: one dot per seed, a bar for the mean, per arm.
+
+  python -m mms_jax.show_ablation --out docs/img/ablation_probe.png \
+      --runs=workdirs/ablation --runs="visible loss=workdirs/abl_visible"
+
+Each --runs is an ablation workdir (its runs.jsonl), optionally prefixed with a label
+that is added to its arms' names. Arms keep the order in which they first appear.
+"""
+import json
+import os
+
+from absl import app
+from absl import flags
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+_RUNS = flags.DEFINE_multi_string("runs", [], "[LABEL=]ABLATION_WORKDIR, repeatable.")
+_OUT = flags.DEFINE_string("out", "docs/img/ablation_probe.png", "Output PNG.")
+_STAGE = flags.DEFINE_string("stage", "probe", "Which stage's results to plot.")
+_METRICS = flags.DEFINE_list(
+    "metrics", ["eval/test_heldout_fonts/segmentation/iou",
+                "eval/test_heldout_fonts/super_resolution/psnr"],
+    "Metric keys of the stage's final evaluation, one panel each.")
+
+TITLES = {"eval/test_heldout_fonts/segmentation/iou": "seg IoU, held-out fonts",
+          "eval/test_heldout_fonts/super_resolution/psnr": "SR PSNR (dB), held-out fonts"}
+
+
+def read_runs(spec, stage):
+  """'[label=]workdir' -> {arm name: {seed: metrics}} for `stage`, in file order."""
+  label, _, workdir = spec.rpartition("=")
+  path = os.path.join(workdir, "runs.jsonl")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: --runs takes an ablation workdir "
+                            "(run configs/ablation.py there first)")
+  arms = {}
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      if row["stage"] == stage:
+        name = f"{row['arm']}\n({label})" if label else row["arm"]
+        arms.setdefault(name, {})[row["seed"]] = row["metrics"]
+  return arms
+
+
+def plot(arms, metrics, out):
+  """One panel per metric: dots per seed, a bar at their mean. Returns the figure."""
+  names = list(arms)
+  fig, axes = plt.subplots(len(metrics), 1, figsize=(1.3 * len(names) + 2, 3 * len(metrics)),
+                           squeeze=False)
+  for ax, key in zip(axes[:, 0], metrics):
+    for x, name in enumerate(names):
+      values = [m[key] for m in arms[name].values() if key in m]
+      if not values:
+        continue
+      ax.bar(x, sum(values) / len(values), color="#9ecae1", width=0.6)
+      ax.plot([x] * len(values), values, "o", color="#08519c", markersize=4)
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylabel(TITLES.get(key, key), fontsize=8)
+    low = min(m[key] for a in arms.values() for m in a.values() if key in m)
+    high = max(m[key] for a in arms.values() for m in a.values() if key in m)
+    pad = 0.15 * (high - low) or 0.01
+    ax.set_ylim(low - pad if "psnr" in key else 0, high + pad)
+    ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=110)
+  return fig
+
+
+def main(argv):
+  del argv
+  if not _RUNS.value:
+    raise app.UsageError("give at least one --runs=[LABEL=]ABLATION_WORKDIR")
+  arms = {}
+  for spec in _RUNS.value:
+    arms.update(read_runs(spec, _STAGE.value))
+  if not arms:
+    raise app.UsageError(f"no finished {_STAGE.value!r} runs in {_RUNS.value}")
+  plot(arms, _METRICS.value, _OUT.value)
+  print(f"wrote {_OUT.value}: {len(arms)} arms")
+
+
+if __name__ == "__main__":
+  app.run(main)

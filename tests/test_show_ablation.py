@@ -1,0 +1,39 @@
+"""The ablation plot shows every seed's value and their mean, per arm."""
+import json
+
+import numpy as np
+import pytest
+
+from mms_jax import show_ablation
+
+IOU = "eval/test_heldout_fonts/segmentation/iou"
+
+
+def _write_runs(workdir, rows):
+  workdir.mkdir(parents=True, exist_ok=True)
+  with open(workdir / "runs.jsonl", "w") as f:
+    for seed, arm, stage, iou in rows:
+      f.write(json.dumps({"seed": seed, "arm": arm, "stage": stage,
+                          "metrics": {IOU: iou}}) + "\n")
+
+
+def test_plot_has_a_dot_per_seed_and_a_bar_at_the_mean(tmp_path):
+  _write_runs(tmp_path / "a", [(0, "none", "probe", 0.4), (1, "none", "probe", 0.2),
+                               (0, "span", "probe", 0.1), (0, "span", "segmentation", 0.9)])
+  _write_runs(tmp_path / "b", [(0, "span", "probe", 0.3)])
+  arms = show_ablation.read_runs(str(tmp_path / "a"), "probe")
+  arms.update(show_ablation.read_runs(f"long={tmp_path / 'b'}", "probe"))
+  assert list(arms) == ["none", "span", "span\n(long)"]
+  assert arms["span"] == {0: {IOU: 0.1}}  # the segmentation stage is not mixed in
+
+  out = tmp_path / "plot.png"
+  ax = show_ablation.plot(arms, [IOU], str(out)).axes[0]
+  assert out.stat().st_size > 1000
+  np.testing.assert_allclose([p.get_height() for p in ax.patches], [0.3, 0.1, 0.3])
+  dots = [line.get_ydata() for line in ax.lines]
+  np.testing.assert_allclose(np.concatenate(dots), [0.4, 0.2, 0.1, 0.3])
+
+
+def test_missing_workdir_names_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match="ablation workdir"):
+    show_ablation.read_runs(str(tmp_path / "nowhere"), "probe")
