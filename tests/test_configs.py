@@ -28,3 +28,11 @@ def test_no_field_is_an_untyped_none(name, variant):
   # (`--config.eval.max_batches=4` fails); optional fields must be placeholders.
   untyped = [k for k, t in _leaf_types(load_config(name, variant)) if t is type(None)]
   assert not untyped, f"use ml_collections.config_dict.placeholder(type) for {untyped}"
+
+
+@pytest.mark.parametrize("name,variant", [v for v in VARIANTS if v[0] != "ablation"])
+def test_the_data_seed_can_be_set_from_the_command_line(name, variant):
+  # The docs tell users to set data.synthetic.seed; a field missing from the defaults
+  # cannot be overridden by config_flags.
+  data = load_config(name, variant).data
+  assert isinstance(data.synthetic.seed, int)

@@ -74,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data_dir = os.environ.get('MMS_DATA_DIR', '~/.cache/mms_jax/tfds')
   c.reader = 'tfds'
   c.size = dict(builders.DEFAULT_SYNTHETIC_SIZES)
-  c.synthetic = ml_collections.ConfigDict()
+  c.synthetic = ml_collections.ConfigDict(dict(seed=0))  # seed: every split's data
   c.synthetic_train = ml_collections.ConfigDict()
   c.splits = ml_collections.ConfigDict()
   c.charset = ''  # '' keeps labels as stored (stripped); '36', '94', ...
