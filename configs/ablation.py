@@ -11,7 +11,8 @@ config.stages from that encoder and collects the final evaluation of each:
           segmentation | super_resolution (all weights)
 
 Writes ablation.md (mean ± std over seeds, then each arm's difference to
-config.compare_to at the same seed), ablation.csv and ablation_raw.json to the workdir, and keeps every run's own workdir under <workdir>/seed_<s>/<arm>/<stage>.
+config.compare_to at the same seed), ablation.csv and ablation_raw.json to the
+workdir, and keeps every run's own workdir under <workdir>/seed_<s>/<arm>/<stage>.
 Re-running the command skips finished runs and resumes an interrupted one.
 
 Variants (`--config=configs/ablation.py:VARIANT`):
