@@ -16,14 +16,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-_RUNS = flags.DEFINE_multi_string("runs", [], "[LABEL=]ABLATION_WORKDIR, repeatable.")
-_OUT = flags.DEFINE_string("out", "docs/img/ablation_probe.png", "Output PNG.")
-_STAGE = flags.DEFINE_string("stage", "probe", "Which stage's results to plot.")
-_METRICS = flags.DEFINE_list(
-    "metrics", ["eval/test_heldout_fonts/segmentation/iou",
-                "eval/test_heldout_fonts/super_resolution/psnr"],
-    "Metric keys of the stage's final evaluation, one panel each.")
-
 TITLES = {"eval/test_heldout_fonts/segmentation/iou": "seg IoU, held-out fonts",
           "eval/test_heldout_fonts/super_resolution/psnr": "SR PSNR (dB), held-out fonts"}
 
@@ -72,16 +64,25 @@ def plot(arms, metrics, out):
 
 def main(argv):
   del argv
-  if not _RUNS.value:
+  f = flags.FLAGS
+  if not f.runs:
     raise app.UsageError("give at least one --runs=[LABEL=]ABLATION_WORKDIR")
   arms = {}
-  for spec in _RUNS.value:
-    arms.update(read_runs(spec, _STAGE.value))
+  for spec in f.runs:
+    arms.update(read_runs(spec, f.stage))
   if not arms:
-    raise app.UsageError(f"no finished {_STAGE.value!r} runs in {_RUNS.value}")
-  plot(arms, _METRICS.value, _OUT.value)
-  print(f"wrote {_OUT.value}: {len(arms)} arms")
+    raise app.UsageError(f"no finished {f.stage!r} runs in {f.runs}")
+  plot(arms, f.metrics, f.out)
+  print(f"wrote {f.out}: {len(arms)} arms")
 
 
 if __name__ == "__main__":
+  # Defined here, not at import, so importing the plotting functions registers no flags
+  # (mms_jax.show_masks has its own --out).
+  flags.DEFINE_multi_string("runs", [], "[LABEL=]ABLATION_WORKDIR, repeatable.")
+  flags.DEFINE_string("out", "docs/img/ablation_probe.png", "Output PNG.")
+  flags.DEFINE_string("stage", "probe", "Which stage's results to plot.")
+  flags.DEFINE_list("metrics", ["eval/test_heldout_fonts/segmentation/iou",
+                                "eval/test_heldout_fonts/super_resolution/psnr"],
+                    "Metric keys of the stage's final evaluation, one panel each.")
   app.run(main)
