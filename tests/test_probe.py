@@ -12,6 +12,7 @@ from mms_jax.models import vit
 from mms_jax.train import checkpoints
 from mms_jax.train import common
 from mms_jax.train import probe
+from mms_jax.train import recognition
 
 PATCH, GRID = (4, 4), (8, 32)
 H, W = 32, 128
@@ -26,7 +27,7 @@ def _fit_and_score(task, data, config, tokenizer=None, fit=True, **fields):
   params = head.init(jax.random.PRNGKey(0), np.zeros((1, 1, width), np.float32))["params"]
   train = dict(data)
   if task == "recognition":
-    train["ids"], train["lengths"] = probe.recognition_targets(train.pop("label"),
+    train["ids"], train["lengths"] = recognition.encode_labels(train.pop("label"),
                                                                tokenizer, 25)
   with config.unlocked():
     for name, value in fields.items():

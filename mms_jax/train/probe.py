@@ -303,7 +303,8 @@ def evaluate_task(task, head, params, data, config, tokenizer, patch, grid):
   """{metric: value} of one task's probe on one split's cached arrays."""
   batch_size = config.encode_batch_size
   if task == "recognition":
-    ids, lengths = recognition_targets(data["label"], tokenizer, config.data.max_label_length)
+    ids, lengths = recognition.encode_labels(data["label"], tokenizer,
+                                             config.data.max_label_length)
 
     def predict(p, b):
       logits = head.apply({"params": p}, b["columns"])
@@ -334,11 +335,6 @@ def evaluate_task(task, head, params, data, config, tokenizer, patch, grid):
   return {"psnr": float(np.mean(q["sr"]["psnr"])), "ssim": float(np.mean(q["sr"]["ssim"])),
           "bicubic_psnr": float(np.mean(q["bicubic"]["psnr"])),
           "bicubic_ssim": float(np.mean(q["bicubic"]["ssim"]))}
-
-
-def recognition_targets(labels, tokenizer, max_length):
-  """CTC ids int[N, max_length] and lengths [N] of raw labels (recognition.encode_labels)."""
-  return recognition.encode_labels(labels, tokenizer, max_length)
 
 
 # ------------------------------------------------------------------------------------
@@ -374,7 +370,7 @@ def train_and_evaluate(config, workdir):
              "super_resolution": patch[0] * patch[1] * 3}
   train = splits[config.train_split]
   if "recognition" in tasks:
-    train["ids"], train["lengths"] = recognition_targets(
+    train["ids"], train["lengths"] = recognition.encode_labels(
         train.pop("label"), tokenizer, config.data.max_label_length)
   fields = {"recognition": ("columns", "ids", "lengths"),
             "segmentation": ("tokens", "mask"),
@@ -400,7 +396,7 @@ def train_and_evaluate(config, workdir):
   writer.write_scalars(config.total_steps, results)
   writer.close()
   with open(os.path.join(workdir, "probe.json"), "w") as f:
-    json.dump({"init_from": config.init_from, "read_depth": config.get("read_depth"),
+    json.dump({"init_from": config.init_from, "read_depth": read_depth,
                "seconds": round(time.time() - started, 1),
                "metrics": results}, f, indent=1, sort_keys=True)
   logging.info("Probe done in %.0f s.", time.time() - started)
