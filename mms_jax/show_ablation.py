@@ -43,16 +43,18 @@ def plot(arms, metrics, out):
   fig, axes = plt.subplots(len(metrics), 1, figsize=(1.3 * len(names) + 2, 3 * len(metrics)),
                            squeeze=False)
   for ax, key in zip(axes[:, 0], metrics):
-    for x, name in enumerate(names):
-      values = [m[key] for m in arms[name].values() if key in m]
-      if not values:
-        continue
-      ax.bar(x, sum(values) / len(values), color="#9ecae1", width=0.6)
-      ax.plot([x] * len(values), values, "o", color="#08519c", markersize=4)
+    per_arm = {name: [m[key] for m in arms[name].values() if key in m] for name in names}
+    everything = [v for values in per_arm.values() for v in values]
+    if not everything:
+      known = sorted({k for a in arms.values() for m in a.values() for k in m})
+      raise ValueError(f"no run has the metric {key!r}; the runs have {known}")
+    for x, values in enumerate(per_arm.values()):
+      if values:
+        ax.bar(x, sum(values) / len(values), color="#9ecae1", width=0.6)
+        ax.plot([x] * len(values), values, "o", color="#08519c", markersize=4)
     ax.set_xticks(range(len(names)), names, fontsize=8)
     ax.set_ylabel(TITLES.get(key, key), fontsize=8)
-    low = min(m[key] for a in arms.values() for m in a.values() if key in m)
-    high = max(m[key] for a in arms.values() for m in a.values() if key in m)
+    low, high = min(everything), max(everything)
     pad = 0.15 * (high - low) or 0.01
     ax.set_ylim(low - pad if "psnr" in key else 0, high + pad)
     ax.grid(axis="y", alpha=0.3)

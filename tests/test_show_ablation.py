@@ -37,3 +37,10 @@ def test_plot_has_a_dot_per_seed_and_a_bar_at_the_mean(tmp_path):
 def test_missing_workdir_names_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match="ablation workdir"):
     show_ablation.read_runs(str(tmp_path / "nowhere"), "probe")
+
+
+def test_a_metric_no_run_has_is_named(tmp_path):
+  _write_runs(tmp_path / "a", [(0, "none", "probe", 0.4)])
+  arms = show_ablation.read_runs(str(tmp_path / "a"), "probe")
+  with pytest.raises(ValueError, match="no run has the metric 'eval/typo'.*segmentation/iou"):
+    show_ablation.plot(arms, ["eval/typo"], str(tmp_path / "plot.png"))
