@@ -49,6 +49,14 @@ flags.DEFINE_integer("vit_width", 128, "ViT width")
 flags.DEFINE_integer("vit_depth", 4, "ViT depth")
 flags.DEFINE_integer("vit_heads", 4, "ViT heads")
 flags.DEFINE_string("init_from", "", "vit: pretraining workdir to load the encoder from")
+flags.DEFINE_list("vit_patch", ["4", "4"], "vit: patch (ph, pw)")
+flags.DEFINE_enum("vit_stem", "patch", ["patch", "conv"], "vit: patch embedding or conv stem")
+flags.DEFINE_list("vit_stem_channels", [], "vit: conv stem stage widths (default: auto)")
+flags.DEFINE_enum("vit_attention_bias", "none", ["none", "alibi_2d"], "vit: attention bias")
+flags.DEFINE_float("clip", 1.0, "gradient clipping norm")
+flags.DEFINE_float("weight_decay", 0.05, "AdamW weight decay")
+flags.DEFINE_float("random_strings", 0.0, "fraction of random strings in training labels")
+flags.DEFINE_integer("max_label_length", 12, "longest training label")
 
 CHARSET = labels.CHARSETS["36"]
 CLEAN = dict(appearance=False, geometry=False, degradations=False, occluders=False)
@@ -84,7 +92,10 @@ def build(name, tokenizer):
     return model.apply, model.init(jax.random.key(0), images)
   model = rec.Recognizer(num_classes=tokenizer.num_classes, head="ctc",
                          encoder_width=FLAGS.vit_width, encoder_depth=FLAGS.vit_depth,
-                         encoder_num_heads=FLAGS.vit_heads)
+                         encoder_num_heads=FLAGS.vit_heads,
+                         patch=tuple(int(p) for p in FLAGS.vit_patch), stem=FLAGS.vit_stem,
+                         stem_channels=tuple(int(c) for c in FLAGS.vit_stem_channels),
+                         attention_bias=FLAGS.vit_attention_bias)
   variables = model.init(jax.random.key(0), images)
   if FLAGS.init_from:
     params = dict(variables["params"])
@@ -98,8 +109,8 @@ def train_one(name, train, test, tokenizer):
   apply, variables = build(name, tokenizer)
   warmup = min(FLAGS.warmup_steps, FLAGS.steps - 1)
   schedule = optax.warmup_cosine_decay_schedule(0.0, FLAGS.lr, warmup, FLAGS.steps, 0.0)
-  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                          optax.adamw(schedule, weight_decay=0.05))
+  optimizer = optax.chain(optax.clip_by_global_norm(FLAGS.clip),
+                          optax.adamw(schedule, weight_decay=FLAGS.weight_decay))
   opt_state = optimizer.init(variables)
 
   @jax.jit
@@ -141,7 +152,8 @@ def train_one(name, train, test, tokenizer):
 def main(argv):
   del argv
   tokenizer = tokenizer_lib.Tokenizer(CHARSET, kind="ctc")
-  overrides = dict(fraction_random_strings=0.0, max_label_length=12,
+  overrides = dict(fraction_random_strings=FLAGS.random_strings,
+                   max_label_length=FLAGS.max_label_length,
                    **(CLEAN if FLAGS.train == "clean" else {}))
   train = generate("train", FLAGS.num_train, overrides)
   test = generate("test_heldout_fonts", FLAGS.num_test)

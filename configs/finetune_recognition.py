@@ -43,7 +43,8 @@ def get_config(variant="small"):
   c.model = dict(encoder_variant=placeholder(str), encoder_width=128, encoder_depth=4,
                  encoder_num_heads=4, patch=(4, 4), head="ar", decoder_width=128,
                  decoder_depth=2, decoder_num_heads=4, decoder_mlp_ratio=4, max_length=25,
-                 gelu="erf", dtype="float32", scan_layers=False)
+                 gelu="erf", dtype="float32", scan_layers=False, stem="patch",
+                 stem_channels=(), attention_bias="none")
   c.loss = dict(label_smoothing=0.1)
 
   c.data = pipeline.default_config()

@@ -34,7 +34,8 @@ def get_config(variant="small"):
 
   c.model = dict(encoder_variant=placeholder(str), encoder_width=128, encoder_depth=4,
                  encoder_num_heads=4, patch=(4, 4), head_width=128, head_depth=2,
-                 head_num_heads=2, gelu="erf", dtype="float32", scan_layers=False)
+                 head_num_heads=2, gelu="erf", dtype="float32", scan_layers=False, stem="patch",
+                 stem_channels=(), attention_bias="none")
   c.threshold = 0.5  # foreground if sigmoid(logit) >= threshold (metrics, pictures)
 
   c.data = pipeline.default_config()

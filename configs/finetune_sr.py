@@ -40,7 +40,8 @@ def get_config(variant="small"):
   c.model = dict(encoder_variant=placeholder(str), encoder_width=128, encoder_depth=4,
                  encoder_num_heads=4, patch=(4, 4), head_width=128, head_depth=2,
                  head_num_heads=2, residual=True, gelu="erf", dtype="float32",
-                 scan_layers=False)
+                 scan_layers=False, stem="patch",
+                 stem_channels=(), attention_bias="none")
   # loss = mean (SR - HR)^2 + gradient_weight * L1 between image gradients of SR and HR.
   c.loss = dict(gradient_weight=0.0)
 

@@ -36,7 +36,8 @@ def get_config(variant="small"):
   c.model = dict(encoder_variant=placeholder(str), encoder_width=128, encoder_depth=4,
                  encoder_num_heads=4, patch=(4, 4), decoder_width=128, decoder_depth=2,
                  decoder_num_heads=4, encoder_mode="mae", gelu="erf", dtype="float32",
-                 scan_layers=False, attention="auto")  # auto: chunked on CPU
+                 scan_layers=False, stem="patch",
+                 stem_channels=(), attention_bias="none", attention="auto")  # auto: chunked on CPU
   c.loss = dict(norm_pix=True, visible_weight=0.0)
   c.masking = masking.default_config()
 

@@ -34,7 +34,8 @@ def get_config(variant="small"):
 
   c.model = dict(encoder_variant=placeholder(str), encoder_width=128, encoder_depth=4,
                  encoder_num_heads=4, patch=(4, 4), gelu="erf", dtype="float32",
-                 scan_layers=False)
+                 scan_layers=False, stem="patch",
+                 stem_channels=(), attention_bias="none")
 
   c.data = pipeline.default_config()
   c.data.reader = "direct"

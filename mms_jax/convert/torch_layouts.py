@@ -78,6 +78,11 @@ class ModelConfig:
     """
     config = dict(config or {})
     model = dict(config.get('model') or {})
+    if (model.get('attention_bias') or 'none') != 'none':
+      raise ConversionError(
+          f"the run config has model.attention_bias={model['attention_bias']!r}: PyTorch "
+          'ViT layouts (hf, timm, mae) have no attention bias, so the exported model '
+          "would compute something else; pretrain with attention_bias='none' to export")
     width, depth, heads = model.get('encoder_width'), model.get('encoder_depth'), \
         model.get('encoder_num_heads')
     variant = model.get('encoder_variant')
@@ -187,11 +192,17 @@ def normalize_params(params):
   if 'params' in params and 'encoder' not in params:
     params = params['params']
   if 'encoder' not in params:
-    if 'patch_embed' in params and 'cls_token' in params:
+    if ('patch_embed' in params or 'stem' in params) and 'cls_token' in params:
       params = {'encoder': params}
     else:
       raise ConversionError(f"params have no 'encoder' subtree (top-level keys: "
                             f'{sorted(params)})')
+  if 'stem' in params['encoder']:
+    raise ConversionError(
+        "the encoder has a convolutional stem (model.stem='conv'): the hf, timm and mae "
+        'PyTorch layouts hold only a linear patch embedding (patch_embed.proj), so this '
+        "checkpoint has no PyTorch ViT equivalent; pretrain with model.stem='patch' to "
+        'export, or keep it as an orbax checkpoint')
   return vit.unscan_params(params)
 
 

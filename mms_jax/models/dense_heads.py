@@ -68,6 +68,9 @@ class _DenseModel(nn.Module):
   gelu: str = 'erf'
   dtype: Any = jnp.float32
   scan_layers: bool = False
+  stem: str = 'patch'
+  stem_channels: Tuple[int, ...] = ()
+  attention_bias: str = 'none'
 
   @nn.nowrap
   def encoder_dims(self):
@@ -79,7 +82,9 @@ class _DenseModel(nn.Module):
     return vit.Encoder(
         variant=self.encoder_variant, width=self.encoder_width, depth=self.encoder_depth,
         num_heads=self.encoder_num_heads, patch=self.patch, mlp_ratio=self.mlp_ratio,
-        gelu=self.gelu, dtype=self.dtype, scan_layers=self.scan_layers, name=name)
+        gelu=self.gelu, dtype=self.dtype, scan_layers=self.scan_layers, stem=self.stem,
+        stem_channels=tuple(self.stem_channels),
+        attention_bias=self.attention_bias, name=name)
 
   @nn.nowrap
   def _head(self, channels, zero_init=False):

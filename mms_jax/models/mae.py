@@ -65,6 +65,9 @@ class MAE(nn.Module):
     decoder_width/depth/num_heads: the MAE decoder (unused in 'simmim' mode).
     encoder_mode: 'mae' (token dropping) or 'simmim' (mask token in the encoder).
     gelu, dtype, scan_layers, attention: passed to every block (see vit.Encoder).
+    stem, stem_channels: the encoder's patch embedding (see vit.Encoder; 'conv' masks
+      hidden patches inside the stem in both encoder modes).
+    attention_bias: the encoder's attention bias (vit.Encoder); the decoder has none.
   """
   encoder_variant: Optional[str] = 'S'
   encoder_width: Optional[int] = None
@@ -81,13 +84,17 @@ class MAE(nn.Module):
   dtype: Any = jnp.float32
   scan_layers: bool = False
   attention: str = 'auto'
+  stem: str = 'patch'
+  stem_channels: Tuple[int, ...] = ()
+  attention_bias: str = 'none'
 
   def setup(self):
     self.encoder = vit.Encoder(
         variant=self.encoder_variant, width=self.encoder_width, depth=self.encoder_depth,
         num_heads=self.encoder_num_heads, patch=self.patch, mlp_ratio=self.mlp_ratio,
         gelu=self.gelu, dtype=self.dtype, scan_layers=self.scan_layers,
-        attention=self.attention)
+        attention=self.attention, stem=self.stem, stem_channels=tuple(self.stem_channels),
+        attention_bias=self.attention_bias)
     patch_dim = self.patch[0] * self.patch[1] * self.channels
     if self.encoder_mode == 'mae':
       self.decoder = Decoder(

@@ -134,6 +134,9 @@ class Recognizer(nn.Module):
   gelu: str = 'erf'
   dtype: Any = jnp.float32
   scan_layers: bool = False
+  stem: str = 'patch'
+  stem_channels: Tuple[int, ...] = ()
+  attention_bias: str = 'none'
 
   def setup(self):
     if self.head not in ('ctc', 'ar'):
@@ -141,7 +144,9 @@ class Recognizer(nn.Module):
     self.encoder = vit.Encoder(
         variant=self.encoder_variant, width=self.encoder_width, depth=self.encoder_depth,
         num_heads=self.encoder_num_heads, patch=tuple(self.patch), gelu=self.gelu,
-        dtype=self.dtype, scan_layers=self.scan_layers)
+        dtype=self.dtype, scan_layers=self.scan_layers, stem=self.stem,
+        stem_channels=tuple(self.stem_channels),
+        attention_bias=self.attention_bias)
     if self.head == 'ar':
       self.decoder = ARDecoder(
           self.num_classes, self.vocab_size, self.max_length + 1, self.decoder_width,
@@ -180,6 +185,23 @@ class Recognizer(nn.Module):
                      self.max_length + 1, self.bos, self.eos)[0]
 
 
+  def predict_scored(self, images):
+    """(ids as `predict` returns them, confidence float32[B]): the confidence is the
+    probability of the greedy path (CTC: the product over frames of the best class'
+    probability; AR: the product of the chosen tokens' probabilities up to and
+    including the first [E]os)."""
+    if self.head == 'ctc':
+      logits = self.ctc_logits(images)
+      best = jax.nn.log_softmax(logits, axis=-1).max(axis=-1)  # [B, gw]
+      return ctc_greedy(logits)[0], jnp.exp(best.sum(axis=-1))
+    memory = self.encode(images)
+    ids, logits = ar_greedy(lambda tokens: self.decode(tokens, memory), images.shape[0],
+                            self.max_length + 1, self.bos, self.eos)
+    best = jax.nn.log_softmax(logits, axis=-1).max(axis=-1)  # [B, T]
+    eos_before = jnp.cumsum(ids == self.eos, axis=1) - (ids == self.eos)
+    return ids, jnp.exp(jnp.sum(jnp.where(eos_before == 0, best, 0.0), axis=-1))
+
+
 def from_config(m, tokenizer) -> Recognizer:
   """The Recognizer of a recognition config's `model` field (ConfigDict or the dict of
   a run's config.json) and its tokenizer (data/tokenizer.py)."""
@@ -192,7 +214,9 @@ def from_config(m, tokenizer) -> Recognizer:
       decoder_depth=m["decoder_depth"], decoder_num_heads=m["decoder_num_heads"],
       decoder_mlp_ratio=m.get("decoder_mlp_ratio", 4), gelu=m.get("gelu", "erf"),
       dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.get("dtype", "float32")],
-      scan_layers=m.get("scan_layers", False))
+      scan_layers=m.get("scan_layers", False), stem=m.get("stem") or "patch",
+      stem_channels=tuple(m.get("stem_channels") or ()),
+      attention_bias=m.get("attention_bias") or "none")
 
 
 # ------------------------------------------------------------------------------------

@@ -102,20 +102,28 @@ ATTENTION_IMPLS = ('auto', 'chunked', 'plain')
 ATTENTION_CHUNK_BYTES = 2 ** 21  # f32 logits per chunk of the 'chunked' attention
 
 
-def plain_attention(q, k, v):
-  """softmax(q k^T) v, q already scaled; q, k, v: [B, H, T, hd] -> [B, H, T, hd].
+def plain_attention(q, k, v, bias=None):
+  """softmax(q k^T + bias) v, q already scaled; q, k, v: [B, H, T, hd] -> [B, H, T, hd].
 
-  The straightforward formulation (autodiff through einsum + softmax, softmax in
-  float32): the reference the other implementation is tested against.
+  bias: None or float32 broadcastable to [B, H, T, T] (a constant: no gradient flows
+  into it). The straightforward formulation (autodiff through einsum + softmax,
+  softmax in float32): the reference the other implementation is tested against.
   """
-  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k)
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
+  if bias is not None:
+    logits = logits + jax.lax.stop_gradient(bias)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum('bhqk,bhkd->bhqd', probs, v)
 
 
-def _attention_chunk(q, k, v):
-  """One chunk of chunked_attention's forward: ([..., T, hd] out, [..., T, 1] lse)."""
+def _scores(q, k, bias):
   s = jnp.einsum('...qd,...kd->...qk', q, k, preferred_element_type=jnp.float32)
+  return s if bias is None else s + bias
+
+
+def _attention_chunk(q, k, v, bias=None):
+  """One chunk of chunked_attention's forward: ([..., T, hd] out, [..., T, 1] lse)."""
+  s = _scores(q, k, bias)
   m = jnp.max(s, axis=-1, keepdims=True)
   e = jnp.exp(s - m)
   denom = jnp.sum(e, axis=-1, keepdims=True)
@@ -123,9 +131,9 @@ def _attention_chunk(q, k, v):
   return out, m + jnp.log(denom)
 
 
-def _attention_chunk_grads(q, k, v, out, lse, dout):
+def _attention_chunk_grads(q, k, v, out, lse, dout, bias=None):
   """One chunk of the backward pass (probabilities recomputed from lse)."""
-  p = jnp.exp(jnp.einsum('...qd,...kd->...qk', q, k, preferred_element_type=jnp.float32) - lse)
+  p = jnp.exp(_scores(q, k, bias) - lse)
   dv = jnp.einsum('...qk,...qd->...kd', p.astype(dout.dtype), dout)
   dp = jnp.einsum('...qd,...kd->...qk', dout, v, preferred_element_type=jnp.float32)
   # rowsum(p * dp) = rowsum(dout * out): a [T, hd] product instead of [T, T].
@@ -154,10 +162,11 @@ def _map_chunks(fn, g, *xs):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def chunked_attention(q, k, v, chunk_bytes=ATTENTION_CHUNK_BYTES):
-  """softmax(q k^T) v, q already scaled; q, k, v: [H, B, T, hd] -> [H, B, T, hd].
+def chunked_attention(q, k, v, chunk_bytes=ATTENTION_CHUNK_BYTES, bias=None):
+  """softmax(q k^T + bias) v, q already scaled; q, k, v: [H, B, T, hd] -> [H, B, T, hd].
 
-  The same function as plain_attention (heads-first layout), computed a few heads
+  The same function as plain_attention (heads-first layout; bias None or float32
+  [H, B or 1, T, T], a constant with a zero cotangent), computed a few heads
   at a time (`lax.map` over groups of heads whose [B, T, T] logits fit in
   `chunk_bytes`), with a hand-written backward pass that keeps only out and the
   log-sum-exp and recomputes the probabilities chunk by chunk. On CPU this keeps
@@ -165,22 +174,54 @@ def chunked_attention(q, k, v, chunk_bytes=ATTENTION_CHUNK_BYTES):
   memory (docs/performance.md). The loop runs over heads, never over the batch,
   so a batch split over devices stays split.
   """
-  return _chunked_forward(q, k, v, chunk_bytes)[0]
+  return _chunked_forward(q, k, v, chunk_bytes, bias)[0]
 
 
-def _chunked_forward(q, k, v, chunk_bytes):
+def _chunked_forward(q, k, v, chunk_bytes, bias=None):
   g = _heads_per_chunk(q.shape, chunk_bytes)
-  out, lse = _map_chunks(_attention_chunk, g, q, k, v)
-  return out, (q, k, v, out, lse)
+  extra = () if bias is None else (bias,)
+  out, lse = _map_chunks(_attention_chunk, g, q, k, v, *extra)
+  return out, (q, k, v, out, lse, bias)
 
 
 def _chunked_backward(chunk_bytes, residuals, dout):
-  q = residuals[0]
-  g = _heads_per_chunk(q.shape, chunk_bytes)
-  return _map_chunks(_attention_chunk_grads, g, *residuals, dout)
+  *residuals, bias = residuals
+  g = _heads_per_chunk(residuals[0].shape, chunk_bytes)
+  extra = () if bias is None else (bias,)
+  dq, dk, dv = _map_chunks(_attention_chunk_grads, g, *residuals, dout, *extra)
+  return dq, dk, dv, (None if bias is None else jnp.zeros_like(bias))
 
 
 chunked_attention.defvjp(_chunked_forward, _chunked_backward)
+
+
+ATTENTION_BIASES = ('none', 'alibi_2d')
+
+
+def alibi_slopes(num_heads):
+  """ALiBi's geometric head slopes 2^(-8 (h + 1) / H), h = 0 .. H - 1."""
+  return 2.0 ** (-8.0 * (np.arange(num_heads) + 1) / num_heads)
+
+
+def alibi_2d_bias(grid, patch, num_heads, ids_keep=None, batch=1):
+  """2-D ALiBi distance bias: float32 [H, B or 1, 1 + n, 1 + n] (cls token first).
+
+  bias[h, b, i, j] = -slope_h * |pos_i - pos_j|, with pos the patch centre in units of
+  the patch's smaller side (so 8x4 patches are two units apart vertically) and
+  slope_h = alibi_slopes(H); the cls row and column are 0. With ids_keep [B, n] only
+  the kept tokens' coordinates are used: the bias depends on where the visible
+  patches are, never on what hidden patches contain.
+  """
+  (gh, gw), (ph, pw) = grid, patch
+  unit = float(min(ph, pw))
+  rows, cols = np.meshgrid(np.arange(gh) * ph / unit, np.arange(gw) * pw / unit,
+                           indexing='ij')
+  coords = jnp.asarray(np.stack([rows.ravel(), cols.ravel()], -1), jnp.float32)  # [L, 2]
+  coords = coords[None] if ids_keep is None else coords[ids_keep]  # [B or 1, n, 2]
+  dist = jnp.sqrt(jnp.sum((coords[:, :, None] - coords[:, None, :]) ** 2, -1))
+  dist = jnp.pad(dist, ((0, 0), (1, 0), (1, 0)))  # cls: no bias
+  slopes = jnp.asarray(alibi_slopes(num_heads), jnp.float32)
+  return -slopes[:, None, None, None] * dist[None]
 
 
 def resolve_attention(impl):
@@ -204,8 +245,9 @@ class Attention(nn.Module):
   attention: str = 'auto'
 
   @nn.compact
-  def __call__(self, x):
-    """x: [B, N, D] -> [B, N, D]."""
+  def __call__(self, x, bias=None):
+    """x: [B, N, D] -> [B, N, D]; bias: None or float32 [heads, B or 1, N, N] added to
+    the attention logits (e.g. alibi_2d_bias)."""
     b, n, d = x.shape
     if d % self.num_heads:
       raise ValueError(f'width {d} is not divisible by {self.num_heads} heads')
@@ -213,10 +255,12 @@ class Attention(nn.Module):
     qkv = dense(3 * d, self.dtype, 'qkv')(x).reshape(b, n, 3, self.num_heads, hd)
     if resolve_attention(self.attention) == 'plain':
       q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [B, heads, N, hd]: heads-major matmuls
-      out = plain_attention(q * (hd ** -0.5), k, v).transpose(0, 2, 1, 3)
+      plain_bias = None if bias is None else bias.transpose(1, 0, 2, 3)
+      out = plain_attention(q * (hd ** -0.5), k, v, plain_bias).transpose(0, 2, 1, 3)
     else:
       q, k, v = qkv.transpose(2, 3, 0, 1, 4)  # each [heads, B, N, hd]: loop over heads
-      out = chunked_attention(q * (hd ** -0.5), k, v, ATTENTION_CHUNK_BYTES).transpose(1, 2, 0, 3)
+      out = chunked_attention(q * (hd ** -0.5), k, v, ATTENTION_CHUNK_BYTES,
+                              bias).transpose(1, 2, 0, 3)
     return dense(d, self.dtype, 'proj')(out.reshape(b, n, d))
 
 
@@ -250,38 +294,42 @@ class Block(nn.Module):
     self.norm2 = layer_norm(self.dtype, 'norm2')
     self.mlp = Mlp(self.mlp_ratio, self.gelu, self.dtype, name='mlp')
 
-  def forward(self, x):
-    x = x + self.attn(self.norm1(x))
+  def forward(self, x, bias=None):
+    x = x + self.attn(self.norm1(x), bias)
     return x + self.mlp(self.norm2(x))
 
-  def __call__(self, x):
-    """x: [B, N, D] -> [B, N, D]."""
-    return self.forward(x)
+  def __call__(self, x, bias=None):
+    """x: [B, N, D] -> [B, N, D]; bias: optional attention-logit bias (Attention)."""
+    return self.forward(x, bias)
 
 
 class _ScanBlock(Block):
-  """Block with the (carry, xs) -> (carry, ys) signature nn.scan wants."""
+  """Block with the (carry, xs) -> (carry, ys) signature nn.scan wants; the carry is
+  (x, attention bias), the bias passed through unchanged."""
   keep: bool = False
 
-  def __call__(self, x, _):
-    x = self.forward(x)
-    return x, (x if self.keep else None)
+  def __call__(self, carry, _):
+    x, bias = carry
+    x = self.forward(x, bias)
+    return (x, bias), (x if self.keep else None)
 
 
-def block_stack(x, *, depth, num_heads, name, scan, keep=False, **block_kw):
+def block_stack(x, *, depth, num_heads, name, scan, keep=False, bias=None, **block_kw):
   """Applies `depth` Blocks; call from inside a compact method.
 
   Params live at `{name}_{i}/...` (unscanned) or `{name}/...` with a leading
-  [depth] axis (scanned). Returns (x: [B, N, D], per-block outputs [depth, B, N, D]
-  if keep else None).
+  [depth] axis (scanned). bias: an attention-logit bias every block adds (or None).
+  Returns (x: [B, N, D], per-block outputs [depth, B, N, D] if keep else None).
   """
   if scan:
     stack = nn.scan(_ScanBlock, variable_axes={'params': 0},
                     split_rngs={'params': True}, length=depth)
-    return stack(num_heads=num_heads, keep=keep, name=name, **block_kw)(x, None)
+    (x, _), per_block = stack(num_heads=num_heads, keep=keep, name=name,
+                              **block_kw)((x, bias), None)
+    return x, per_block
   outs = []
   for i in range(depth):
-    x = Block(num_heads=num_heads, name=f'{name}_{i}', **block_kw)(x)
+    x = Block(num_heads=num_heads, name=f'{name}_{i}', **block_kw)(x, bias)
     outs.append(x)
   return x, (jnp.stack(outs) if keep else None)
 
@@ -306,6 +354,74 @@ class _PatchEmbed(nn.Module):
     return x + bias.astype(self.dtype)
 
 
+STEMS = ('patch', 'conv')
+
+
+def stem_strides(patch):
+  """(ph, pw) -> the per-stage (sh, sw) strides of the conv stem: halve each side per
+  stage until it is 1, so the stages multiply out to the patch. Both sides must be
+  powers of two."""
+  ph, pw = patch
+  for side in (ph, pw):
+    if side < 1 or side & (side - 1):
+      raise ValueError(f"stem='conv' needs power-of-two patch sides, got {ph}x{pw}")
+  strides = []
+  while ph > 1 or pw > 1:
+    strides.append((2 if ph > 1 else 1, 2 if pw > 1 else 1))
+    ph, pw = max(ph // 2, 1), max(pw // 2, 1)
+  return tuple(strides)
+
+
+def default_stem_channels(width, num_stages):
+  """Channels of each conv stage: doubling towards width / 2 (e.g. 32, 64 for 128)."""
+  return tuple(max(width // 2 ** (num_stages - i), 8) for i in range(num_stages))
+
+
+class ConvStem(nn.Module):
+  """Masked convolutional stem: images [B, H, W, C] -> patch tokens [B, L, D].
+
+  One 3x3 conv + LayerNorm + GELU per stage, each stage halving the sides of the
+  patch that are still > 1 (stem_strides), then a linear projection of each grid cell
+  to D. A stage's output pixels lie inside one patch (the strides tile the patch), so
+  `visible` [B, L] (True = visible patch) is applied at every stage, the input
+  included: a hidden patch's pixels and features are zero before every conv, and no
+  visible token can depend on a hidden pixel (ConvMAE's masked convolution). With
+  visible=None every patch is visible (fine-tuning).
+  Params: stage_{i}/{conv,norm}, proj.
+  """
+  width: int
+  patch: Tuple[int, int]
+  channels: Tuple[int, ...] = ()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, visible=None):
+    strides = stem_strides(self.patch)
+    channels = tuple(self.channels) or default_stem_channels(self.width, len(strides))
+    if len(channels) != len(strides):
+      raise ValueError(f'stem_channels={channels} has {len(channels)} stages; patch '
+                       f'{self.patch} needs {len(strides)} (one per halving)')
+    gh, gw = grid_shape(images.shape[1:3], self.patch)
+    x = images.astype(self.dtype)
+
+    def apply_mask(x):
+      if visible is None:
+        return x
+      b, h, w, _ = x.shape
+      cells = visible.reshape(b, gh, 1, gw, 1).astype(x.dtype)
+      cells = jnp.broadcast_to(cells, (b, gh, h // gh, gw, w // gw))
+      return x * cells.reshape(b, h, w, 1)
+
+    x = apply_mask(x)
+    for i, (stride, features) in enumerate(zip(strides, channels)):
+      x = nn.Conv(features, (3, 3), strides=stride, padding='SAME', dtype=self.dtype,
+                  param_dtype=jnp.float32, name=f'stage_{i}_conv')(x)
+      x = nn.gelu(layer_norm(self.dtype, f'stage_{i}_norm')(x), approximate=False)
+      x = apply_mask(x)
+    x = x.reshape(x.shape[0], gh * gw, x.shape[-1])  # [B, L, C_last], row-major
+    return dense(self.width, self.dtype, 'proj')(x)
+
+
 class Encoder(nn.Module):
   """ViT encoder with a cls token and fixed 2-D sin-cos position embedding.
 
@@ -319,6 +435,12 @@ class Encoder(nn.Module):
       scan_params / unscan_params to convert checkpoints.
     return_blocks: put every block's output in aux['blocks'].
     attention: 'auto' | 'chunked' | 'plain' attention formulation (Attention).
+    stem: 'patch' (the paper's ViT: a linear map of each patch) or 'conv' (ConvStem:
+      stride-2 3x3 convs onto the same grid, hidden patches masked at every stage).
+    stem_channels: ConvStem stage widths (() = default_stem_channels).
+    attention_bias: 'none' (the paper's ViT) or 'alibi_2d' (alibi_2d_bias: a fixed
+      per-head penalty on the distance between patches, from the kept tokens'
+      coordinates only, so it works with token dropping).
   """
   variant: Optional[str] = 'S'
   width: Optional[int] = None
@@ -331,6 +453,9 @@ class Encoder(nn.Module):
   scan_layers: bool = False
   return_blocks: bool = False
   attention: str = 'auto'
+  stem: str = 'patch'
+  stem_channels: Tuple[int, ...] = ()
+  attention_bias: str = 'none'
 
   def dims(self):
     """(width, depth, num_heads) after applying overrides to the variant."""
@@ -361,8 +486,19 @@ class Encoder(nn.Module):
     del train
     width, depth, num_heads = self.dims()
     grid = grid_shape(images.shape[1:3], self.patch)
-    patch_embed = _PatchEmbed(width, self.patch, self.dtype, name='patch_embed')
-    x = patch_embed(images)  # [B, L, D]
+    if self.stem == 'patch':
+      x = _PatchEmbed(width, self.patch, self.dtype, name='patch_embed')(images)  # [B, L, D]
+    elif self.stem == 'conv':
+      visible = None
+      if mask is not None:
+        visible = ~mask.astype(bool)
+      elif ids_keep is not None:
+        visible = jnp.zeros((images.shape[0], grid[0] * grid[1]), bool)
+        visible = visible.at[jnp.arange(images.shape[0])[:, None], ids_keep].set(True)
+      x = ConvStem(width, self.patch, tuple(self.stem_channels), self.dtype,
+                   name='stem')(images, visible)
+    else:
+      raise ValueError(f'stem must be one of {STEMS}, got {self.stem!r}')
 
     if mask is not None:
       token = jnp.reshape(mask_token, (1, 1, width)).astype(x.dtype)
@@ -376,8 +512,15 @@ class Encoder(nn.Module):
     cls = (cls + pos[:, :1]).astype(x.dtype)  # the cls position entry is zero
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, width)), x], axis=1)
 
+    if self.attention_bias == 'alibi_2d':
+      bias = alibi_2d_bias(grid, self.patch, num_heads, ids_keep)
+    elif self.attention_bias == 'none':
+      bias = None
+    else:
+      raise ValueError(f'attention_bias must be one of {ATTENTION_BIASES}, got '
+                       f'{self.attention_bias!r}')
     x, per_block = block_stack(x, depth=depth, num_heads=num_heads, name='blocks',
-                               scan=self.scan_layers, keep=self.return_blocks,
+                               scan=self.scan_layers, keep=self.return_blocks, bias=bias,
                                mlp_ratio=self.mlp_ratio, gelu=self.gelu, dtype=self.dtype,
                                attention=self.attention)
     aux = {'pre_norm': x}

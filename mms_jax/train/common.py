@@ -26,6 +26,31 @@ class ConfigError(ValueError):
   """A config field is invalid; the message names the field and the fix."""
 
 
+def encoder_options(model_config):
+  """{'stem', 'stem_channels', 'attention_bias'} of `config.model` for vit.Encoder,
+  checked ('conv' needs power-of-two patch sides and one channel count per stage).
+  Configs without the fields get the paper's plain ViT."""
+  from mms_jax.models import vit  # pylint: disable=g-import-not-at-top
+  stem = model_config.get("stem") or "patch"
+  channels = tuple(int(c) for c in (model_config.get("stem_channels") or ()))
+  if stem not in vit.STEMS:
+    raise ConfigError(f"config.model.stem={stem!r}: use one of {vit.STEMS}")
+  if stem == "conv":
+    try:
+      strides = vit.stem_strides(tuple(model_config.patch))
+    except ValueError as e:
+      raise ConfigError(f"config.model.patch: {e}") from None
+    if channels and len(channels) != len(strides):
+      raise ConfigError(f"config.model.stem_channels={channels}: patch "
+                        f"{tuple(model_config.patch)} needs {len(strides)} stages (one "
+                        "per halving), or () for the default")
+  bias = model_config.get("attention_bias") or "none"
+  if bias not in vit.ATTENTION_BIASES:
+    raise ConfigError(f"config.model.attention_bias={bias!r}: use one of "
+                      f"{vit.ATTENTION_BIASES}")
+  return {"stem": stem, "stem_channels": channels, "attention_bias": bias}
+
+
 def checked_model_dtype(model_config):
   """The compute dtype of `config.model`, after checking dtype and encoder variant."""
   from mms_jax.models import vit  # pylint: disable=g-import-not-at-top

@@ -217,7 +217,7 @@ def layer_lr_scales(params, decay, key=ENCODER):
     depth = int(encoder[scanned[0]].shape[0])
 
   def scale(name, leaf):
-    if name.startswith(("patch_embed/", "cls_token", "pos_embed", "mask_token")):
+    if name.startswith(("patch_embed/", "stem/", "cls_token", "pos_embed", "mask_token")):
       return np.float32(decay ** (depth + 1))
     if (m := _BLOCK.match(name)):
       return np.float32(decay ** (depth - int(m.group(1))))

@@ -38,7 +38,8 @@ def build_model(config):
       encoder_depth=m.get("encoder_depth"), encoder_num_heads=m.get("encoder_num_heads"),
       patch=tuple(m.patch), decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
       decoder_num_heads=m.decoder_num_heads, encoder_mode=m.encoder_mode, gelu=m.gelu,
-      dtype=dtype, scan_layers=m.scan_layers, attention=m.get("attention", "auto"))
+      dtype=dtype, scan_layers=m.scan_layers, attention=m.get("attention", "auto"),
+      **common.encoder_options(m))
 
 
 def check_config(config):
@@ -46,6 +47,7 @@ def check_config(config):
   image_size, patch = tuple(config.image_size), tuple(config.model.patch)
   if len(image_size) != 2 or len(patch) != 2:
     raise common.ConfigError("config.image_size and config.model.patch are (height, width)")
+  common.encoder_options(config.model)
   spec = masking.build_spec(config.masking, image_size, patch)
   if config.model.encoder_mode not in ("mae", "simmim"):
     raise common.ConfigError(f"config.model.encoder_mode={config.model.encoder_mode!r}: "

@@ -66,7 +66,8 @@ def build_encoder(config):
   return vit.Encoder(variant=m.encoder_variant, width=m.get("encoder_width"),
                      depth=m.get("encoder_depth"), num_heads=m.get("encoder_num_heads"),
                      patch=tuple(m.patch), gelu=m.gelu,
-                     dtype=common.checked_model_dtype(m), scan_layers=m.scan_layers)
+                     dtype=common.checked_model_dtype(m), scan_layers=m.scan_layers,
+                     **common.encoder_options(m))
 
 
 def feature_encoder(config):

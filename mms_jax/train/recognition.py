@@ -48,6 +48,7 @@ def check_config(config):
                                 num_heads=m.get("encoder_num_heads")).dims()
   if width % heads or m.decoder_width % m.decoder_num_heads:
     raise common.ConfigError("config.model: widths must be divisible by their head counts")
+  common.encoder_options(m)
   gh, gw = vit.grid_shape(tuple(config.image_size), tuple(m.patch))
   charset = labels_lib.get_charset(config.charset)
   data_charset = labels_lib.get_charset(config.data.charset or config.charset)

@@ -49,7 +49,8 @@ def build_model(config):
       encoder_variant=m.encoder_variant, encoder_width=m.get("encoder_width"),
       encoder_depth=m.get("encoder_depth"), encoder_num_heads=m.get("encoder_num_heads"),
       patch=tuple(m.patch), head_width=m.head_width, head_depth=m.head_depth,
-      head_num_heads=m.head_num_heads, gelu=m.gelu, dtype=dtype, scan_layers=m.scan_layers)
+      head_num_heads=m.head_num_heads, gelu=m.gelu, dtype=dtype, scan_layers=m.scan_layers,
+      **common.encoder_options(m))
 
 
 def check_config(config):

@@ -54,7 +54,7 @@ def build_model(config):
       encoder_depth=m.get("encoder_depth"), encoder_num_heads=m.get("encoder_num_heads"),
       patch=tuple(m.patch), head_width=m.head_width, head_depth=m.head_depth,
       head_num_heads=m.head_num_heads, gelu=m.gelu, dtype=dtype, scan_layers=m.scan_layers,
-      scale=SCALE, residual=m.residual)
+      scale=SCALE, residual=m.residual, **common.encoder_options(m))
 
 
 def check_config(config):

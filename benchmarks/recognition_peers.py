@@ -1,0 +1,169 @@
+"""Our recognizer next to the recognizers a user could pick instead, on the same images.
+
+  python -m benchmarks.recognition_peers --workdir=workdirs/rec            # ours + peers
+  python -m benchmarks.recognition_peers --peers=tesseract --num=300       # peers only
+
+Every recognizer reads the same first `--num` images of each synthetic test split (the
+records the recognition program evaluates, from its config) and is scored with the
+same protocol: text_metrics' 36-character case-insensitive normalisation, word
+accuracy and 1 - NED; samples whose normalised label is empty or longer than 25 are
+left out, as the program's evaluation does. Prints one table.
+
+Peers (each optional; skipped with a message when it is not installed):
+  tesseract  Tesseract 5 (`apt-get install tesseract-ocr tesseract-ocr-eng`), one line
+             per image (`--psm 7`), the crop upscaled `--tesseract_scale` times
+             (bicubic) with a white border, as tessdoc's ImproveQuality advises.
+  rapidocr   RapidOCR (`pip install rapidocr_onnxruntime`): PP-OCR's recognition model
+             in ONNX, bundled in the wheel (runs offline); recognition only
+             (`use_det=False, use_cls=False`), the crop as it is.
+"""
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+from PIL import Image
+
+from mms_jax.data import labels
+from mms_jax.data import pipeline
+from mms_jax.evaluate import text_metrics
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "", "our recognition workdir (empty: peers only)")
+flags.DEFINE_list("peers", ["tesseract", "rapidocr"], "peers to run, if installed")
+flags.DEFINE_list("splits", ["test_heldout_fonts", "test_hard"], "synthetic splits")
+flags.DEFINE_integer("num", 300, "images per split")
+flags.DEFINE_integer("tesseract_scale", 3, "upscaling of the crops for Tesseract")
+flags.DEFINE_string("out", "", "also write the table (markdown) to this file")
+
+MAX_LABEL_LENGTH = 25
+
+
+def load_split(data_config, split, num):
+  """(uint8 images [n, H, W, 3], labels) of the first `num` scorable records."""
+  source = pipeline.make_source(data_config, split)
+  images, texts = [], []
+  for i in range(min(num, len(source))):
+    record = source[i]
+    label = labels.normalize_label(str(record["label"]), labels.CHARSETS["36"],
+                                   MAX_LABEL_LENGTH)
+    if label:
+      images.append(np.asarray(record["image"], np.uint8))
+      texts.append(str(record["label"]))
+  return np.stack(images), texts
+
+
+def tesseract_reader():
+  if shutil.which("tesseract") is None:
+    return None, "not installed (apt-get install tesseract-ocr tesseract-ocr-eng)"
+  version = subprocess.run(["tesseract", "--version"], capture_output=True,
+                           text=True).stdout.split("\n")[0]
+
+  def read(images):
+    with tempfile.TemporaryDirectory() as tmp:
+      paths = []
+      for i, image in enumerate(images):
+        h, w = image.shape[:2]
+        big = Image.fromarray(image).resize((w * FLAGS.tesseract_scale,
+                                             h * FLAGS.tesseract_scale), Image.BICUBIC)
+        canvas = Image.new("RGB", (big.width + 20, big.height + 20), "white")
+        canvas.paste(big, (10, 10))
+        paths.append(os.path.join(tmp, f"{i:05d}.png"))
+        canvas.save(paths[-1])
+      out = []
+      for path in paths:  # one process per image: a list file merges the pages' text
+        r = subprocess.run(["tesseract", path, "stdout", "--psm", "7", "-l", "eng"],
+                           capture_output=True, text=True)
+        out.append(r.stdout.strip())
+      return out
+
+  return read, version
+
+
+def rapidocr_reader():
+  try:
+    from rapidocr_onnxruntime import RapidOCR  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None, "not installed (pip install rapidocr_onnxruntime)"
+  engine = RapidOCR()
+
+  def read(images):
+    out = []
+    for image in images:
+      result, _ = engine(image[:, :, ::-1].copy(), use_det=False, use_cls=False,
+                         use_rec=True)
+      out.append(result[0][0] if result else "")
+    return out
+
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  return read, f"rapidocr_onnxruntime {importlib.metadata.version('rapidocr_onnxruntime')}"
+
+
+def ours_reader(workdir):
+  from mms_jax import read as read_lib  # pylint: disable=g-import-not-at-top
+  config, predict = read_lib.load_recognizer(workdir)
+  batch = 64
+
+  def read(images):
+    out = []
+    for i in range(0, len(images), batch):
+      chunk = images[i:i + batch].astype(np.float32) / 127.5 - 1.0
+      padded = np.zeros((batch, *chunk.shape[1:]), np.float32)
+      padded[:len(chunk)] = chunk
+      out += predict(padded)[0][:len(chunk)]
+    return out
+
+  return config, read
+
+
+def main(argv):
+  del argv
+  readers = {}
+  if FLAGS.workdir:
+    config, read = ours_reader(FLAGS.workdir)
+    readers["mms_jax"] = (read, f"mms_jax ({FLAGS.workdir})")
+    data_config = config.data
+  else:
+    from configs import finetune_recognition  # pylint: disable=g-import-not-at-top
+    data_config = finetune_recognition.get_config().data
+  for name in FLAGS.peers:
+    make = {"tesseract": tesseract_reader, "rapidocr": rapidocr_reader}.get(name)
+    if make is None:
+      raise app.UsageError(f"unknown peer {name!r}: tesseract or rapidocr")
+    read, about = make()
+    if read is None:
+      print(f"[skip] {name}: {about}")
+      continue
+    readers[name] = (read, about)
+
+  rows = []
+  for split in FLAGS.splits:
+    images, gts = load_split(data_config, split, FLAGS.num)
+    for name, (read, _) in readers.items():
+      read(images[:2])  # warm-up (compile, model load)
+      start = time.time()
+      preds = read(images)
+      seconds = time.time() - start
+      s = text_metrics.score(gts, preds, "36")
+      rows.append((name, split, s["num"], s["word_accuracy"], s["one_minus_ned"],
+                   1000 * seconds / len(images)))
+      print(f"{name} {split}: {100 * s['word_accuracy']:.1f} % word accuracy", flush=True)
+
+  lines = ["| recognizer | split | num | word acc (%) | 1 - NED (%) | ms / image |",
+           "|---|---|---:|---:|---:|---:|"]
+  lines += [f"| {n} | {sp} | {num} | {100 * a:.1f} | {100 * e:.1f} | {ms:.1f} |"
+            for n, sp, num, a, e, ms in rows]
+  lines += [""] + [f"- {name}: {about}" for name, (_, about) in readers.items()]
+  table = "\n".join(lines)
+  print("\n" + table)
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      f.write(table + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

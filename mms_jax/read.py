@@ -1,0 +1,194 @@
+"""Read text in image files with a trained recognizer.
+
+  python -m mms_jax.read --workdir=workdirs/rec word.png crops/ [--csv=out.csv]
+
+Loads the latest good checkpoint of a recognition workdir (its config.json decides the
+model, image size and charset), reads every image given or found under a folder
+(recursively; any size or PIL mode), resizes and normalises it as training does, and
+prints one line per image: `path<TAB>text<TAB>confidence`. The confidence is the
+probability of the greedy decoding path (models.recognition.Recognizer.predict_scored).
+Unreadable files are skipped, counted and named on stderr; the exit status is non-zero
+when no image could be read.
+"""
+import csv
+import json
+import os
+import pathlib
+import sys
+from typing import Iterable, List, Sequence, Tuple
+
+from absl import app
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from mms_jax.data import labels
+from mms_jax.data import pipeline
+from mms_jax.data import tokenizer as tokenizer_lib
+from mms_jax.models import recognition as rec
+from mms_jax.train import checkpoints
+from mms_jax.train import common
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm",
+                  ".ppm", ".pbm")
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Recognition workdir (config.json + checkpoints/).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "A step directory to read instead of the "
+                                  "workdir's latest good checkpoint.")
+_CSV = flags.DEFINE_string("csv", "", "Also write path,text,confidence rows to this CSV file.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
+
+
+class ReadError(Exception):
+  """A workdir, checkpoint or argument that cannot be used; the message says why."""
+
+
+def load_recognizer(workdir, checkpoint=""):
+  """(config, predict) of a recognition workdir.
+
+  predict(images float32[n, H, W, 3] in [-1, 1]) -> (texts, confidences float32[n]).
+  Raises ReadError for a missing config.json, another program's workdir or a missing
+  or corrupt checkpoint.
+  """
+  config_path = pathlib.Path(workdir) / "config.json"
+  if not config_path.is_file():
+    raise ReadError(f"{config_path} not found: --workdir must be a directory written by "
+                    "`python -m mms_jax.main --config=configs/finetune_recognition.py`")
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.get("program") != "recognition":
+    raise ReadError(f"{workdir} is a {config.get('program')!r} workdir, not a recognition "
+                    "one: point --workdir at a fine-tuned recognizer "
+                    "(configs/finetune_recognition.py)")
+  try:  # the model fields only: the training data need not exist where we read
+    common.encoder_options(config.model)
+    tokenizer = tokenizer_lib.Tokenizer(labels.get_charset(config.charset), config.model.head)
+  except (common.ConfigError, ValueError, KeyError) as e:
+    raise ReadError(f"{config_path}: {e}") from None
+  model = rec.from_config(config.model, tokenizer)
+  try:
+    step_dir = checkpoints.resolve_checkpoint(checkpoint or workdir,
+                                              what="--checkpoint" if checkpoint else "--workdir")
+    params = checkpoints.load_params(step_dir, what="--workdir")
+  except checkpoints.CheckpointError as e:
+    raise ReadError(f"{e} (train it first, or wait for its first checkpoint)") from None
+  params = jax.tree.map(np.asarray, params)
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.predict_scored))
+
+  def predict(images):
+    ids, confidence = apply(params, images)
+    return tokenizer.decode(np.asarray(ids)), np.asarray(confidence)
+
+  return config, predict
+
+
+def find_images(paths: Sequence[str]) -> List[pathlib.Path]:
+  """Files named on the command line as they are; folders searched recursively for
+  IMAGE_SUFFIXES files (sorted). Raises ReadError for a path that does not exist."""
+  found = []
+  for p in map(pathlib.Path, paths):
+    if p.is_dir():
+      found += sorted(f for f in p.rglob("*") if f.is_file()
+                      and f.suffix.lower() in IMAGE_SUFFIXES)
+    elif p.exists():
+      found.append(p)
+    else:
+      raise ReadError(f"{p} does not exist")
+  return found
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+  """Any PIL image -> uint8 [h, w, 3]. Transparency is composited on white; 16-bit
+  and float greyscale are rescaled to their own range."""
+  if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+    a = np.asarray(image, np.float64)
+    lo, hi = float(a.min()), float(a.max())
+    a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+    image = Image.fromarray(a.astype(np.uint8))
+  if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    image = Image.alpha_composite(white, rgba)
+  return np.asarray(image.convert("RGB"))
+
+
+def load_image(path, image_size: Tuple[int, int], keep_aspect: bool) -> np.ndarray:
+  """float32 [H, W, 3] in [-1, 1], resized as the training pipeline does."""
+  with Image.open(path) as image:
+    image.load()
+    array = to_rgb(image)
+  if array.shape[0] == 0 or array.shape[1] == 0:
+    raise ValueError("zero-size image")
+  array = pipeline._resize(array, tuple(image_size), keep_aspect,  # pylint: disable=protected-access
+                           Image.BILINEAR, pipeline.PAD_VALUE)
+  return array.astype(np.float32) / 127.5 - 1.0
+
+
+def read(predict, paths: Iterable[pathlib.Path], image_size, keep_aspect=False,
+         batch_size=64):
+  """Yields (path, text, confidence) per readable image and (path, None, error) per
+  unreadable one, in input order. Batches are padded to one shape (one compile)."""
+  pending, images = [], []
+
+  def flush():
+    padded = np.zeros((batch_size, *image_size, 3), np.float32)
+    padded[:len(images)] = np.stack(images)
+    texts, confidence = predict(padded)
+    out = [(p, t, float(c)) for p, t, c in zip(pending, texts, confidence)]
+    pending.clear()
+    images.clear()
+    return out
+
+  for path in paths:
+    try:
+      images.append(load_image(path, image_size, keep_aspect))
+    except Exception as e:  # pylint: disable=broad-except  # PIL raises many kinds
+      yield path, None, f"{type(e).__name__}: {e}"
+      continue
+    pending.append(path)
+    if len(images) == batch_size:
+      yield from flush()
+  if images:
+    yield from flush()
+
+
+def main(argv):
+  paths = argv[1:]
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required: a recognition workdir")
+  if not paths:
+    raise app.UsageError("name at least one image file or folder to read")
+  if _BATCH_SIZE.value < 1:
+    raise app.UsageError("--batch_size must be >= 1")
+  try:
+    files = find_images(paths)
+    config, predict = load_recognizer(_WORKDIR.value, _CHECKPOINT.value)
+  except ReadError as e:
+    sys.exit(f"error: {e}")
+  if not files:
+    sys.exit(f"error: no image files ({', '.join(IMAGE_SUFFIXES)}) under {paths}")
+  rows, skipped = [], []
+  for path, text, extra in read(predict, files, tuple(config.image_size),
+                                bool(config.data.get("keep_aspect", False)),
+                                _BATCH_SIZE.value):
+    if text is None:
+      skipped.append(path)
+      print(f"skipped {path}: {extra}", file=sys.stderr)
+      continue
+    rows.append((os.fspath(path), text, extra))
+    print(f"{path}\t{text}\t{extra:.4f}", flush=True)
+  if _CSV.value:
+    with open(_CSV.value, "w", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(["path", "text", "confidence"])
+      writer.writerows((p, t, f"{c:.6f}") for p, t, c in rows)
+  print(f"read {len(rows)} image(s), skipped {len(skipped)} unreadable"
+        + (f"; wrote {_CSV.value}" if _CSV.value else ""), file=sys.stderr)
+  if not rows:
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
