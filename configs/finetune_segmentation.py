@@ -32,10 +32,12 @@ def get_config(variant="small"):
   c.seed = 0
   c.image_size = (32, 128)
 
+  # The configs/pretrain.py default encoder (8x4 patches, conv stem, 2-D ALiBi);
+  # tiny and paper variants have the paper's plain ViT. Must match init_from.
   c.model = dict(encoder_variant=placeholder(str), encoder_width=128, encoder_depth=4,
-                 encoder_num_heads=4, patch=(4, 4), head_width=128, head_depth=2,
-                 head_num_heads=2, gelu="erf", dtype="float32", scan_layers=False, stem="patch",
-                 stem_channels=(), attention_bias="none")
+                 encoder_num_heads=4, patch=(8, 4), head_width=128, head_depth=2,
+                 head_num_heads=2, gelu="erf", dtype="float32", scan_layers=False,
+                 stem="conv", stem_channels=(), attention_bias="alibi_2d")
   c.threshold = 0.5  # foreground if sigmoid(logit) >= threshold (metrics, pictures)
 
   c.data = pipeline.default_config()
@@ -70,11 +72,12 @@ def get_config(variant="small"):
   c.eval_from = ""  # eval_only: workdir or step directory (default: this workdir)
   c.distributed = dict(coordinator_address="", num_processes=1, process_id=0, auto=False)
 
+  paper_vit = dict(patch=(4, 4), stem="patch", attention_bias="none")
   if variant == "small":
     pass
   elif variant == "tiny":
     c.model.update(encoder_width=32, encoder_depth=1, encoder_num_heads=2, head_width=32,
-                   head_depth=1, head_num_heads=2)
+                   head_depth=1, head_num_heads=2, **paper_vit)
     c.data.size = dict(train=64, val=12, test_heldout_fonts=8, test_hard=8)
     c.batch_size = 8
     c.eval_batch_size = 8
@@ -87,7 +90,7 @@ def get_config(variant="small"):
   elif variant == "paper":
     c.model.update(encoder_variant="S", encoder_width=placeholder(int),
                    encoder_depth=placeholder(int), encoder_num_heads=placeholder(int),
-                   head_width=384, head_depth=3, head_num_heads=2)
+                   head_width=384, head_depth=3, head_num_heads=2, **paper_vit)
     c.data.source = "textseg"
     c.data.reader = "tfds"
     c.data.augment = True

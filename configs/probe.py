@@ -32,10 +32,12 @@ def get_config(variant="small"):
   c.eval_charset = "36"  # the scoring protocol (case-insensitive 0-9a-z)
   c.tasks = ("recognition", "segmentation", "super_resolution")
 
+  # The configs/pretrain.py default encoder (8x4 patches, conv stem, 2-D ALiBi);
+  # tiny and paper variants have the paper's plain ViT. Must match init_from.
   c.model = dict(encoder_variant=placeholder(str), encoder_width=128, encoder_depth=4,
-                 encoder_num_heads=4, patch=(4, 4), gelu="erf", dtype="float32",
-                 scan_layers=False, stem="patch",
-                 stem_channels=(), attention_bias="none")
+                 encoder_num_heads=4, patch=(8, 4), gelu="erf", dtype="float32",
+                 scan_layers=False, stem="conv", stem_channels=(),
+                 attention_bias="alibi_2d")
 
   c.data = pipeline.default_config()
   c.data.reader = "direct"
@@ -62,10 +64,11 @@ def get_config(variant="small"):
   # the patch embeddings plus position. Unset: the whole encoder.
   c.read_depth = placeholder(int)
 
+  paper_vit = dict(patch=(4, 4), stem="patch", attention_bias="none")
   if variant == "small":
     pass
   elif variant == "tiny":
-    c.model.update(encoder_width=32, encoder_depth=1, encoder_num_heads=2)
+    c.model.update(encoder_width=32, encoder_depth=1, encoder_num_heads=2, **paper_vit)
     c.data.size = dict(train=64, test_heldout_fonts=16, test_hard=16)
     c.encode_batch_size = 16
     c.batch_size = 16

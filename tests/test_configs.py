@@ -4,8 +4,8 @@ import pytest
 
 from conftest import load_config
 
-VARIANTS = [("pretrain", v) for v in ("small", "tiny", "S4_union14m")] + [
-    ("finetune_recognition", v) for v in ("small", "small_ctc", "tiny", "S_union14m")] + [
+VARIANTS = [("pretrain", v) for v in ("small", "plain", "tiny", "S4_union14m")] + [
+    ("finetune_recognition", v) for v in ("small", "quick", "plain", "tiny", "S_union14m")] + [
     ("finetune_segmentation", v) for v in ("small", "tiny", "paper")] + [
     ("finetune_sr", v) for v in ("small", "tiny", "paper")] + [
     ("probe", v) for v in ("small", "tiny")] + [
@@ -36,3 +36,16 @@ def test_the_data_seed_can_be_set_from_the_command_line(name, variant):
   # cannot be overridden by config_flags.
   data = load_config(name, variant).data
   assert isinstance(data.synthetic.seed, int)
+
+
+ENCODER_FIELDS = ("encoder_width", "encoder_depth", "encoder_num_heads", "patch", "stem",
+                  "stem_channels", "attention_bias")
+
+
+@pytest.mark.parametrize("name", ["finetune_recognition", "finetune_segmentation",
+                                  "finetune_sr", "probe"])
+@pytest.mark.parametrize("variant", ["small", "tiny"])
+def test_fine_tuning_defaults_have_the_pretraining_encoder(name, variant):
+  # `--config.init_from=<a pretraining workdir of the same variant>` must load as it is.
+  pretrained, tuned = load_config("pretrain", variant).model, load_config(name, variant).model
+  assert {f: tuned[f] for f in ENCODER_FIELDS} == {f: pretrained[f] for f in ENCODER_FIELDS}

@@ -88,6 +88,7 @@ def test_notebooks_run_in_order_on_cpu(tmp_path):
     assert f"| {split} |" in (rec_dir / f"eval_{split}.md").read_text()
     assert f"| {split} |" in text and f"{split}: word accuracy " in text
   assert _images(ran["finetune_recognition"]) == 1
+  assert len(re.findall(r"crop_\d\.png\t'[0-9a-z]*'\tconfidence ", text)) == 4, text[-3000:]
 
   # PyTorch: an HF directory was written and transformers computed the JAX features.
   text = _text(ran["convert_to_pytorch"])

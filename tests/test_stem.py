@@ -1,6 +1,8 @@
-"""The convolutional stem (model.stem='conv'): strides, no leak of hidden pixels in
-either encoder mode, and the option through pretraining, every fine-tuning program,
-layer decay and the PyTorch converter (a clear refusal)."""
+"""The locality options of the encoder, the masked convolutional stem (model.stem='conv')
+and the 2-D ALiBi bias (model.attention_bias='alibi_2d'): strides, no leak of hidden
+pixels in either encoder mode, the bias against a direct computation, and both options
+through pretraining, every fine-tuning program, layer decay and the PyTorch converter
+(a clear refusal)."""
 import flax
 import jax
 import jax.numpy as jnp
@@ -73,7 +75,8 @@ def test_hidden_pixels_never_reach_the_encoder(patch):
   changed = jnp.where(hidden, noise, images)
   changed_visible = jnp.where(hidden, images, noise)
 
-  enc = vit.Encoder(variant=None, width=32, depth=1, num_heads=2, patch=patch, stem="conv")
+  enc = vit.Encoder(variant=None, width=32, depth=2, num_heads=2, patch=patch, stem="conv",
+                    attention_bias="alibi_2d")
   ids_keep = ids_from_mask(mask, num_masked)[0]
   params = enc.init(jax.random.key(3), images, ids_keep)
   apply = jax.jit(lambda x: enc.apply(params, x, ids_keep)[0])
@@ -89,7 +92,8 @@ def test_hidden_pixels_never_reach_the_encoder(patch):
   for mode in ("mae", "simmim"):
     model = mae.MAE(encoder_variant=None, encoder_width=32, encoder_depth=1,
                     encoder_num_heads=2, patch=patch, decoder_width=32, decoder_depth=1,
-                    decoder_num_heads=2, encoder_mode=mode, stem="conv")
+                    decoder_num_heads=2, encoder_mode=mode, stem="conv",
+                    attention_bias="alibi_2d")
     v = model.init(jax.random.key(4), images, mask, num_masked=num_masked)
     run = jax.jit(lambda x, v=v, model=model: model.apply(v, x, mask,
                                                           num_masked=num_masked)[0])
@@ -98,7 +102,8 @@ def test_hidden_pixels_never_reach_the_encoder(patch):
 
 def test_full_image_pass_matches_all_visible_tokens():
   """Fine-tuning (no mask) equals the masked path with every patch visible."""
-  enc = vit.Encoder(variant=None, width=32, depth=1, num_heads=2, patch=(8, 4), stem="conv")
+  enc = vit.Encoder(variant=None, width=32, depth=1, num_heads=2, patch=(8, 4), stem="conv",
+                    attention_bias="alibi_2d")
   images = jax.random.uniform(jax.random.key(0), (1, *IMAGE, 3), minval=-1, maxval=1)
   params = enc.init(jax.random.key(1), images)
   all_ids = jnp.arange(128)[None]
@@ -110,7 +115,7 @@ def test_full_image_pass_matches_all_visible_tokens():
 def conv_pretrain_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("conv_pretrain")
   config = load_config("pretrain", "tiny")
-  config.model.update(stem="conv", patch=(8, 4))
+  config.model.update(stem="conv", patch=(8, 4), attention_bias="alibi_2d")
   config.total_steps, config.picture_every, config.checkpoint.every = 2, 0, 2
   pretrain.train_and_evaluate(config, str(workdir))
   return workdir
@@ -126,7 +131,7 @@ def test_every_program_fine_tunes_a_conv_stem_encoder(conv_pretrain_dir, tmp_pat
                   "segmentation": (segmentation, "finetune_segmentation"),
                   "super_resolution": (super_resolution, "finetune_sr")}[program]
   config = load_config(name, "tiny")
-  config.model.update(stem="conv", patch=(8, 4))
+  config.model.update(stem="conv", patch=(8, 4), attention_bias="alibi_2d")
   config.data.size = dict(train=32, val=8, test_heldout_fonts=8, test_hard=8)
   config.total_steps = 1
   config.init_from = str(conv_pretrain_dir)
@@ -163,3 +168,51 @@ def test_converter_refuses_a_conv_stem_with_the_reason(tmp_path):
       export(params, config)
   with pytest.raises(cv.ConversionError, match="convolutional stem"):
     cv.to_hf_vitmae(params, config, tmp_path / "hf")
+  # The bias has no params: the run config is what says it is there.
+  run_config = {"image_size": IMAGE, "model": {"attention_bias": "alibi_2d", "patch": (4, 4)}}
+  with pytest.raises(cv.ConversionError, match="attention_bias='alibi_2d'.*no attention bias"):
+    cv.ModelConfig.from_run_config(run_config)
+
+
+def test_alibi_bias_is_the_distance_penalty_of_the_kept_tokens():
+  grid, patch, heads = (4, 32), (8, 4), 4
+  ids_keep = jnp.asarray([[0, 5, 37, 127], [3, 64, 65, 100]])
+  bias = np.asarray(vit.alibi_2d_bias(grid, patch, heads, ids_keep))
+  assert bias.shape == (heads, 2, 5, 5)
+  assert np.all(bias[:, :, 0] == 0) and np.all(bias[:, :, :, 0] == 0)  # cls
+  slopes = 2.0 ** (-8.0 * np.arange(1, heads + 1) / heads)
+  for b in range(2):
+    for i, ti in enumerate(np.asarray(ids_keep[b])):
+      for j, tj in enumerate(np.asarray(ids_keep[b])):
+        (ri, ci), (rj, cj) = divmod(int(ti), 32), divmod(int(tj), 32)
+        distance = np.hypot(2 * (ri - rj), ci - cj)  # 8x4 patches: rows 2 units apart
+        np.testing.assert_allclose(bias[:, b, i + 1, j + 1], -slopes * distance, rtol=1e-6)
+  full = np.asarray(vit.alibi_2d_bias(grid, patch, heads))
+  np.testing.assert_allclose(full[:, 0][:, 1:, 1:][:, [0, 5]][:, :, [0, 5]],
+                             bias[:, 0, 1:3, 1:3], rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["plain", "chunked"])
+def test_attention_with_bias_matches_a_direct_softmax(impl):
+  rng = np.random.default_rng(0)
+  h, b, t, hd = 2, 2, 9, 4
+  q, k, v = (rng.normal(size=(h, b, t, hd)).astype(np.float32) for _ in range(3))
+  bias = rng.normal(size=(h, b, t, t)).astype(np.float32)
+  logits = np.einsum("hbqd,hbkd->hbqk", q, k) + bias
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  want = np.einsum("hbqk,hbkd->hbqd", p / p.sum(-1, keepdims=True), v)
+  if impl == "plain":
+    got = vit.plain_attention(*(jnp.asarray(x).transpose(1, 0, 2, 3) for x in (q, k, v)),
+                              jnp.asarray(bias).transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+  else:
+    got = vit.chunked_attention(q, k, v, 4 * t * t * b, bias)  # one head per chunk
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # Gradients agree between the two formulations (the chunked one is hand-written).
+  g = rng.normal(size=(h, b, t, hd)).astype(np.float32)
+  swap = lambda x: x.transpose(1, 0, 2, 3)
+  plain = jax.grad(lambda *a: jnp.sum(swap(vit.plain_attention(*map(swap, a), swap(bias)))
+                                      * g), (0, 1, 2))(q, k, v)
+  chunked = jax.grad(lambda *a: jnp.sum(vit.chunked_attention(*a, 4 * t * t * b, bias) * g),
+                     (0, 1, 2))(q, k, v)
+  for x, y in zip(plain, chunked):
+    np.testing.assert_allclose(x, y, atol=1e-4)

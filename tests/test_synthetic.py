@@ -276,3 +276,33 @@ def test_sample_batch_and_grid(tmp_path, gen):
   path = tmp_path / 'grid.png'
   synthetic.save_sample_grid(str(path), _config(), n=2)
   assert path.stat().st_size > 1000
+
+
+def test_clean_fraction_mixes_clean_samples_and_leaves_the_rest_unchanged(gen):
+  mixed = synthetic.SyntheticGenerator(_config(clean_fraction=0.5))
+  all_clean = synthetic.SyntheticGenerator(_config(clean_fraction=1.0))
+  clean_count = 0
+  for i in range(40):
+    base, m, c = gen.sample(i), mixed.sample(i), all_clean.sample(i)
+    assert base['label'] == m['label'] == c['label']  # labels and fonts come first
+    image = c['image'].astype(int)  # black on white: grey levels, mostly white
+    assert np.all(image[..., 0] == image[..., 1]) and np.all(image[..., 1] == image[..., 2])
+    assert np.median(image) == 255
+    if np.array_equal(m['image'], c['image']):
+      clean_count += 1
+    else:  # not drawn clean: exactly the sample of clean_fraction=0
+      np.testing.assert_array_equal(m['image'], base['image'])
+  assert 10 <= clean_count <= 30
+  with pytest.raises(ValueError, match='clean_fraction'):
+    _config(clean_fraction=1.5)
+
+
+def test_hard_fraction_draws_some_samples_at_the_hard_difficulty(gen):
+  mixed = synthetic.SyntheticGenerator(_config(hard_fraction=0.5))
+  hard = synthetic.SyntheticGenerator(_config(difficulty='hard'))
+  same_as_hard = same_as_normal = 0
+  for i in range(30):
+    m = mixed.sample(i)
+    same_as_hard += np.array_equal(m['image'], hard.sample(i)['image'])
+    same_as_normal += np.array_equal(m['image'], gen.sample(i)['image'])
+  assert same_as_hard + same_as_normal == 30 and 5 <= same_as_hard <= 25

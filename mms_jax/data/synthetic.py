@@ -81,6 +81,13 @@ class SyntheticConfig:
     geometry: random rotation, perspective warp and curved baseline.
     degradations: blur, noise, JPEG and contrast reduction of the image.
     occluders: random strokes drawn over the text (not part of the mask).
+    clean_fraction: probability that a sample is drawn clean (as with appearance,
+      geometry, degradations and occluders all False), decided by its own random
+      stream, so 0 leaves every other sample exactly as it is (a training mixture
+      of easy images, e.g. to leave the CTC plateau sooner).
+    hard_fraction: probability that a sample is drawn at the 'hard' difficulty
+      (its own random stream too; a training mixture for robustness). A sample
+      drawn clean is clean.
   """
   image_size: tuple[int, int] = (32, 128)
   seed: int = 0
@@ -102,6 +109,8 @@ class SyntheticConfig:
   geometry: bool = True
   degradations: bool = True
   occluders: bool = True
+  clean_fraction: float = 0.0
+  hard_fraction: float = 0.0
 
   def __post_init__(self):
     # Accept lists (e.g. from a ConfigDict) but store hashable tuples.
@@ -137,6 +146,10 @@ class SyntheticConfig:
     check(isinstance(self.charset, str) and self.charset
           and all(c.isprintable() and not c.isspace() for c in self.charset),
           'charset', 'a non-empty string of printable, non-space characters')
+    for field in ('clean_fraction', 'hard_fraction'):
+      value = getattr(self, field)
+      check(isinstance(value, (int, float)) and 0.0 <= value <= 1.0, field,
+            'a probability in [0, 1]')
     check(0.0 <= self.fraction_random_strings <= 1.0,
           'fraction_random_strings', 'in [0, 1]')
     check(len(self.case_probs) == len(CASE_MODES)
@@ -402,7 +415,7 @@ class SyntheticGenerator:
     elif not isinstance(config, SyntheticConfig):
       config = SyntheticConfig.from_dict(config)
     self.config = config
-    self.style = _STYLES[config.difficulty]
+    self.style = self._base_style = _STYLES[config.difficulty]
     all_fonts = fonts_lib.discover_fonts(
         config.font_dirs, ''.join(sorted(set(config.charset))))
     self.fonts = fonts_lib.split_fonts(
@@ -652,15 +665,21 @@ class SyntheticGenerator:
     if index < 0:
       raise ValueError(f'index must be >= 0, got {index}')
     rng = np.random.default_rng([int(cfg.seed), index])
+    clean = cfg.clean_fraction > 0 and (
+        np.random.default_rng([int(cfg.seed), index, 1]).random() < cfg.clean_fraction)
+    hard = cfg.hard_fraction > 0 and (
+        np.random.default_rng([int(cfg.seed), index, 2]).random() < cfg.hard_fraction)
+    # Every helper reads self.style: set it for this sample (one sample at a time).
+    self.style = _STYLES['hard'] if hard else self._base_style
     label = self.sample_label(rng)
     font_path = self.fonts[int(rng.integers(len(self.fonts)))]
 
     text = self._render_text(rng, label, font_path)
-    if cfg.geometry:
+    if cfg.geometry and not clean:
       text = self._warp(rng, text)
     mask = self._fit(rng, text)
 
-    if cfg.appearance:
+    if cfg.appearance and not clean:
       fg, bg, contrast = _text_and_background_colors(rng, self.style)
       background = self._background(rng, bg, contrast)
     else:
@@ -671,9 +690,9 @@ class SyntheticGenerator:
     composite = background + (fg - background) * a
     img = Image.fromarray(np.clip(composite + 0.5, 0, 255).astype(np.uint8))
 
-    if cfg.occluders and rng.random() < self.style.p_occlude:
+    if cfg.occluders and not clean and rng.random() < self.style.p_occlude:
       self._occlude(rng, img, fg)
-    image = self._degrade(rng, img) if cfg.degradations else np.asarray(img)
+    image = self._degrade(rng, img) if cfg.degradations and not clean else np.asarray(img)
     lr_image = self._low_res(rng, image)
     return {
         'image': np.ascontiguousarray(image, np.uint8),
