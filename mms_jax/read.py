@@ -34,11 +34,17 @@ from mms_jax.train import common
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm",
                   ".ppm", ".pbm")
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Recognition workdir (config.json + checkpoints/).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "A step directory to read instead of the "
-                                  "workdir's latest good checkpoint.")
-_CSV = flags.DEFINE_string("csv", "", "Also write path,text,confidence rows to this CSV file.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command's flags (defined only when it runs as a program, so that importing this
+  module elsewhere does not clash with the importer's own flags)."""
+  flags.DEFINE_string("workdir", None, "Recognition workdir (config.json + checkpoints/).")
+  flags.DEFINE_string("checkpoint", "", "A step directory to read instead of the "
+                      "workdir's latest good checkpoint.")
+  flags.DEFINE_string("csv", "", "Also write path,text,confidence rows to this CSV file.")
+  flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
 
 
 class ReadError(Exception):
@@ -156,15 +162,15 @@ def read(predict, paths: Iterable[pathlib.Path], image_size, keep_aspect=False,
 
 def main(argv):
   paths = argv[1:]
-  if not _WORKDIR.value:
+  if not FLAGS.workdir:
     raise app.UsageError("--workdir is required: a recognition workdir")
   if not paths:
     raise app.UsageError("name at least one image file or folder to read")
-  if _BATCH_SIZE.value < 1:
+  if FLAGS.batch_size < 1:
     raise app.UsageError("--batch_size must be >= 1")
   try:
     files = find_images(paths)
-    config, predict = load_recognizer(_WORKDIR.value, _CHECKPOINT.value)
+    config, predict = load_recognizer(FLAGS.workdir, FLAGS.checkpoint)
   except ReadError as e:
     sys.exit(f"error: {e}")
   if not files:
@@ -172,23 +178,24 @@ def main(argv):
   rows, skipped = [], []
   for path, text, extra in read(predict, files, tuple(config.image_size),
                                 bool(config.data.get("keep_aspect", False)),
-                                _BATCH_SIZE.value):
+                                FLAGS.batch_size):
     if text is None:
       skipped.append(path)
       print(f"skipped {path}: {extra}", file=sys.stderr)
       continue
     rows.append((os.fspath(path), text, extra))
     print(f"{path}\t{text}\t{extra:.4f}", flush=True)
-  if _CSV.value:
-    with open(_CSV.value, "w", newline="") as f:
+  if FLAGS.csv:
+    with open(FLAGS.csv, "w", newline="") as f:
       writer = csv.writer(f)
       writer.writerow(["path", "text", "confidence"])
       writer.writerows((p, t, f"{c:.6f}") for p, t, c in rows)
   print(f"read {len(rows)} image(s), skipped {len(skipped)} unreadable"
-        + (f"; wrote {_CSV.value}" if _CSV.value else ""), file=sys.stderr)
+        + (f"; wrote {FLAGS.csv}" if FLAGS.csv else ""), file=sys.stderr)
   if not rows:
     sys.exit(1)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

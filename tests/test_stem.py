@@ -216,3 +216,25 @@ def test_attention_with_bias_matches_a_direct_softmax(impl):
                      (0, 1, 2))(q, k, v)
   for x, y in zip(plain, chunked):
     np.testing.assert_allclose(x, y, atol=1e-4)
+
+
+def test_scanned_layers_and_attention_formulations_agree_with_both_options():
+  """The exactness checks of the plain ViT (scan vs unscanned, chunked vs plain attention)
+  hold with the conv stem and the ALiBi bias, with and without token dropping."""
+  kw = dict(variant=None, width=32, depth=2, num_heads=4, patch=(8, 4), stem="conv",
+            attention_bias="alibi_2d")
+  images = jax.random.uniform(jax.random.key(0), (2, *IMAGE, 3), minval=-1, maxval=1)
+  ids_keep = ids_from_mask(exact_masks(1, 2, 128, 96), 96)[0]
+  base = vit.Encoder(attention="chunked", **kw)
+  params = base.init(jax.random.key(1), images)["params"]
+  for ids in (None, ids_keep):
+    want = base.apply({"params": params}, images, ids)[0]
+    plain = vit.Encoder(attention="plain", **kw).apply({"params": params}, images, ids)[0]
+    scanned = vit.Encoder(attention="chunked", scan_layers=True, **kw).apply(
+        {"params": vit.scan_params(params)}, images, ids)[0]
+    np.testing.assert_allclose(plain, want, atol=2e-5)
+    np.testing.assert_allclose(scanned, want, atol=2e-5)
+  full = base.apply({"params": params}, images)[0]
+  bf16 = vit.Encoder(attention="chunked", dtype=jnp.bfloat16, **kw).apply(
+      {"params": params}, images)[0]
+  np.testing.assert_allclose(bf16.astype(jnp.float32), full, atol=0.1)

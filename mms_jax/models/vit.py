@@ -203,7 +203,7 @@ def alibi_slopes(num_heads):
   return 2.0 ** (-8.0 * (np.arange(num_heads) + 1) / num_heads)
 
 
-def alibi_2d_bias(grid, patch, num_heads, ids_keep=None, batch=1):
+def alibi_2d_bias(grid, patch, num_heads, ids_keep=None):
   """2-D ALiBi distance bias: float32 [H, B or 1, 1 + n, 1 + n] (cls token first).
 
   bias[h, b, i, j] = -slope_h * |pos_i - pos_j|, with pos the patch centre in units of
@@ -387,7 +387,7 @@ class ConvStem(nn.Module):
   included: a hidden patch's pixels and features are zero before every conv, and no
   visible token can depend on a hidden pixel (ConvMAE's masked convolution). With
   visible=None every patch is visible (fine-tuning).
-  Params: stage_{i}/{conv,norm}, proj.
+  Params: stage_{i}_conv, stage_{i}_norm, proj.
   """
   width: int
   patch: Tuple[int, int]
