@@ -13,9 +13,9 @@ Peers (each optional; skipped with a message when it is not installed):
   tesseract  Tesseract 5 (`apt-get install tesseract-ocr tesseract-ocr-eng`), one line
              per image (`--psm 7`), the crop upscaled `--tesseract_scale` times
              (bicubic) with a white border, as tessdoc's ImproveQuality advises.
-  rapidocr   RapidOCR (`pip install rapidocr_onnxruntime`): PP-OCR's recognition model
-             in ONNX, bundled in the wheel (runs offline); recognition only
-             (`use_det=False, use_cls=False`), the crop as it is.
+  rapidocr   RapidOCR (`pip install -e .[peers]`: rapidocr_onnxruntime), PP-OCRv4
+             recognition in ONNX, bundled in the wheel (runs offline); recognition
+             only (`use_det=False, use_cls=False`), the crop as it is.
 """
 import os
 import shutil
@@ -75,7 +75,7 @@ def tesseract_reader():
         paths.append(os.path.join(tmp, f"{i:05d}.png"))
         canvas.save(paths[-1])
       out = []
-      for path in paths:  # one process per image: a list file merges the pages' text
+      for path in paths:  # one process per image: a list file would merge the pages' text
         r = subprocess.run(["tesseract", path, "stdout", "--psm", "7", "-l", "eng"],
                            capture_output=True, text=True)
         out.append(r.stdout.strip())
@@ -88,7 +88,7 @@ def rapidocr_reader():
   try:
     from rapidocr_onnxruntime import RapidOCR  # pylint: disable=g-import-not-at-top
   except ImportError:
-    return None, "not installed (pip install rapidocr_onnxruntime)"
+    return None, "not installed (pip install -e .[peers])"
   engine = RapidOCR()
 
   def read(images):

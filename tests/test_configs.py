@@ -5,7 +5,8 @@ import pytest
 from conftest import load_config
 
 VARIANTS = [("pretrain", v) for v in ("small", "plain", "tiny", "S4_union14m")] + [
-    ("finetune_recognition", v) for v in ("small", "quick", "plain", "tiny", "S_union14m")] + [
+    ("finetune_recognition", v) for v in ("small", "quick", "robust", "plain", "tiny",
+                                     "S_union14m")] + [
     ("finetune_segmentation", v) for v in ("small", "tiny", "paper")] + [
     ("finetune_sr", v) for v in ("small", "tiny", "paper")] + [
     ("probe", v) for v in ("small", "tiny")] + [
