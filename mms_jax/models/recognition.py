@@ -184,7 +184,6 @@ class Recognizer(nn.Module):
     return ar_greedy(lambda tokens: self.decode(tokens, memory), images.shape[0],
                      self.max_length + 1, self.bos, self.eos)[0]
 
-
   def predict_scored(self, images):
     """(ids as `predict` returns them, confidence float32[B]): the confidence is the
     probability of the greedy path (CTC: the product over frames of the best class'
