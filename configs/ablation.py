@@ -20,9 +20,11 @@ Variants (`--config=configs/ablation.py:VARIANT`):
   (default) small   The configs/pretrain.py small encoder (600 steps per arm), then
                     the probe stage only: linear probes for recognition, segmentation
                     and SR on 2,048 training images (recognition: dictionary words).
-                    About 90 min per seed on a quiet 2-core CPU (estimated from the
-                    measured parts: 8.5 min per pretraining, multi_view ~3x, 5 min
-                    per probe; docs/results.md).
+                    About 90 min per seed on a quiet 2-core CPU with the earlier
+                    plain 4x4 encoder (measured parts: 8.5 min per pretraining,
+                    multi_view ~3x, 5 min per probe; docs/results.md); the current
+                    default encoder (8x4, conv stem, ALiBi) pretrains 600 steps in
+                    ~4 min, its probe and a whole seed are not re-measured yet.
                     The fine-tuning stages are opt-in (--config.stages below):
                     recognition with the recipe of configs/finetune_recognition.py:quick
                     (CTC, 1,500 steps) on 4,096 labelled images, segmentation and SR

@@ -7,16 +7,16 @@ Variants (`--config=configs/finetune_recognition.py:VARIANT`):
                     32x128, masked conv stem, 2-D ALiBi bias) + CTC, batch 32, peak lr
                     1e-3, 6,000 steps on fresh generated images of the test splits'
                     distribution (training fonts). From scratch or --config.init_from.
-                    About 50 min on a quiet 2-core CPU; evaluates the synthetic
-                    held-out-fonts and hard splits every 1,000 steps.
-  quick             The same recipe, 1,500 steps (~13 min on 2 CPU cores).
+                    44 min on a quiet 2-core CPU, 81.4 % held-out fonts, 6.4 % hard;
+                    evaluates those synthetic splits every 1,000 steps.
+  quick             The same recipe, 1,500 steps (~11 min on 2 CPU cores).
   robust            The second stage of the 60-minute recipe: from a `small` run
                     (--config.init_from=<its workdir>), 1,500 steps on a mixture of
                     half normal, half 'hard' training images at peak lr 5e-4 (~10 min).
                     small + robust: 82.4 % held-out fonts, 12.2 % hard in 54 min.
   plain             The same recipe with the paper's plain ViT (4x4 linear patches, no
-                    attention bias): the comparison arm; stays on the CTC plateau much
-                    longer (docs/results.md).
+                    attention bias): the comparison arm; in the 800-step calibration
+                    of docs/results.md it does not leave the CTC plateau.
   tiny              Seconds-long smoke run matching configs/pretrain.py:tiny (tests;
                     plain ViT, AR head).
   S_union14m        Paper scale (METHOD.md §4): plain ViT-S/4 + AR decoder 6 x 384 x 8 heads,
