@@ -76,8 +76,8 @@ def main(argv):
             + " | ".join(cells) + " |")
   for peer in FLAGS.peer:
     name, values = peer.split("=")
-    for ax, value, style in zip(axes, values.split(","), ("--", "--")):
-      ax.axhline(100 * float(value), color="grey", linestyle=style)
+    for ax, value in zip(axes, values.split(",")):
+      ax.axhline(100 * float(value), color="grey", linestyle="--")
       ax.text(ax.get_xlim()[0], 100 * float(value) + 1.5, name, color="grey", fontsize=8)
   for ax, split in zip(axes, SPLITS):
     ax.set_title(split)

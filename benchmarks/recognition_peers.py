@@ -6,8 +6,8 @@
 Every recognizer reads the same first `--num` images of each synthetic test split (the
 records the recognition program evaluates, from its config) and is scored with the
 same protocol: text_metrics' 36-character case-insensitive normalisation, word
-accuracy and 1 - NED; samples whose normalised label is empty or longer than 25 are
-left out, as the program's evaluation does. Prints one table.
+accuracy and 1 - NED; samples whose normalised label is empty or longer than the
+config's data.max_label_length (25) are left out, as the program's evaluation does. Prints one table.
 
 Peers (each optional; skipped with a message when it is not installed):
   tesseract  Tesseract 5 (`apt-get install tesseract-ocr tesseract-ocr-eng`), one line
@@ -40,17 +40,15 @@ flags.DEFINE_integer("num", 300, "images per split")
 flags.DEFINE_integer("tesseract_scale", 3, "upscaling of the crops for Tesseract")
 flags.DEFINE_string("out", "", "also write the table (markdown) to this file")
 
-MAX_LABEL_LENGTH = 25
-
-
 def load_split(data_config, split, num):
-  """(uint8 images [n, H, W, 3], labels) of the first `num` scorable records."""
+  """(uint8 images [n, H, W, 3], labels) of the first `num` scorable records (label
+  non-empty and at most data_config.max_label_length after normalisation)."""
   source = pipeline.make_source(data_config, split)
   images, texts = [], []
   for i in range(min(num, len(source))):
     record = source[i]
     label = labels.normalize_label(str(record["label"]), labels.CHARSETS["36"],
-                                   MAX_LABEL_LENGTH)
+                                   data_config.max_label_length)
     if label:
       images.append(np.asarray(record["image"], np.uint8))
       texts.append(str(record["label"]))
@@ -106,16 +104,10 @@ def rapidocr_reader():
 def ours_reader(workdir):
   from mms_jax import read as read_lib  # pylint: disable=g-import-not-at-top
   config, predict = read_lib.load_recognizer(workdir)
-  batch = 64
 
   def read(images):
-    out = []
-    for i in range(0, len(images), batch):
-      chunk = images[i:i + batch].astype(np.float32) / 127.5 - 1.0
-      padded = np.zeros((batch, *chunk.shape[1:]), np.float32)
-      padded[:len(chunk)] = chunk
-      out += predict(padded)[0][:len(chunk)]
-    return out
+    normalised = pipeline.Normalize().map({"image": images})["image"]
+    return read_lib.read_arrays(predict, normalised)[0]
 
   return config, read
 

@@ -75,9 +75,8 @@ def load_recognizer(workdir, checkpoint=""):
     raise ReadError(f"{config_path}: {e}") from None
   model = rec.from_config(config.model, tokenizer)
   try:
-    step_dir = checkpoints.resolve_checkpoint(checkpoint or workdir,
-                                              what="--checkpoint" if checkpoint else "--workdir")
-    params = checkpoints.load_params(step_dir, what="--workdir")
+    params = checkpoints.load_params(checkpoint or workdir,
+                                     what="--checkpoint" if checkpoint else "--workdir")
   except checkpoints.CheckpointError as e:
     raise ReadError(f"{e} (train it first, or wait for its first checkpoint)") from None
   params = jax.tree.map(np.asarray, params)
@@ -127,22 +126,32 @@ def load_image(path, image_size: Tuple[int, int], keep_aspect: bool) -> np.ndarr
     array = to_rgb(image)
   if array.shape[0] == 0 or array.shape[1] == 0:
     raise ValueError("zero-size image")
-  array = pipeline._resize(array, tuple(image_size), keep_aspect,  # pylint: disable=protected-access
-                           Image.BILINEAR, pipeline.PAD_VALUE)
-  return array.astype(np.float32) / 127.5 - 1.0
+  example = pipeline.Resize(tuple(image_size), keep_aspect).map({"image": array})
+  return pipeline.Normalize().map(example)["image"]
+
+
+def read_arrays(predict, images: np.ndarray, batch_size=64):
+  """(texts, confidences) of float32 images [n, H, W, 3] in [-1, 1], read in batches
+  padded to `batch_size` (one compiled shape)."""
+  texts, confidences = [], []
+  for i in range(0, len(images), batch_size):
+    chunk = images[i:i + batch_size]
+    padded = np.zeros((batch_size, *chunk.shape[1:]), np.float32)
+    padded[:len(chunk)] = chunk
+    batch_texts, batch_confidences = predict(padded)
+    texts += batch_texts[:len(chunk)]
+    confidences += [float(c) for c in batch_confidences[:len(chunk)]]
+  return texts, confidences
 
 
 def read(predict, paths: Iterable[pathlib.Path], image_size, keep_aspect=False,
          batch_size=64):
   """Yields (path, text, confidence) per readable image and (path, None, error) per
-  unreadable one, in input order. Batches are padded to one shape (one compile)."""
+  unreadable one, in input order (read_arrays, batch by batch)."""
   pending, images = [], []
 
   def flush():
-    padded = np.zeros((batch_size, *image_size, 3), np.float32)
-    padded[:len(images)] = np.stack(images)
-    texts, confidence = predict(padded)
-    out = [(p, t, float(c)) for p, t, c in zip(pending, texts, confidence)]
+    out = list(zip(pending, *read_arrays(predict, np.stack(images), batch_size)))
     pending.clear()
     images.clear()
     return out
