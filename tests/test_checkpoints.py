@@ -120,6 +120,33 @@ def test_sync_save_writes_manifest_immediately(tmp_path):
     assert (ckpt.step_dir(1) / checkpoints.MANIFEST_NAME).exists()
 
 
+def test_manifest_commits_with_the_step_directory(tmp_path):
+  """A process killed (SIGKILL) the moment a step directory appears keeps that step."""
+  script = textwrap.dedent(f"""
+      import os, pathlib, signal, sys, time
+      sys.path.insert(0, {str(REPO / 'tests')!r})
+      from test_checkpoints import make_state
+      from mms_jax.train import checkpoints
+      ckpt = checkpoints.Checkpointer({str(tmp_path)!r})
+      ckpt.save(3, make_state(seed=3, step=3))
+      ckpt.wait_until_finished()
+      ckpt.save(5, make_state(seed=5, step=5))
+      step_dir = pathlib.Path({str(tmp_path)!r}) / "checkpoints" / "5"
+      while not step_dir.is_dir():
+        time.sleep(0.001)
+      os.kill(os.getpid(), signal.SIGKILL)  # no close(), no next save
+  """)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  assert checkpoints.verify_manifest(tmp_path / "checkpoints" / "5") is None
+  with checkpoints.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.latest_good_step() == 5
+    restored, _, _ = checkpoints.restore_or_initialize(ckpt, abstract())
+  assert_tree_equal(restored, make_state(seed=5, step=5))
+  assert not (tmp_path / checkpoints.CORRUPT_DIR).exists()
+
+
 # --- corruption ----------------------------------------------------------------
 
 

@@ -7,8 +7,11 @@ A workdir holds its checkpoints in `<workdir>/checkpoints/<step>/`, written by a
   data/   the data iterator state (JSON).
   meta/   program name, step, timestamp and config (JSON).
 
-plus `mms_manifest.json`: size and sha256 of every file, written once the
-(asynchronous) save is fully committed. orbax does not detect bytes flipped
+plus `mms_manifest.json`: size and sha256 of every file. With asynchronous saves it
+is written inside orbax's temporary directory after every host's files are written and
+before the directory is renamed into place, so it commits with the checkpoint: a
+process killed at any moment leaves either no step directory or one with its
+manifest. (Synchronous saves write it right after the commit.) orbax does not detect bytes flipped
 inside an array file, so a checkpoint without a valid manifest is treated as
 corrupt: it is moved to `<workdir>/checkpoints_corrupt/<step>` (never deleted)
 and the previous good checkpoint is used.
@@ -63,6 +66,11 @@ import orbax.checkpoint as ocp
 MANIFEST_NAME = "mms_manifest.json"
 CHECKPOINTS_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"
+# orbax writes <step>.orbax-checkpoint-tmp-<timestamp>/ and renames it to <step>/.
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# orbax rewrites this step-level JSON (commit time) as it commits, after the manifest is
+# written; it holds no arrays, so it is left out of the manifest.
+_ORBAX_COMMIT_METADATA = "_CHECKPOINT_METADATA"
 _MANIFEST_VERSION = 1
 _HASH = "sha256"
 
@@ -88,7 +96,7 @@ def _list_files(step_dir: pathlib.Path) -> list[str]:
   for root, _, names in os.walk(step_dir):
     for name in names:
       rel = os.path.relpath(os.path.join(root, name), step_dir)
-      if rel != MANIFEST_NAME:
+      if rel not in (MANIFEST_NAME, _ORBAX_COMMIT_METADATA):
         files.append(rel)
   return sorted(files)
 
@@ -130,8 +138,8 @@ def verify_manifest(step_dir: os.PathLike) -> Optional[str]:
   step_dir = pathlib.Path(step_dir)
   manifest_path = step_dir / MANIFEST_NAME
   if not manifest_path.exists():
-    return (f"no {MANIFEST_NAME} (the save was interrupted before it "
-            "finished, or the checkpoint was not written by mms_jax)")
+    return (f"no {MANIFEST_NAME} (a synchronous save was interrupted right after "
+            "orbax committed it, or the directory was not written by mms_jax)")
   try:
     manifest = json.loads(manifest_path.read_text())
     files = manifest["files"]
@@ -254,10 +262,14 @@ class Checkpointer:
     self.program = program
     self._async = async_save
     self._pending: list[int] = []  # saved steps still lacking a manifest
+    self._saving_step: Optional[int] = None
+    async_options = (ocp.AsyncOptions(post_finalization_callback=self._manifest_at_commit)
+                     if async_save else None)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         keep_period=keep_every,
         enable_async_checkpointing=async_save,
+        async_options=async_options,
         cleanup_tmp_directories=True,
         create=True,
     )
@@ -296,6 +308,7 @@ class Checkpointer:
         "device_count": jax.device_count(),
         "config": _jsonable(config),
     }
+    self._saving_step = int(step)  # read by _manifest_at_commit in orbax's thread
     saved = self.manager.save(
         step,
         args=ocp.args.Composite(
@@ -309,8 +322,30 @@ class Checkpointer:
         self._finalize_pending()
     return saved
 
+  def _manifest_at_commit(self):
+    """Writes the manifest of the save in flight into orbax's temporary directory.
+
+    orbax calls this on the primary host in its background thread once every host's
+    files are final and just before it renames the directory to `<step>/` (saves are
+    serial: one is in flight). Any failure here only logs: `_finalize_pending` then
+    writes the manifest after the commit.
+    """
+    try:
+      step = self._saving_step
+      tmp_dirs = [p for p in self.directory.glob(f"{step}{_ORBAX_TMP_SUFFIX}*")
+                  if p.is_dir()]
+      if len(tmp_dirs) == 1:
+        write_manifest(tmp_dirs[0])
+      else:
+        logging.warning("Checkpoint step %d: found %d orbax temporary directories; "
+                        "its manifest is written after the commit instead.",
+                        step, len(tmp_dirs))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("Could not write the checkpoint manifest before the commit "
+                      "(%s); it is written after the commit instead.", e)
+
   def _finalize_pending(self):
-    """Waits for outstanding saves, then writes their manifests."""
+    """Waits for outstanding saves; writes any manifest not written at commit."""
     self.manager.wait_until_finished()
     pending, self._pending = self._pending, []
     if not _is_primary():
@@ -318,7 +353,8 @@ class Checkpointer:
     for step in pending:
       step_dir = self.step_dir(step)
       if step_dir.is_dir():
-        write_manifest(step_dir)
+        if not (step_dir / MANIFEST_NAME).exists():  # one written at commit is whole
+          write_manifest(step_dir)
       else:
         logging.warning("Checkpoint step %d was not committed (see orbax "
                         "errors above); no manifest written.", step)
