@@ -41,6 +41,8 @@ def blockwise_shapes_one(rng, grid, num_masked, *, min_area=4, max_area=None,
   gh, gw = grid
   max_area = num_masked if max_area is None else max_area
   max_h, max_w = max(1, gh - 1), max(1, gw - 1)
+  if min(max_h, max_w) == 1:  # blocks one cell high or wide: runs along the long side
+    min_aspect = min(min_aspect, 1 / max(max_h, max_w))
   area_cap = min(max_area, _max_fit_area(grid, min_aspect))
   hidden = np.zeros(grid, bool)
   count = 0

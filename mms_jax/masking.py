@@ -27,6 +27,8 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 import numpy as np
 
+from mms_jax import errors
+
 STRATEGIES = ("random_patch", "blockwise", "span", "horizontal_block")
 MODES = ("single", "per_sample", "union", "multi_view")
 
@@ -95,6 +97,17 @@ def _columns_to_cells(columns, grid):
   return jnp.tile(columns, (1, grid[0]))
 
 
+def blockwise_min_aspect(grid, min_aspect):
+  """The aspect bound blockwise uses on `grid`: `min_aspect`, except on a grid where
+  blocks can be only one cell high or wide (a side of 1 or 2 cells), where no
+  rectangle above 1/min_aspect cells would fit the bound; there blocks are runs along
+  the long side, up to its length (aspect down to 1 / (long side - 1))."""
+  max_h, max_w = max(1, grid[0] - 1), max(1, grid[1] - 1)
+  if min(max_h, max_w) == 1:
+    return min(min_aspect, 1 / max(max_h, max_w))
+  return min_aspect
+
+
 def blockwise_shapes(rng, batch, grid, num_masked, *, min_area=4, max_area=None,
                      min_aspect=0.3, attempts=32):
   """BEiT-style rectangles, drawn as `attempts` sequential proposals per image.
@@ -102,7 +115,9 @@ def blockwise_shapes(rng, batch, grid, num_masked, *, min_area=4, max_area=None,
   Each proposal has an area uniform in [min_area, min(max_area, still to hide)] and an
   aspect ratio (height / width) log-uniform in [min_aspect, 1 / min_aspect]; its rounded
   height and width must keep the aspect in range and be strictly smaller than the grid
-  (a grid dimension of 1 allows 1). A proposal is accepted if it hides something new
+  (a grid dimension of 1 allows 1). On grids with a side of 1 or 2 cells the aspect
+  range widens so that blocks are runs (`blockwise_min_aspect`). A proposal is accepted
+  if it hides something new
   without exceeding `num_masked`. All images are processed at once; only the proposals
   are sequential.
 
@@ -115,6 +130,7 @@ def blockwise_shapes(rng, batch, grid, num_masked, *, min_area=4, max_area=None,
   max_area = num_masked if max_area is None else max_area
   max_h = max(1, gh - 1)
   max_w = max(1, gw - 1)
+  min_aspect = blockwise_min_aspect(grid, min_aspect)
   log_aspect = math.log(min_aspect)
 
   # The largest rectangle that fits the grid with its aspect in range caps the area,
@@ -375,7 +391,7 @@ def default_config():
   ))
 
 
-class MaskingConfigError(ValueError):
+class MaskingConfigError(errors.ConfigError):
   """A masking config field is invalid; the message names the field and the fix."""
 
 

@@ -150,7 +150,9 @@ def test_blockwise_draws_rectangles_within_the_aspect_range(grid, num_masked):
   accepted = blocks["accepted"]
   assert accepted.any(axis=1).all()
   h, w = blocks["height"][accepted], blocks["width"][accepted]
-  assert ((h / w >= 0.3 - 1e-6) & (h / w <= 1 / 0.3 + 1e-6)).all()
+  low = masking.blockwise_min_aspect(grid, 0.3)
+  assert low == (1 / 63 if grid[0] == 1 else 0.3)
+  assert ((h / w >= low - 1e-6) & (h / w <= 1 / low + 1e-6)).all()
   assert (h <= max(1, grid[0] - 1)).all() and (w <= grid[1] - 1).all()
   rebuilt = np.zeros_like(hidden)
   for b, a in zip(*np.nonzero(accepted)):
@@ -162,6 +164,20 @@ def test_blockwise_draws_rectangles_within_the_aspect_range(grid, num_masked):
   np.testing.assert_array_equal(rebuilt, hidden)
   assert (hidden.reshape(64, -1).sum(axis=1) <= num_masked).all()
   assert hidden.reshape(64, -1).sum(axis=1).mean() > 0.85 * num_masked
+
+
+@pytest.mark.parametrize("grid, num_masked", [((1, 256), 154), ((2, 64), 77)])
+def test_blockwise_stays_contiguous_on_thin_grids(grid, num_masked):
+  """On one- or two-row grids blocks are runs; a 0.3 aspect bound alone would allow
+  only runs of 1-3 cells there, and the mask would be nearly random."""
+  def runs_per_row(mask):
+    rows = mask.reshape(-1, grid[1]).astype(int)
+    return (np.diff(np.pad(rows, ((0, 0), (1, 0))), axis=1) == 1).sum(axis=1).mean()
+  shapes, _ = masking.blockwise_shapes(jax.random.key(0), 128, grid, num_masked)
+  assert np.asarray(shapes).sum(axis=1).mean() > 0.95 * num_masked  # before the top-up
+  block = _sample("blockwise", 0, 128, grid, num_masked)
+  patch = _sample("random_patch", 0, 128, grid, num_masked)
+  assert runs_per_row(block) < 0.2 * runs_per_row(patch)
 
 
 def test_blockwise_is_spatially_coherent_unlike_random_patch():
