@@ -7,6 +7,7 @@ they are not importable; the timm test runs only where timm is importable.
 import argparse
 import functools
 import json
+import logging
 import pathlib
 import subprocess
 import sys
@@ -264,6 +265,37 @@ def test_hf_pretraining_forward_rectangular_grid(tmp_path, rect):
   # ... and stay fixed when the model is trained, as in mms_jax.
   assert not hf_model.vit.embeddings.position_embeddings.requires_grad
   assert not hf_model.decoder.decoder_pos_embed.requires_grad
+
+
+def test_hf_pretraining_with_a_token_count_that_is_not_square(tmp_path, caplog):
+  """32x100 with 4x4 patches: 8 x 25 = 200 tokens. transformers' decoder builds a
+  14 x 14 table and cannot be constructed; load_hf_vitmae loads and matches ours."""
+  transformers = _transformers()
+  model, params, config = make_model(image_size=(32, 100))
+  with caplog.at_level(logging.WARNING):
+    cv.to_hf_vitmae(params, config, tmp_path)
+  assert 'load_hf_vitmae' in caplog.text
+  with pytest.raises(RuntimeError, match='size of tensor'):
+    transformers.ViTMAEForPreTraining.from_pretrained(tmp_path)
+  hf_model = cv.load_hf_vitmae(tmp_path)
+  np.testing.assert_array_equal(hf_model.decoder.decoder_pos_embed.detach().numpy(),
+                                vit.sincos_pos_embed_2d(32, (8, 25), True))
+  _compare_pretraining(model, hf_model, params, (32, 100), num_masked=150)
+  # The patched constructor is put back: a square model still gets its own table.
+  from transformers.models.vit_mae import modeling_vit_mae
+  assert modeling_vit_mae.ViTMAEDecoder.initialize_weights.__name__ == 'initialize_weights'
+  assert 'load_hf_vitmae' not in modeling_vit_mae.ViTMAEDecoder.initialize_weights.__qualname__
+
+
+def test_save_mms_checkpoint_keeps_the_decoder_fields(tmp_path, rect):
+  _, params, config = rect
+  bare = cv.ModelConfig(image_size=(32, 128), num_heads=2, decoder_num_heads=2)
+  _, run_config = cv.load_mms_checkpoint(cv.save_mms_checkpoint(params, bare, tmp_path / 'a'))
+  model = run_config['model']
+  assert (model['decoder_width'], model['decoder_depth'], model['decoder_num_heads']) == (32, 1, 2)
+  with pytest.raises(cv.ConversionError, match='decoder_num_heads'):
+    cv.save_mms_checkpoint(params, cv.ModelConfig(image_size=(32, 128), num_heads=2),
+                           tmp_path / 'b')
 
 
 def test_flax_torch_flax_round_trip_is_exact(tmp_path, rect):

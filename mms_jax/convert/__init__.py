@@ -19,6 +19,7 @@ Exported dicts hold numpy float32 arrays (`{k: torch.from_numpy(v)}` for torch).
 torch is imported only where a .pth file or a transformers model is involved;
 safetensors files are read and written with numpy.
 """
+import contextlib
 import dataclasses
 import json
 import logging
@@ -69,9 +70,10 @@ def to_hf_vitmae(params, config: ModelConfig, out_dir, *,
   """Writes a transformers ViTMAE directory: config.json, model.safetensors,
   preprocessor_config.json (uint8 RGB -> [-1, 1], the mms_jax input range).
 
-  With a decoder the directory loads with ViTMAEForPreTraining.from_pretrained,
-  without one (fine-tuned encoder, SimMIM params, with_decoder=False) with
-  ViTMAEModel.from_pretrained. The fixed position embeddings of the real grid
+  With a decoder the directory loads with ViTMAEForPreTraining.from_pretrained when
+  the token count is a square number, and with `load_hf_vitmae` always (transformers
+  cannot construct the decoder of e.g. 8 x 25 tokens); without one (fine-tuned
+  encoder, SimMIM params, with_decoder=False) with ViTMAEModel.from_pretrained. The fixed position embeddings of the real grid
   are stored in the safetensors; `load_hf_vitmae` additionally makes the
   pretraining head's patchify work on rectangular images.
   """
@@ -81,6 +83,13 @@ def to_hf_vitmae(params, config: ModelConfig, out_dir, *,
     with_decoder = 'decoder' in params
   (config if with_decoder else dataclasses.replace(config, decoder_width=None)).check_heads()
   hf_cfg = tl.hf_config(config, with_decoder)  # raises for non-square patches + decoder
+  gh, gw = config.grid
+  if with_decoder and int((gh * gw) ** 0.5) ** 2 != gh * gw:
+    logging.warning(
+        'The %dx%d token grid (%d tokens) is not a square number: transformers cannot '
+        'construct its ViTMAEDecoder, so load %s with mms_jax.convert.load_hf_vitmae '
+        '(ViTMAEForPreTraining.from_pretrained fails; ViTMAEModel.from_pretrained works).',
+        gh, gw, gh * gw, out_dir)
   sd = tl.to_state_dict(params, config, 'hf', with_decoder=with_decoder)
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -309,6 +318,11 @@ def save_mms_checkpoint(params, config: Optional[ModelConfig], workdir, *, step:
   `load_mms_checkpoint` read it. Returns the step directory. A workdir that already
   has a checkpoint at `step` is refused (ConversionError), never overwritten."""
   from mms_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  if config is not None:
+    config = config.with_shapes_of(tl.normalize_params(params))  # decoder fields from tensors
+    if config.has_decoder and config.decoder_num_heads is None:
+      raise ConversionError('the params have a decoder but the ModelConfig has no '
+                            'decoder_num_heads (head counts are not in the tensors); set it')
   run_config = config.to_run_config() if config is not None else {}
   run_config['program'] = 'convert'
   with checkpoints.Checkpointer(workdir, keep=1, async_save=False, program='convert') as ckpt:
@@ -398,9 +412,10 @@ def load_hf_vitmae(path, model_class=None, **kwargs):
   if model_class is None:
     pretraining = 'ViTMAEForPreTraining' in (cfg.architectures or [])
     model_class = transformers.ViTMAEForPreTraining if pretraining else transformers.ViTMAEModel
-  model = model_class.from_pretrained(path, **kwargs)
   size, patch = _pair(cfg.image_size), _pair(cfg.patch_size)
   grid = (size[0] // patch[0], size[1] // patch[1])
+  with _decoder_table_for_any_token_count():
+    model = model_class.from_pretrained(path, **kwargs)
   vit_model = getattr(model, 'vit', model)
   targets = [(vit_model.embeddings.position_embeddings, cfg.hidden_size)]
   if hasattr(model, 'decoder'):
@@ -417,6 +432,35 @@ def load_hf_vitmae(path, model_class=None, **kwargs):
     model.patchify = _GridPatchify(patch, cfg.num_channels)
     model.unpatchify = _GridUnpatchify(patch, grid, cfg.num_channels)
   return model.eval()
+
+
+@contextlib.contextmanager
+def _decoder_table_for_any_token_count():
+  """Lets transformers build a ViTMAEDecoder whose token count is not a square.
+
+  Its constructor fills the decoder position table with a sin-cos of an
+  int(sqrt(L)) x int(sqrt(L)) grid, which cannot be copied into the L + 1 rows when L
+  is not a perfect square (e.g. 8 x 25 tokens): construction fails. For such counts
+  the table is left as allocated (the mask token still gets its initialisation); the
+  checkpoint's real-grid table is loaded into it and checked by `load_hf_vitmae`.
+  """
+  from transformers.models.vit_mae import modeling_vit_mae  # pylint: disable=g-import-not-at-top
+  decoder = modeling_vit_mae.ViTMAEDecoder
+  square_init = decoder.initialize_weights
+
+  def initialize_weights(self, num_patches):
+    if int(num_patches ** 0.5) ** 2 == num_patches:
+      return square_init(self, num_patches)
+    import torch  # pylint: disable=g-import-not-at-top
+    with torch.no_grad():
+      torch.nn.init.normal_(self.mask_token, std=self.config.initializer_range)
+    return None
+
+  decoder.initialize_weights = initialize_weights
+  try:
+    yield
+  finally:
+    decoder.initialize_weights = square_init
 
 
 class _GridPatchify:
