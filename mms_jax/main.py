@@ -4,6 +4,8 @@
   python -m mms_jax.main --config=configs/pretrain.py:tiny --config.total_steps=50 ...
 
 The config's `program` field picks the trainer; re-running a workdir resumes it.
+A user error (bad config field, data path, checkpoint; errors.UserError) prints its
+message and exits with status 1; --verbose shows the traceback.
 """
 import importlib
 import logging as py_logging
@@ -13,11 +15,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mms_jax import errors
 from mms_jax.programs import PROGRAMS
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, pictures.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors (a bad "
+                             "config field, data path or checkpoint), not just the message.")
 
 
 def run(config, workdir):
@@ -48,7 +53,12 @@ def main(argv):
       "%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.set_verbosity(logging.INFO)
-  run(_CONFIG.value, _WORKDIR.value)
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except errors.UserError as e:
+    if _VERBOSE.value:
+      raise
+    errors.exit_with_message(e, "mms_jax.main")
 
 
 if __name__ == "__main__":

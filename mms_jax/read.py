@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from mms_jax import errors
 from mms_jax.data import labels
 from mms_jax.data import pipeline
 from mms_jax.data import tokenizer as tokenizer_lib
@@ -47,7 +48,7 @@ def define_flags():
   flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
 
 
-class ReadError(Exception):
+class ReadError(errors.UserError):
   """A workdir, checkpoint or argument that cannot be used; the message says why."""
 
 

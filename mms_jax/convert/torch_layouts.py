@@ -24,13 +24,14 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from mms_jax import errors
 from mms_jax.models import vit
 
 LAYOUTS = ('hf', 'timm', 'mae')
 StateDict = Dict[str, np.ndarray]
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
   """A checkpoint cannot be converted; the message names the tensor or field."""
 
 

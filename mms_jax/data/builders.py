@@ -66,6 +66,16 @@ def _metadata(builder) -> Mapping[str, Any]:
   return builder.info.metadata or {}
 
 
+def skip_counts(builder, splits: list[str]) -> formats.SkipCounts:
+  """The stored skip counts of `splits` of a prepared builder, summed."""
+  skips = _metadata(builder).get('skips', {})
+  total = formats.SkipCounts()
+  for split in splits:
+    if split in skips:
+      total.update(formats.SkipCounts.from_dict(skips[split]))
+  return total
+
+
 def log_skip_counts(builder, splits: Optional[list[str]] = None) -> None:
   """Logs the stored skip counts of `splits` (all by default) of a prepared builder."""
   skips = _metadata(builder).get('skips', {})

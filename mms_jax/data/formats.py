@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
@@ -39,6 +40,7 @@ import lmdb
 import numpy as np
 from PIL import Image
 
+from mms_jax import errors
 from mms_jax.data import labels as labels_lib
 
 Array = np.ndarray
@@ -65,7 +67,7 @@ BAD_ANNOTATION = 'bad_annotation'
 BAD_BOX = 'bad_box'
 
 
-class DataError(Exception):
+class DataError(errors.UserError):
   """A data path or data set that cannot be used; the message says how to fix it."""
 
 
@@ -78,28 +80,46 @@ class BadRecord(Exception):
 
 
 class SkipCounts:
-  """Counts skipped records per reason, and converted records per conversion."""
+  """Counts skipped records per reason, and converted records per conversion.
+
+  Safe to update from grain's reader threads (evaluation reads with several).
+  """
 
   def __init__(self, skipped: Optional[Mapping[str, int]] = None,
                converted: Optional[Mapping[str, int]] = None):
     self.skipped = collections.Counter(skipped or {})
     self.converted = collections.Counter(converted or {})
     self.read = 0
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != '_lock'}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
 
   def skip(self, reason: str, n: int = 1) -> None:
-    self.skipped[reason] += n
+    with self._lock:
+      self.skipped[reason] += n
 
   def convert(self, what: str, n: int = 1) -> None:
-    self.converted[what] += n
+    with self._lock:
+      self.converted[what] += n
+
+  def count_read(self, n: int = 1) -> None:
+    with self._lock:
+      self.read += n
 
   @property
   def total(self) -> int:
     return sum(self.skipped.values())
 
   def update(self, other: 'SkipCounts') -> None:
-    self.skipped.update(other.skipped)
-    self.converted.update(other.converted)
-    self.read += other.read
+    with self._lock:
+      self.skipped.update(other.skipped)
+      self.converted.update(other.converted)
+      self.read += other.read
 
   def to_dict(self) -> dict[str, Any]:
     return {'read': self.read, 'skipped': dict(sorted(self.skipped.items())),
@@ -293,7 +313,7 @@ class Reader:
       self.skips.skip(e.reason)
       logging.debug('skipped %s: %s', self.key(index), e)
       return None
-    self.skips.read += 1
+    self.skips.count_read()
     return example
 
   def examples(self) -> Iterator[tuple[str, Example]]:

@@ -46,6 +46,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
+from mms_jax import errors
 from mms_jax.data import builders
 from mms_jax.data import formats
 
@@ -76,7 +77,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.size = dict(builders.DEFAULT_SYNTHETIC_SIZES)
   c.synthetic = ml_collections.ConfigDict(dict(seed=0))  # seed: every split's data
   c.synthetic_train = ml_collections.ConfigDict()
-  c.splits = ml_collections.ConfigDict()
+  # Tree sub-path(s) per split; None: the split's own name. Set one on the command
+  # line with --config.data.splits.train=train/real (other names: the dict form).
+  c.splits = ml_collections.ConfigDict(
+      {name: ml_collections.config_dict.placeholder(str) for name in ('train', 'val', 'test')})
   c.charset = ''  # '' keeps labels as stored (stripped); '36', '94', ...
   c.max_label_length = 25
   c.case_sensitive = ml_collections.config_dict.placeholder(bool)
@@ -132,12 +136,12 @@ def validate(data_config) -> None:
   """Raises ValueError / formats.DataError with the fix, before any work."""
   source = _get(data_config, 'source', None)
   if source not in SOURCES:
-    raise ValueError(f'data_config.source={source!r}; expected one of {SOURCES}.')
+    raise errors.ConfigError(f'data_config.source={source!r}; expected one of {SOURCES}.')
   reader = _get(data_config, 'reader', 'tfds')
   if reader not in READERS:
-    raise ValueError(f'data_config.reader={reader!r}; expected one of {READERS}.')
+    raise errors.ConfigError(f'data_config.reader={reader!r}; expected one of {READERS}.')
   if reader == 'tfds' and not _get(data_config, 'data_dir', ''):
-    raise ValueError('data_config.data_dir is empty: set it to a writable folder '
+    raise errors.ConfigError('data_config.data_dir is empty: set it to a writable folder '
                      'where the TFDS array_record files are built.')
   if source != 'synthetic':
     path = _get(data_config, 'path', '')
@@ -151,18 +155,22 @@ def validate(data_config) -> None:
   if charset:
     from mms_jax.data import labels  # pylint: disable=g-import-not-at-top
     if len(labels.get_charset(charset)) < 2:
-      raise ValueError(f'data_config.charset={charset!r} is not a charset.')
+      raise errors.ConfigError(f'data_config.charset={charset!r} is not a charset.')
 
 
 # ----------------------------------------------------------------- sources ----
 
 
 class NamedSource(grain.RandomAccessDataSource):
-  """Wraps a random-access source with a stable repr (checked on state restore)."""
+  """Wraps a random-access source with a stable repr (checked on state restore).
 
-  def __init__(self, source, name: str):
+  `skips`: the records left out when the data set was built (formats.SkipCounts).
+  """
+
+  def __init__(self, source, name: str, skips: Optional[formats.SkipCounts] = None):
     self._source = source
     self._name = name
+    self.skips = skips if skips is not None else formats.SkipCounts()
 
   def __len__(self) -> int:
     return len(self._source)
@@ -207,9 +215,18 @@ class SyntheticSource(grain.RandomAccessDataSource):
 
 
 def _resolve_subpath(data_config, split: str) -> str:
+  """The tree sub-path of a split: config.data.splits, else the source's default,
+  else the split's own name. Unlabeled data without a `train/` folder (the Union14M-U
+  release: book32_lmdb/, cc_lmdb/, ... under one root) trains on the whole tree."""
   source = _get(data_config, 'source')
-  splits = _to_dict(_get(data_config, 'splits', None))
-  return splits.get(split, DEFAULT_SPLITS.get(source, {}).get(split, split))
+  mapped = _to_dict(_get(data_config, 'splits', None)).get(split)
+  if mapped is not None:
+    return mapped
+  if source == 'unlabeled' and split == 'train':
+    root = os.path.expanduser(_get(data_config, 'path', '') or '')
+    if not os.path.isdir(os.path.join(root, 'train')):
+      return '.'
+  return DEFAULT_SPLITS.get(source, {}).get(split, split)
 
 
 def list_benchmarks(data_config, split: str) -> list[str]:
@@ -278,7 +295,8 @@ def make_source(data_config, split: str):
   builders.log_skip_counts(builder, names)
   spec = '+'.join(names)
   return NamedSource(builder.as_data_source(split=spec),
-                     f'{builder.name}/{builder.builder_config.name}:{spec}')
+                     f'{builder.name}/{builder.builder_config.name}:{spec}',
+                     skips=builders.skip_counts(builder, names))
 
 
 # -------------------------------------------------------------- transforms ----

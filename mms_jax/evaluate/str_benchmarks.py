@@ -40,7 +40,7 @@ UNION14M = ('curve', 'multi_oriented', 'artistic', 'contextless', 'salient',
             'multi_words', 'general')
 
 AVERAGE = 'average'
-COLUMNS = ('benchmark', 'num', 'word_accuracy', 'one_minus_ned')
+COLUMNS = ('benchmark', 'num', 'word_accuracy', 'one_minus_ned', 'skipped')
 
 
 def expected_size(name: str) -> Optional[int]:
@@ -59,12 +59,15 @@ def evaluate_dataset(predict: Callable[[np.ndarray], Sequence[str]], data_config
 
   Every process reads the whole data set (one shard): in a multi-process run the
   jitted predict then sees the same batches everywhere, and every process ends with
-  the same counts.
+  the same counts. The counts also hold `skipped` (records left out as unreadable or
+  outside the label filter, when reading or when the TFDS data was built) and
+  `skip_reasons` {reason: count}.
   """
   total = text_metrics.add_counts()
-  loader = pipeline.make_pipeline(data_config, split, batch_size, train=False,
-                                  image_size=tuple(image_size), worker_count=0,
-                                  shard_index=0, shard_count=1)
+  source = pipeline.make_source(data_config, split)
+  loader = iter(pipeline.make_loader(data_config, split, batch_size,
+                                     image_size=tuple(image_size), worker_count=0,
+                                     shard_index=0, shard_count=1, source=source))
   for i, batch in enumerate(loader):
     if max_batches is not None and i >= max_batches:
       break
@@ -74,7 +77,18 @@ def evaluate_dataset(predict: Callable[[np.ndarray], Sequence[str]], data_config
                                                                case_sensitive))
     if on_batch is not None:
       on_batch(batch, preds)
-  return total
+  skips = getattr(source, 'skips', None)
+  reasons = dict(sorted(skips.skipped.items())) if skips is not None else {}
+  return {**total, 'skipped': sum(reasons.values()), 'skip_reasons': reasons}
+
+
+def display_name(data_config, name: str) -> str:
+  """A benchmark's row name: its tree-relative path, or the folder's own name when
+  data.path is the benchmark itself (the path '.')."""
+  if os.path.normpath(name) == '.':
+    return os.path.basename(os.path.normpath(os.path.expanduser(data_config.get('path') or
+                                                                '.'))) or name
+  return name
 
 
 def evaluate(predict, data_config, split: str, *, batch_size: int, image_size,
@@ -82,31 +96,39 @@ def evaluate(predict, data_config, split: str, *, batch_size: int, image_size,
              max_batches: Optional[int] = None, on_batch=None) -> list[dict]:
   """Rows {benchmark, num, word_accuracy, one_minus_ned} per benchmark of `split`,
   then the sample-weighted average (when there are several)."""
-  rows, all_counts = [], []
+  rows, all_counts, skipped = [], [], 0
   for name in pipeline.list_benchmarks(data_config, split):
     c = evaluate_dataset(predict, data_config, name, batch_size=batch_size,
                          image_size=image_size, charset=charset,
                          case_sensitive=case_sensitive, max_batches=max_batches,
                          on_batch=on_batch)
-    expected = expected_size(name)
+    shown = display_name(data_config, name)
+    if c['skipped']:
+      reasons = ', '.join(f'{k}={v}' for k, v in c['skip_reasons'].items())
+      logging.warning('Benchmark %s: %d record(s) skipped and not scored (%s).', shown,
+                      c['skipped'], reasons)
+    expected = expected_size(shown)
     if expected is not None and max_batches is None and c['num'] != expected:
       logging.warning('Benchmark %s has %d samples, the protocol expects %d (check the '
-                      'charset / max_label_length filtering).', name, c['num'], expected)
-    rows.append({'benchmark': name, **text_metrics.summarize(c)})
-    all_counts.append(c)
+                      'charset / max_label_length filtering).', shown, c['num'], expected)
+    rows.append({'benchmark': shown, **text_metrics.summarize(c), 'skipped': c['skipped']})
+    all_counts.append({k: c[k] for k in text_metrics.add_counts()})
+    skipped += c['skipped']
   if len(rows) > 1:
     rows.append({'benchmark': AVERAGE,
-                 **text_metrics.summarize(text_metrics.add_counts(*all_counts))})
+                 **text_metrics.summarize(text_metrics.add_counts(*all_counts)),
+                 'skipped': skipped})
   return rows
 
 
 def format_table(rows: Sequence[dict], title: str = '') -> str:
   """A markdown table; accuracies in percent with two decimals."""
   lines = [f'### {title}', ''] if title else []
-  lines += ['| benchmark | num | word acc (%) | 1 - NED (%) |', '|---|---:|---:|---:|']
+  lines += ['| benchmark | num | word acc (%) | 1 - NED (%) | skipped |',
+            '|---|---:|---:|---:|---:|']
   for r in rows:
     lines.append(f"| {r['benchmark']} | {r['num']} | {100 * r['word_accuracy']:.2f} | "
-                 f"{100 * r['one_minus_ned']:.2f} |")
+                 f"{100 * r['one_minus_ned']:.2f} | {r.get('skipped', 0)} |")
   return '\n'.join(lines) + '\n'
 
 

@@ -63,6 +63,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mms_jax import errors
+
 MANIFEST_NAME = "mms_manifest.json"
 CHECKPOINTS_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -77,7 +79,7 @@ _HASH = "sha256"
 PyTree = Any
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
   """An explicitly requested checkpoint is missing, unreadable or corrupt."""
 
 

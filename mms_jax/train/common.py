@@ -19,11 +19,12 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mms_jax import errors
+
 BATCH_AXES = ("data", "fsdp")
 
 
-class ConfigError(ValueError):
-  """A config field is invalid; the message names the field and the fix."""
+ConfigError = errors.ConfigError  # a field is invalid; the message names it and the fix
 
 
 def encoder_options(model_config):

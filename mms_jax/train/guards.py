@@ -5,8 +5,10 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from mms_jax import errors
 
-class NonFiniteError(FloatingPointError):
+
+class NonFiniteError(errors.UserError, FloatingPointError):
   """A training metric became NaN or Inf.
 
   Attributes:

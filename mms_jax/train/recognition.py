@@ -17,6 +17,7 @@ import optax
 from PIL import Image
 from PIL import ImageDraw
 
+from mms_jax.data import formats
 from mms_jax.data import labels as labels_lib
 from mms_jax.data import pipeline
 from mms_jax.data import tokenizer as tokenizer_lib
@@ -67,7 +68,26 @@ def check_config(config):
   if not 0 <= config.loss.label_smoothing < 1:
     raise common.ConfigError("config.loss.label_smoothing must be in [0, 1)")
   pipeline.validate(config.data)
+  check_benchmarks_path(config)
   return tokenizer_lib.Tokenizer(charset, m.head)
+
+
+def check_benchmarks_path(config):
+  """config.eval.benchmarks_path, if set, must hold LMDB benchmarks: checked before any
+  compiling or scoring, with the field's name in the message."""
+  path = config.eval.get("benchmarks_path")
+  if not path:
+    return
+  fix = ("set it to a folder of STR LMDB benchmarks (<path>/<name>/data.mdb, or one "
+         "benchmark's own folder; docs/recognition.md) or to '' to skip them")
+  if not os.path.isdir(os.path.expanduser(path)):
+    raise common.ConfigError(f"config.eval.benchmarks_path={path!r} is not a folder: {fix}")
+  _, data, split = eval_targets(config)[-1]
+  try:
+    pipeline.list_benchmarks(data, split)
+  except (formats.DataError, ValueError) as e:
+    raise common.ConfigError(f"config.eval.benchmarks_path={path!r} "
+                             f"(config.eval.benchmarks_split={split!r}): {e}; {fix}") from None
 
 
 def build_model(config, tokenizer):
@@ -171,7 +191,7 @@ def run_evals(predict, config, workdir, step, writer, picture=True):
       str_benchmarks.write_tables(rows, workdir, f"eval_{name}", title)
       print(str_benchmarks.format_table(rows, title), flush=True)
     writer.write_scalars(step, {f"eval/{name}/{r['benchmark']}/{k}": r[k] for r in rows
-                                for k in ("word_accuracy", "one_minus_ned")})
+                                for k in ("word_accuracy", "one_minus_ned", "skipped")})
   if picture and kept and config.get("picture_every", 1) and jax.process_index() == 0:
     path = os.path.join(workdir, f"predictions_{step:07d}.png")
     prediction_picture(kept, path, eval_charset)
