@@ -204,6 +204,7 @@ class MetricWriter:
 
   def __init__(self, workdir):
     self._events = self._jsonl = None
+    self.total_steps = None  # shown as [step/total] once set
     if jax.process_index() == 0:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self._events = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -213,10 +214,22 @@ class MetricWriter:
     if self._events is None:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    logging.info("[%d] %s", step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
+    logging.info("%s", self.console_line(step, scalars))
     for name, value in scalars.items():
       self._events.add_scalar(name, value, step)
     self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+
+  def console_line(self, step, scalars):
+    """'[300/6000] loss=2.889, lr=0.0009967 | 51.0 img/s, eta 59m34s'."""
+    prefix = f"[{step}/{self.total_steps}]" if self.total_steps else f"[{step}]"
+    shown = {k: v for k, v in scalars.items() if k not in ("images_per_sec", "eta_hours")}
+    line = f"{prefix} " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()))
+    speed = []
+    if "images_per_sec" in scalars:
+      speed.append(f"{scalars['images_per_sec']:.1f} img/s")
+    if "eta_hours" in scalars:
+      speed.append(f"eta {format_duration(scalars['eta_hours'] * 3600)}")
+    return line + (" | " + ", ".join(speed) if speed else "")
 
   def write_image(self, step, name, image_uint8):
     if self._events is not None:
@@ -231,6 +244,16 @@ class MetricWriter:
     if self._events is not None:
       self._events.close()
       self._jsonl.close()
+
+
+def format_duration(seconds):
+  """3725.2 -> '1h02m', 372.4 -> '6m12s', 42 -> '42s'."""
+  seconds = max(0, int(round(seconds)))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f"{hours}h{minutes:02d}m"
+  return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class Throughput:

@@ -223,6 +223,7 @@ def train_and_evaluate(config, workdir):
   if not config.get("total_steps"):  # num_epochs: count the training set
     num_train = len(pipeline.make_source(config.data, "train"))
   total_steps = common.total_steps(config, num_train)
+  writer.total_steps = total_steps
   config.unlock()
   config.total_steps = total_steps
   config.lock()

@@ -326,6 +326,7 @@ def train_and_evaluate(config, workdir):
   if not config.get("total_steps") and not config.eval_only:
     num_train = len(pipeline.make_source(config.data, config.train_split))
   total_steps = common.total_steps(config, num_train) if not config.eval_only else 0
+  writer.total_steps = total_steps
   height, width = config.image_size
   recognizer = None
   if config.get("sr_eval_recognizer"):
