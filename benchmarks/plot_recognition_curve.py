@@ -42,7 +42,7 @@ def eval_minutes(run):
     return {}
   start, out = None, {}
   for line in open(log):
-    m = re.match(r"(\d\d:\d\d:\d\d) INFO (?:Starting at step|\[(\d+)\] eval/)", line)
+    m = re.match(r"(\d\d:\d\d:\d\d) INFO (?:Starting at step|\[(\d+)(?:/\d+)?\] eval/)", line)
     if not m:
       continue
     t = datetime.datetime.strptime(m.group(1), "%H:%M:%S")

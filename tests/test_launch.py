@@ -148,7 +148,7 @@ def test_preempted_processes_resume_to_the_uninterrupted_result(tmp_path):
   launcher = _start(_local(2, workdir, *steps, log_dir=first), tmp_path / "launcher.log",
                     _env())
   deadline = time.time() + TIMEOUT
-  while " INFO [3] " not in _text(first / "process_0.log"):
+  while " INFO [3/" not in _text(first / "process_0.log"):
     if launcher.poll() is not None or time.time() > deadline:
       _finish([launcher], timeout=1)
       pytest.fail("the run ended or hung before step 3:\n" +

@@ -123,7 +123,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
                    "--config.checkpoint.every=100000"),
       cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
   log = []
-  while not any("[3]" in line for line in log):
+  while not any("[3/" in line for line in log):  # the [step/total] log line of step 3
     line = process.stderr.readline()
     assert line or process.poll() is None, "".join(log)
     log.append(line)
