@@ -32,7 +32,7 @@ Variants (`--config=configs/finetune_recognition.py:VARIANT`):
   python -m mms_jax.main --config=configs/finetune_recognition.py --workdir=workdirs/rec \
       --config.eval_only=True                       # score the latest checkpoint
   --config.freeze_encoder=True                       # frozen-encoder probe
-  --config.model.head=ar                             # autoregressive head instead of CTC
+  --config.model.head=ar     # AR head instead of CTC (slower to learn here: docs/results.md)
   --config.eval.benchmarks_path=/data/str/test       # + the LMDB benchmarks
 """
 import ml_collections

@@ -73,7 +73,8 @@ def to_hf_vitmae(params, config: ModelConfig, out_dir, *,
   With a decoder the directory loads with ViTMAEForPreTraining.from_pretrained when
   the token count is a square number, and with `load_hf_vitmae` always (transformers
   cannot construct the decoder of e.g. 8 x 25 tokens); without one (fine-tuned
-  encoder, SimMIM params, with_decoder=False) with ViTMAEModel.from_pretrained. The fixed position embeddings of the real grid
+  encoder, SimMIM params, with_decoder=False) with ViTMAEModel.from_pretrained.
+  The fixed position embeddings of the real grid
   are stored in the safetensors; `load_hf_vitmae` additionally makes the
   pretraining head's patchify work on rectangular images.
   """

@@ -11,10 +11,11 @@ plus `mms_manifest.json`: size and sha256 of every file. With asynchronous saves
 is written inside orbax's temporary directory after every host's files are written and
 before the directory is renamed into place, so it commits with the checkpoint: a
 process killed at any moment leaves either no step directory or one with its
-manifest. (Synchronous saves write it right after the commit.) orbax does not detect bytes flipped
-inside an array file, so a checkpoint without a valid manifest is treated as
-corrupt: it is moved to `<workdir>/checkpoints_corrupt/<step>` (never deleted)
-and the previous good checkpoint is used.
+manifest. (Synchronous saves write it right after the commit.) orbax does not
+detect bytes flipped inside an array file, so a checkpoint without a valid
+manifest is treated as corrupt: it is moved to
+`<workdir>/checkpoints_corrupt/<step>` (never deleted) and the previous good
+checkpoint is used.
 
 Restore priority (`restore_or_initialize`), the same in every program:
   1. the latest good checkpoint of this workdir,
