@@ -360,4 +360,3 @@ def test_check_finite_names_array_metric_and_passes_finite():
   with pytest.raises(guards.NonFiniteError, match="grad_norm=inf"):
     guards.check_finite({"loss": 0.5,
                          "grad_norm": jnp.array([1.0, jnp.inf])}, step=2)
-

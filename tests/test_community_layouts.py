@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, load_config, main_command, subprocess_env
+from mms_jax.data import formats
 from mms_jax.data import pipeline
 from mms_jax.evaluate import str_benchmarks
 from mms_jax.train import common
@@ -131,7 +132,7 @@ def test_union14m_u_release_layout_trains_on_the_whole_tree(zoo, tmp_path, reade
   # A tree that has a train/ folder keeps using it.
   (zoo / "union14m_u" / "train").mkdir(exist_ok=True)
   try:
-    with pytest.raises(Exception, match="train"):
+    with pytest.raises(formats.DataError, match="train"):
       pipeline.make_source(data, "train")
   finally:
     (zoo / "union14m_u" / "train").rmdir()
