@@ -3,8 +3,9 @@
 A `UserError` is a bad config field, a missing or unusable data path, a corrupt or
 missing checkpoint, a metric that became NaN: its message names the problem and the
 fix. `mms_jax.main` prints just that message and exits with status 1 (`--verbose`
-re-raises it with its traceback); `mms_jax.read` and the converter CLI print their
-errors the same way. Anything else is a bug and keeps its traceback.
+re-raises it with its traceback); `mms_jax.read` and the converter CLI also print
+theirs as one line (they have no --verbose). Anything else is a bug and keeps its
+traceback.
 """
 import sys
 

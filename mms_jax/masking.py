@@ -117,9 +117,8 @@ def blockwise_shapes(rng, batch, grid, num_masked, *, min_area=4, max_area=None,
   height and width must keep the aspect in range and be strictly smaller than the grid
   (a grid dimension of 1 allows 1). On grids with a side of 1 or 2 cells the aspect
   range widens so that blocks are runs (`blockwise_min_aspect`). A proposal is accepted
-  if it hides something new
-  without exceeding `num_masked`. All images are processed at once; only the proposals
-  are sequential.
+  if it hides something new without exceeding `num_masked`. All images are processed at
+  once; only the proposals are sequential.
 
   Returns:
     preferred: bool[B, L], the union of accepted rectangles (<= num_masked cells).

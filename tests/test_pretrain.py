@@ -193,9 +193,7 @@ def test_cpu_micro_batches_match_one_batch():
 
 
 def test_console_line_reads_like_progress():
-  writer = common.MetricWriter.__new__(common.MetricWriter)
-  writer.total_steps = 6000
-  line = writer.console_line(300, {"loss": 2.889, "images_per_sec": 51.04,
-                                   "eta_hours": 3574 / 3600})
+  line = common.console_line(300, {"loss": 2.889, "images_per_sec": 51.04,
+                                   "eta_hours": 3574 / 3600}, total_steps=6000)
   assert line == "[300/6000] loss=2.889 | 51.0 img/s, eta 59m34s"
   assert [common.format_duration(s) for s in (42, 372.4, 3725.2)] == ["42s", "6m12s", "1h02m"]

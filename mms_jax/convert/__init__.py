@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import pathlib
 import pickle
 import warnings
@@ -85,7 +86,7 @@ def to_hf_vitmae(params, config: ModelConfig, out_dir, *,
   (config if with_decoder else dataclasses.replace(config, decoder_width=None)).check_heads()
   hf_cfg = tl.hf_config(config, with_decoder)  # raises for non-square patches + decoder
   gh, gw = config.grid
-  if with_decoder and int((gh * gw) ** 0.5) ** 2 != gh * gw:
+  if with_decoder and not _is_square(gh * gw):
     logging.warning(
         'The %dx%d token grid (%d tokens) is not a square number: transformers cannot '
         'construct its ViTMAEDecoder, so load %s with mms_jax.convert.load_hf_vitmae '
@@ -435,6 +436,11 @@ def load_hf_vitmae(path, model_class=None, **kwargs):
   return model.eval()
 
 
+def _is_square(n: int) -> bool:
+  """Whether transformers' ViTMAEDecoder (an isqrt(n) x isqrt(n) table) can hold n tokens."""
+  return math.isqrt(n) ** 2 == n
+
+
 @contextlib.contextmanager
 def _decoder_table_for_any_token_count():
   """Lets transformers build a ViTMAEDecoder whose token count is not a square.
@@ -450,7 +456,7 @@ def _decoder_table_for_any_token_count():
   square_init = decoder.initialize_weights
 
   def initialize_weights(self, num_patches):
-    if int(num_patches ** 0.5) ** 2 == num_patches:
+    if _is_square(num_patches):
       return square_init(self, num_patches)
     import torch  # pylint: disable=g-import-not-at-top
     with torch.no_grad():

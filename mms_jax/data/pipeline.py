@@ -142,7 +142,7 @@ def validate(data_config) -> None:
     raise errors.ConfigError(f'data_config.reader={reader!r}; expected one of {READERS}.')
   if reader == 'tfds' and not _get(data_config, 'data_dir', ''):
     raise errors.ConfigError('data_config.data_dir is empty: set it to a writable folder '
-                     'where the TFDS array_record files are built.')
+                             'where the TFDS array_record files are built.')
   if source != 'synthetic':
     path = _get(data_config, 'path', '')
     if not path:

@@ -214,22 +214,10 @@ class MetricWriter:
     if self._events is None:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    logging.info("%s", self.console_line(step, scalars))
+    logging.info("%s", console_line(step, scalars, self.total_steps))
     for name, value in scalars.items():
       self._events.add_scalar(name, value, step)
     self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
-
-  def console_line(self, step, scalars):
-    """'[300/6000] loss=2.889, lr=0.0009967 | 51.0 img/s, eta 59m34s'."""
-    prefix = f"[{step}/{self.total_steps}]" if self.total_steps else f"[{step}]"
-    shown = {k: v for k, v in scalars.items() if k not in ("images_per_sec", "eta_hours")}
-    line = f"{prefix} " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()))
-    speed = []
-    if "images_per_sec" in scalars:
-      speed.append(f"{scalars['images_per_sec']:.1f} img/s")
-    if "eta_hours" in scalars:
-      speed.append(f"eta {format_duration(scalars['eta_hours'] * 3600)}")
-    return line + (" | " + ", ".join(speed) if speed else "")
 
   def write_image(self, step, name, image_uint8):
     if self._events is not None:
@@ -244,6 +232,19 @@ class MetricWriter:
     if self._events is not None:
       self._events.close()
       self._jsonl.close()
+
+
+def console_line(step, scalars, total_steps=None):
+  """'[300/6000] loss=2.889, lr=0.0009967 | 51.0 img/s, eta 59m34s'."""
+  prefix = f"[{step}/{total_steps}]" if total_steps else f"[{step}]"
+  shown = {k: v for k, v in scalars.items() if k not in ("images_per_sec", "eta_hours")}
+  line = f"{prefix} " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()))
+  speed = []
+  if "images_per_sec" in scalars:
+    speed.append(f"{scalars['images_per_sec']:.1f} img/s")
+  if "eta_hours" in scalars:
+    speed.append(f"eta {format_duration(scalars['eta_hours'] * 3600)}")
+  return line + (" | " + ", ".join(speed) if speed else "")
 
 
 def format_duration(seconds):
