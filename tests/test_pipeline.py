@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mms_jax import errors
 from mms_jax.data import builders
 from mms_jax.data import formats
 from mms_jax.data import pipeline
@@ -385,3 +386,56 @@ def test_synthetic_train_overrides_are_validated_and_named(tmp_path):
   names = {builders.synthetic_config({}, {'train': 8}, overrides).name
            for overrides in (None, {}, {'max_label_length': 5})}
   assert len(names) == 2
+
+
+def _curriculum_config(train_size=64, **curriculum):
+  return _config(source='synthetic', reader='direct',
+                 size={'train': train_size, 'val': 8},
+                 synthetic_train={'clean_fraction': 1.0, 'hard_fraction': 1.0},
+                 curriculum=curriculum)
+
+
+def test_curriculum_ramps_the_training_mixture_by_step():
+  # Steps 0-1 clean (fraction 1.0, then 0.5 at step 1: 2 steps to zero); steps 2-3
+  # normal; step 4 on hard (fraction 1 from hard_end_step=4).
+  config = _curriculum_config(clean_until_step=2, hard_start_step=3, hard_end_step=4)
+  batch = 4
+  it = pipeline.make_pipeline(config, 'train', batch, train=True, seed=0)
+  batches = [next(it) for _ in range(5)]
+  from mms_jax.data import synthetic
+  generator = synthetic.SyntheticGenerator(synthetic.SyntheticConfig.from_dict(
+      builders.synthetic_split_config({'seed': 0}, 'train',
+                                      {'clean_fraction': 1.0, 'hard_fraction': 1.0})))
+  expected = {0: (1.0, 0.0), 1: (0.5, 0.0), 2: (0.0, 0.0), 3: (0.0, 0.0), 4: (0.0, 1.0)}
+  for step, (clean, hard) in expected.items():
+    for row in range(batch):
+      want = generator.sample(step * batch + row, clean, hard)  # read in order
+      np.testing.assert_allclose(batches[step]['image'][row],
+                                 want['image'].astype(np.float32) / 127.5 - 1.0, atol=1e-6)
+  # Step 0 is all clean: black text on a white background.
+  assert all((b == 1.0).mean() > 0.3 for b in batches[0]['image'])
+  # The state resumes the ramp at the saved step.
+  state = it.get_state()
+  again = pipeline.make_pipeline(config, 'train', batch, train=True, seed=0)
+  again.set_state(state)
+  np.testing.assert_array_equal(next(again)['image'], next(it)['image'])
+
+
+def test_curriculum_is_refused_where_it_cannot_apply(tmp_path):
+  with pytest.raises(errors.ConfigError, match='hard_end_step=2 must be after'):
+    pipeline.validate(_curriculum_config(hard_start_step=2, hard_end_step=2))
+  with pytest.raises(errors.ConfigError, match='clean_until_step=-1'):
+    pipeline.validate(_curriculum_config(clean_until_step=-1))
+  tfds = _curriculum_config(clean_until_step=10)
+  tfds.reader, tfds.data_dir = 'tfds', str(tmp_path)
+  with pytest.raises(errors.ConfigError, match='reader=direct'):
+    pipeline.validate(tfds)
+  with pytest.raises(errors.ConfigError, match='raise data.size.train'):
+    pipeline.check_curriculum_fits(_curriculum_config(train_size=64, clean_until_step=1),
+                                   total_steps=17, global_batch_size=4)
+  pipeline.check_curriculum_fits(_curriculum_config(train_size=64, clean_until_step=1),
+                                 total_steps=16, global_batch_size=4)
+  # Evaluation pipelines over the train split keep the config's fractions.
+  evaluated = pipeline.make_pipeline(_curriculum_config(clean_until_step=1), 'train', 4,
+                                     train=False)
+  assert next(iter(evaluated))['image'].shape == (4, 32, 128, 3)

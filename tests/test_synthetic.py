@@ -1,5 +1,6 @@
 """Tests of the synthetic text-image generator and font discovery."""
 
+import concurrent.futures
 import dataclasses
 import os
 import subprocess
@@ -306,3 +307,15 @@ def test_hard_fraction_draws_some_samples_at_the_hard_difficulty(gen):
     same_as_hard += np.array_equal(m['image'], hard.sample(i)['image'])
     same_as_normal += np.array_equal(m['image'], gen.sample(i)['image'])
   assert same_as_hard + same_as_normal == 30 and 5 <= same_as_hard <= 25
+
+
+def test_one_generator_serves_concurrent_threads_with_a_mixture():
+  # grain reads a source from 8 threads; a hard/normal mixture must not let one
+  # sample's difficulty leak into another's (a shared per-sample style once did).
+  mixed = synthetic.SyntheticGenerator(_config(hard_fraction=0.5))
+  sequential = [mixed.sample(i)['image'] for i in range(48)]
+  shared = synthetic.SyntheticGenerator(_config(hard_fraction=0.5))
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    threaded = list(pool.map(lambda i: shared.sample(i)['image'], range(48)))
+  for i, (want, got) in enumerate(zip(sequential, threaded)):
+    np.testing.assert_array_equal(got, want, err_msg=f'sample {i}')

@@ -27,6 +27,10 @@ Batches:
   synthetic: SyntheticConfig fields.
   synthetic_train: SyntheticConfig fields for the 'train' split only (e.g. easier
     labels), leaving the evaluation splits as they are.
+  curriculum: a training mixture that changes with the step (synthetic, direct
+    reader): synthetic_train.clean_fraction falls linearly to 0 at `clean_until_step`;
+    synthetic_train.hard_fraction rises linearly from 0 at `hard_start_step` to its
+    value at `hard_end_step`. 0 (the default) keeps a fraction constant.
   splits: {split: tree sub-path(s)}, e.g. {'train': 'train/real', 'test': 'evaluation'}.
   charset, max_label_length, case_sensitive, max_aspect, max_pixels: read options.
   keep_aspect, augment: preprocessing; worker_count, read_threads, prefetch: grain.
@@ -77,6 +81,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.size = dict(builders.DEFAULT_SYNTHETIC_SIZES)
   c.synthetic = ml_collections.ConfigDict(dict(seed=0))  # seed: every split's data
   c.synthetic_train = ml_collections.ConfigDict()
+  c.curriculum = ml_collections.ConfigDict(
+      dict(clean_until_step=0, hard_start_step=0, hard_end_step=0))
   # Tree sub-path(s) per split; None: the split's own name. Set one on the command
   # line with --config.data.splits.train=train/real (other names: the dict form).
   c.splits = ml_collections.ConfigDict(
@@ -151,11 +157,73 @@ def validate(data_config) -> None:
           '(see docs/data.md for the expected layout).')
     formats.check_path(os.path.expanduser(path), f'{source} data root',
                        'Set data_config.path to an existing folder (see docs/data.md).')
+  curriculum = Curriculum.from_config(data_config)
+  if curriculum.active and (source != 'synthetic' or reader != 'direct'):
+    raise errors.ConfigError(
+        f'data_config.curriculum={curriculum} needs generated training images '
+        f'(data.source=synthetic, data.reader=direct), not source={source!r}, '
+        f'reader={reader!r}: built data sets are fixed. Set the curriculum steps to 0 '
+        'or use the direct reader.')
   charset = _get(data_config, 'charset', '')
   if charset:
     from mms_jax.data import labels  # pylint: disable=g-import-not-at-top
     if len(labels.get_charset(charset)) < 2:
       raise errors.ConfigError(f'data_config.charset={charset!r} is not a charset.')
+
+
+# -------------------------------------------------------------- curriculum ----
+
+
+@dataclasses.dataclass(frozen=True)
+class Curriculum:
+  """The training mixture as a function of the step (see `default_config`)."""
+  clean_until_step: int = 0
+  hard_start_step: int = 0
+  hard_end_step: int = 0
+
+  def __post_init__(self):
+    for name in ('clean_until_step', 'hard_start_step', 'hard_end_step'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise errors.ConfigError(f'data.curriculum.{name}={value!r}: expected an '
+                                 'integer step >= 0 (0: no ramp).')
+    if self.hard_end_step and self.hard_end_step <= self.hard_start_step:
+      raise errors.ConfigError(
+          f'data.curriculum.hard_end_step={self.hard_end_step} must be after '
+          f'hard_start_step={self.hard_start_step} (or 0: a constant hard_fraction).')
+
+  @classmethod
+  def from_config(cls, data_config) -> 'Curriculum':
+    return cls(**_to_dict(_get(data_config, 'curriculum', None)))
+
+  @property
+  def active(self) -> bool:
+    return bool(self.clean_until_step or self.hard_end_step)
+
+  def fractions(self, step: int, clean_fraction: float,
+                hard_fraction: float) -> tuple[float, float]:
+    """(clean, hard) fractions of training step `step`."""
+    clean, hard = clean_fraction, hard_fraction
+    if self.clean_until_step:
+      clean *= max(0.0, 1.0 - step / self.clean_until_step)
+    if self.hard_end_step:
+      ramp = (step - self.hard_start_step) / (self.hard_end_step - self.hard_start_step)
+      hard *= min(1.0, max(0.0, ramp))
+    return clean, hard
+
+
+def check_curriculum_fits(data_config, total_steps: int, global_batch_size: int) -> None:
+  """Refuses a curriculum that would restart: it counts steps within one pass over
+  data.size.train generated images."""
+  if not Curriculum.from_config(data_config).active:
+    return
+  train_size = synthetic_sizes(data_config)['train']
+  needed = int(total_steps) * int(global_batch_size)
+  if needed > train_size:
+    raise errors.ConfigError(
+        f'data.curriculum needs {total_steps} steps x {global_batch_size} images = '
+        f'{needed:,} generated training images in one pass, but data.size.train is '
+        f'{train_size:,}: raise data.size.train (generated on the fly, it costs nothing).')
 
 
 # ----------------------------------------------------------------- sources ----
@@ -183,16 +251,43 @@ class NamedSource(grain.RandomAccessDataSource):
 
 
 class SyntheticSource(grain.RandomAccessDataSource):
-  """Generates synthetic examples on the fly: record i = generator.sample(i)."""
+  """Generates synthetic examples on the fly: record i = generator.sample(i).
+
+  `with_curriculum` gives the training copy: its records are read in order, record
+  i being training position i, so its mixture is that of step i // images_per_step
+  (the generator's samples are independent draws: reading them in order loses
+  nothing a shuffle would give). Elsewhere (evaluation) the config's fractions hold.
+  """
 
   def __init__(self, synthetic: Mapping[str, Any], split: str, size: int,
                train_overrides: Optional[Mapping[str, Any]] = None):
     self.config = builders.synthetic_split_config(dict(synthetic), split, train_overrides)
     from mms_jax.data import synthetic as synthetic_lib  # pylint: disable=g-import-not-at-top
-    synthetic_lib.SyntheticConfig.from_dict(self.config)  # names a bad field now
+    generator_config = synthetic_lib.SyntheticConfig.from_dict(self.config)  # names a bad field now
+    self._fractions = (generator_config.clean_fraction, generator_config.hard_fraction)
     self.split = split
     self.size = int(size)
+    self.curriculum = None
+    self.images_per_step = 0
     self._generator = None
+
+  @property
+  def in_order(self) -> bool:
+    """True: read without a shuffle (record index = training position)."""
+    return self.curriculum is not None
+
+  def with_curriculum(self, curriculum: Curriculum,
+                      images_per_step: int) -> 'SyntheticSource':
+    """A copy whose record i has the mixture of step i // images_per_step."""
+    if self.split != 'train':
+      raise errors.ConfigError(f'A curriculum applies to the train split, not '
+                               f'{self.split!r}.')
+    if images_per_step <= 0:
+      raise ValueError(f'images_per_step must be positive, got {images_per_step}')
+    source = SyntheticSource.__new__(SyntheticSource)
+    source.__dict__.update(self.__getstate__())
+    source.curriculum, source.images_per_step = curriculum, int(images_per_step)
+    return source
 
   def __len__(self) -> int:
     return self.size
@@ -202,7 +297,11 @@ class SyntheticSource(grain.RandomAccessDataSource):
       from mms_jax.data import synthetic as synthetic_lib  # pylint: disable=g-import-not-at-top
       self._generator = synthetic_lib.SyntheticGenerator(
           synthetic_lib.SyntheticConfig.from_dict(self.config))
-    s = self._generator.sample(int(index))
+    fractions = (None, None)
+    if self.curriculum is not None:
+      fractions = self.curriculum.fractions(int(index) // self.images_per_step,
+                                            *self._fractions)
+    s = self._generator.sample(int(index), *fractions)
     return {'image': s['image'], 'label': s['label'],
             'mask': builders.binarize_alpha(s['mask']), 'lr_image': s['lr_image']}
 
@@ -210,8 +309,11 @@ class SyntheticSource(grain.RandomAccessDataSource):
     return {**self.__dict__, '_generator': None}
 
   def __repr__(self) -> str:
+    curriculum = ''
+    if self.curriculum is not None:
+      curriculum = f', {self.curriculum}, images_per_step={self.images_per_step}'
     return (f'SyntheticSource({self.split}, {self.size}, '
-            f'{json.dumps(self.config, sort_keys=True, default=str)})')
+            f'{json.dumps(self.config, sort_keys=True, default=str)}{curriculum})')
 
 
 def _resolve_subpath(data_config, split: str) -> str:
@@ -542,7 +644,9 @@ def global_records(source, *, seed: int, num_epochs: Optional[int]) -> grain.Map
   """
   if isinstance(source, formats.Reader):
     source = SubstituteInvalid(source)
-  ds = grain.MapDataset.source(source).shuffle(seed=_derive_seed(seed, 'shuffle'))
+  ds = grain.MapDataset.source(source)
+  if not getattr(source, 'in_order', False):
+    ds = ds.shuffle(seed=_derive_seed(seed, 'shuffle'))
   return ds.repeat(num_epochs)
 
 
@@ -674,6 +778,9 @@ def make_train_iterator(data_config, split: str, global_batch_size: int, *,
   local = _check_batch_size(global_batch_size, shard_count)
   if source is None:
     source = make_source(data_config, split)
+  curriculum = Curriculum.from_config(data_config)
+  if curriculum.active and isinstance(source, SyntheticSource):
+    source = source.with_curriculum(curriculum, global_batch_size)
   if len(source) == 0:
     raise formats.DataError(f'{source!r} has no records.')
   if num_epochs == 'auto':

@@ -415,7 +415,7 @@ class SyntheticGenerator:
     elif not isinstance(config, SyntheticConfig):
       config = SyntheticConfig.from_dict(config)
     self.config = config
-    self.style = self._base_style = _STYLES[config.difficulty]
+    self._base_style = _STYLES[config.difficulty]
     all_fonts = fonts_lib.discover_fonts(
         config.font_dirs, ''.join(sorted(set(config.charset))))
     self.fonts = fonts_lib.split_fonts(
@@ -501,11 +501,10 @@ class SyntheticGenerator:
                              stroke_fill=255)
     return img
 
-  def _warp(self, rng, img: Image.Image) -> Image.Image:
+  def _warp(self, rng, img: Image.Image, st: _Style) -> Image.Image:
     """Curved baseline, perspective and rotation, each with some probability."""
-    st = self.style
     if rng.random() < st.p_curve:
-      img = self._curve(rng, img)
+      img = self._curve(rng, img, st)
     if rng.random() < st.p_perspective:
       w, h = img.size
       src = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float64)
@@ -522,11 +521,11 @@ class SyntheticGenerator:
                        resample=Image.BILINEAR, expand=True)
     return img
 
-  def _curve(self, rng, img: Image.Image) -> Image.Image:
+  def _curve(self, rng, img: Image.Image, st: _Style) -> Image.Image:
     """Shifts columns vertically along a sine arc (a curved baseline)."""
     a = np.asarray(img)
     h, w = a.shape
-    amp = self.style.curve * h * float(rng.uniform(0.4, 1.0))
+    amp = st.curve * h * float(rng.uniform(0.4, 1.0))
     phase = rng.uniform(0, 2 * np.pi)
     cycles = rng.uniform(0.3, 0.8)
     dy = amp * np.sin(phase + 2 * np.pi * cycles * np.arange(w) / w)
@@ -536,7 +535,7 @@ class SyntheticGenerator:
     out[rows, np.arange(w)[None, :]] = a
     return Image.fromarray(out)
 
-  def _fit(self, rng, img: Image.Image) -> np.ndarray:
+  def _fit(self, rng, img: Image.Image, st: _Style) -> np.ndarray:
     """Resizes the text layer into an [H, W] uint8 alpha, at a random spot.
 
     The height is a random fraction of H; long texts are squeezed
@@ -544,7 +543,7 @@ class SyntheticGenerator:
     """
     out_h, out_w = self.config.image_size
     w, h = img.size
-    target_h = out_h * _uniform(rng, self.style.text_height)
+    target_h = out_h * _uniform(rng, st.text_height)
     max_w = out_w * float(rng.uniform(0.85, 1.0))
     scale = target_h / h
     new_w = w * scale * float(rng.uniform(0.9, 1.1))
@@ -591,10 +590,9 @@ class SyntheticGenerator:
       field = tex[y:y + h, x:x + w]
     return bg + field[..., None] * (amp * tint)
 
-  def _occlude(self, rng, img: Image.Image, fg: np.ndarray) -> None:
+  def _occlude(self, rng, img: Image.Image, fg: np.ndarray, st: _Style) -> None:
     """Draws random strokes (lines, arcs) over `img` in place."""
     h, w = self.config.image_size
-    st = self.style
     draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(st.occluders[0], st.occluders[1] + 1))):
       width = max(1, int(round(h * _uniform(rng, st.occluder_width))))
@@ -612,9 +610,8 @@ class SyntheticGenerator:
         draw.arc(box, start, start + float(rng.uniform(60, 200)), fill=color,
                  width=width)
 
-  def _degrade(self, rng, img: Image.Image) -> np.ndarray:
+  def _degrade(self, rng, img: Image.Image, st: _Style) -> np.ndarray:
     """Blur, contrast loss, noise and JPEG; returns uint8 [H, W, 3]."""
-    st = self.style
     if rng.random() < st.p_blur:
       img = img.filter(ImageFilter.GaussianBlur(_uniform(rng, st.blur)))
     arr = None
@@ -635,11 +632,10 @@ class SyntheticGenerator:
       img = _jpeg(img, int(rng.integers(st.jpeg[0], st.jpeg[1] + 1)))
     return np.asarray(img)
 
-  def _low_res(self, rng, image: np.ndarray) -> np.ndarray:
+  def _low_res(self, rng, image: np.ndarray, st: _Style) -> np.ndarray:
     """TextZoom-style LR copy: blur, down-sample, noise and/or JPEG."""
     h, w = self.config.image_size
     s = self.config.lr_scale
-    st = self.style
     img = Image.fromarray(image)
     # Area (BOX) and bilinear down-sampling already low-pass; extra optical
     # blur is added to most samples.
@@ -658,29 +654,36 @@ class SyntheticGenerator:
 
   # -- public ----------------------------------------------------------------
 
-  def sample(self, index: int) -> dict[str, Any]:
-    """Renders sample `index` (deterministic in (config, index))."""
+  def sample(self, index: int, clean_fraction: float | None = None,
+             hard_fraction: float | None = None) -> dict[str, Any]:
+    """Renders sample `index` (deterministic in (config, index, fractions)).
+
+    clean_fraction, hard_fraction: override the config's mixture for this sample
+    (a training curriculum); None keeps the config's.
+    """
     cfg = self.config
     index = int(index)
     if index < 0:
       raise ValueError(f'index must be >= 0, got {index}')
+    clean_fraction = cfg.clean_fraction if clean_fraction is None else clean_fraction
+    hard_fraction = cfg.hard_fraction if hard_fraction is None else hard_fraction
     rng = np.random.default_rng([int(cfg.seed), index])
-    clean = cfg.clean_fraction > 0 and (
-        np.random.default_rng([int(cfg.seed), index, 1]).random() < cfg.clean_fraction)
-    hard = cfg.hard_fraction > 0 and (
-        np.random.default_rng([int(cfg.seed), index, 2]).random() < cfg.hard_fraction)
-    # Every helper reads self.style: set it for this sample (one sample at a time).
-    self.style = _STYLES['hard'] if hard else self._base_style
+    clean = clean_fraction > 0 and (
+        np.random.default_rng([int(cfg.seed), index, 1]).random() < clean_fraction)
+    hard = hard_fraction > 0 and (
+        np.random.default_rng([int(cfg.seed), index, 2]).random() < hard_fraction)
+    # The style travels as an argument: one generator serves concurrent reader threads.
+    style = _STYLES['hard'] if hard else self._base_style
     label = self.sample_label(rng)
     font_path = self.fonts[int(rng.integers(len(self.fonts)))]
 
     text = self._render_text(rng, label, font_path)
     if cfg.geometry and not clean:
-      text = self._warp(rng, text)
-    mask = self._fit(rng, text)
+      text = self._warp(rng, text, style)
+    mask = self._fit(rng, text, style)
 
     if cfg.appearance and not clean:
-      fg, bg, contrast = _text_and_background_colors(rng, self.style)
+      fg, bg, contrast = _text_and_background_colors(rng, style)
       background = self._background(rng, bg, contrast)
     else:
       h, w = cfg.image_size
@@ -690,10 +693,10 @@ class SyntheticGenerator:
     composite = background + (fg - background) * a
     img = Image.fromarray(np.clip(composite + 0.5, 0, 255).astype(np.uint8))
 
-    if cfg.occluders and not clean and rng.random() < self.style.p_occlude:
-      self._occlude(rng, img, fg)
-    image = self._degrade(rng, img) if cfg.degradations and not clean else np.asarray(img)
-    lr_image = self._low_res(rng, image)
+    if cfg.occluders and not clean and rng.random() < style.p_occlude:
+      self._occlude(rng, img, fg, style)
+    image = self._degrade(rng, img, style) if cfg.degradations and not clean else np.asarray(img)
+    lr_image = self._low_res(rng, image, style)
     return {
         'image': np.ascontiguousarray(image, np.uint8),
         'mask': mask,

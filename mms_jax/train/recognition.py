@@ -68,6 +68,8 @@ def check_config(config):
   if not 0 <= config.loss.label_smoothing < 1:
     raise common.ConfigError("config.loss.label_smoothing must be in [0, 1)")
   pipeline.validate(config.data)
+  if config.total_steps:
+    pipeline.check_curriculum_fits(config.data, config.total_steps, config.batch_size)
   check_benchmarks_path(config)
   return tokenizer_lib.Tokenizer(charset, m.head)
 
