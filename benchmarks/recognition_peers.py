@@ -2,12 +2,16 @@
 
   python -m benchmarks.recognition_peers --workdir=workdirs/rec            # ours + peers
   python -m benchmarks.recognition_peers --peers=tesseract --num=300       # peers only
+  python -m benchmarks.recognition_peers --workdir=workdirs/rec --by_font  # + per font
 
 Every recognizer reads the same first `--num` images of each synthetic test split (the
 records the recognition program evaluates, from its config) and is scored with the
 same protocol: text_metrics' 36-character case-insensitive normalisation, word
 accuracy and 1 - NED; samples whose normalised label is empty or longer than the
 config's data.max_label_length (25) are left out, as the program's evaluation does. Prints one table.
+
+`--by_font` adds a table per split of word accuracy per font (the generator records
+each sample's font): which fonts a recognizer cannot read, and whether the peers can.
 
 Peers (each optional; skipped with a message when it is not installed):
   tesseract  Tesseract 5 (`apt-get install tesseract-ocr tesseract-ocr-eng`), one line
@@ -39,20 +43,53 @@ flags.DEFINE_list("splits", ["test_heldout_fonts", "test_hard"], "synthetic spli
 flags.DEFINE_integer("num", 300, "images per split")
 flags.DEFINE_integer("tesseract_scale", 3, "upscaling of the crops for Tesseract")
 flags.DEFINE_string("out", "", "also write the table (markdown) to this file")
+flags.DEFINE_bool("by_font", False, "also print word accuracy per font, per split")
 
 def load_split(data_config, split, num):
   """(uint8 images [n, H, W, 3], labels) of the first `num` scorable records (label
   non-empty and at most data_config.max_label_length after normalisation)."""
+  images, texts, _ = load_split_with_fonts(data_config, split, num)
+  return images, texts
+
+
+def load_split_with_fonts(data_config, split, num):
+  """load_split and the font file name of each image (None where the source is not
+  generated on the fly)."""
   source = pipeline.make_source(data_config, split)
-  images, texts = [], []
+  generator = None
+  if isinstance(source, pipeline.SyntheticSource):
+    from mms_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    generator = synthetic.SyntheticGenerator(
+        synthetic.SyntheticConfig.from_dict(source.config))
+  images, texts, fonts = [], [], []
   for i in range(min(num, len(source))):
-    record = source[i]
+    record = generator.sample(i) if generator is not None else source[i]
     label = labels.normalize_label(str(record["label"]), labels.CHARSETS["36"],
                                    data_config.max_label_length)
     if label:
       images.append(np.asarray(record["image"], np.uint8))
       texts.append(str(record["label"]))
-  return np.stack(images), texts
+      fonts.append(record.get("font"))
+  return np.stack(images), texts, fonts
+
+
+def font_table(split, fonts, gts, preds_by_reader):
+  """Markdown: one row per font (fewest words read by the first reader first)."""
+  names = list(preds_by_reader)
+  rows = []
+  for font in sorted(set(fonts)):
+    idx = [i for i, f in enumerate(fonts) if f == font]
+    accs = [text_metrics.score([gts[i] for i in idx],
+                               [preds_by_reader[n][i] for i in idx], "36")["word_accuracy"]
+            for n in names]
+    rows.append((font, len(idx), accs))
+  rows.sort(key=lambda r: (r[2][0], r[0]))
+  lines = [f"{split}: word accuracy (%) per font",
+           "| font | n | " + " | ".join(names) + " |",
+           "|---|---:|" + "---:|" * len(names)]
+  lines += [f"| {font} | {n} | " + " | ".join(f"{100 * a:.0f}" for a in accs) + " |"
+            for font, n, accs in rows]
+  return "\n".join(lines)
 
 
 def tesseract_reader():
@@ -132,25 +169,29 @@ def main(argv):
       continue
     readers[name] = (read, about)
 
-  rows = []
+  rows, font_tables = [], []
   for split in FLAGS.splits:
-    images, gts = load_split(data_config, split, FLAGS.num)
+    images, gts, fonts = load_split_with_fonts(data_config, split, FLAGS.num)
+    preds_by_reader = {}
     for name, (read, _) in readers.items():
       read(images[:2])  # warm-up (compile, model load)
       start = time.time()
       preds = read(images)
       seconds = time.time() - start
+      preds_by_reader[name] = preds
       s = text_metrics.score(gts, preds, "36")
       rows.append((name, split, s["num"], s["word_accuracy"], s["one_minus_ned"],
                    1000 * seconds / len(images)))
       print(f"{name} {split}: {100 * s['word_accuracy']:.1f} % word accuracy", flush=True)
+    if FLAGS.by_font and readers and None not in fonts:
+      font_tables.append(font_table(split, fonts, gts, preds_by_reader))
 
   lines = ["| recognizer | split | num | word acc (%) | 1 - NED (%) | ms / image |",
            "|---|---|---:|---:|---:|---:|"]
   lines += [f"| {n} | {sp} | {num} | {100 * a:.1f} | {100 * e:.1f} | {ms:.1f} |"
             for n, sp, num, a, e, ms in rows]
   lines += [""] + [f"- {name}: {about}" for name, (_, about) in readers.items()]
-  table = "\n".join(lines)
+  table = "\n\n".join(["\n".join(lines), *font_tables])
   print("\n" + table)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
