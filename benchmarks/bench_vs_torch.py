@@ -9,7 +9,13 @@ the mms_jax step of `mms_jax.train.pretrain.make_train_step` (masks sampled on d
 MAE loss with norm_pix, global-norm clipping, AdamW) and HF `ViTMAEForPreTraining`
 (torch CPU, sdpa attention) loaded from the *same initial weights* (exported with
 `mms_jax.convert.to_hf_vitmae`) with the same clipping and AdamW. Before timing, the
-f32 losses of both models on one batch and one mask are compared (`--check`).
+f32 losses of both models on one batch and one mask are compared (`--check`, once per
+model, in f32 whatever dtype is timed).
+
+On a GPU (`--torch_device=auto` picks CUDA when torch sees one) both sides run on it:
+torch with sdpa attention (flash kernels under bf16 autocast), XLA with its GPU
+attention; the peak is then the best 8192^3 bf16 matmul of either framework
+(`--peak_size`, `--peak_dtype`), so "% of peak" reads as MFU.
 
 PyTorch runs in a child process (its own thread pool, nothing shared with XLA); the two
 steps alternate: one mms_jax step, one HF step, `--steps` times, after one warm-up step
@@ -56,29 +62,46 @@ _CHECK = flags.DEFINE_bool("check", True, "compare the f32 losses of both models
 _HUGETLB = flags.DEFINE_bool("malloc_hugetlb", True, "run both sides with "
                              "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (re-executes)")
 _SET = flags.DEFINE_list("set", [], "mms_jax config overrides, e.g. model.gelu=tanh")
+_TORCH_DEVICE = flags.DEFINE_enum("torch_device", "auto", ["auto", "cpu", "cuda"],
+                                  "the HF side's device (auto: cuda if torch sees one)")
+_PEAK_SIZE = flags.DEFINE_integer("peak_size", 0, "matmul size of the peak (0: 2048 on "
+                                  "CPU, 8192 on an accelerator)")
+_PEAK_DTYPE = flags.DEFINE_enum("peak_dtype", "auto", ["auto", "float32", "bfloat16"],
+                                "dtype of the peak matmul (auto: f32 on CPU, bf16 else)")
 
 
 # ------------------------------------------------------------------------------------
 # The PyTorch side, in a child process.
 # ------------------------------------------------------------------------------------
-def _torch_worker(conn, threads):
+def _torch_worker(conn, threads, device, peak_size, peak_dtype):
   """Serves ('peak'|'build'|'loss'|'step'|'stop', arg) requests over a pipe."""
   import warnings  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   warnings.filterwarnings("ignore", message=".*re-initialised a position embedding")
   torch.set_num_threads(threads)
+  cuda = device == "cuda"
+
+  def timed(fn):
+    if cuda:
+      torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if cuda:
+      torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
   s = {}
   while True:
     cmd, arg = conn.recv()
     if cmd == "stop":
       return
     if cmd == "peak":
-      a = torch.ones(2048, 2048)
-      a @ a
-      best = min(_time(lambda: a @ a) for _ in range(arg))
-      conn.send(2 * 2048 ** 3 / best / 1e9)
+      a = torch.rand(peak_size, peak_size, device=device).to(getattr(torch, peak_dtype))
+      timed(lambda: a @ a)
+      best = min(timed(lambda: a @ a)[0] for _ in range(arg))
+      conn.send(2 * peak_size ** 3 / best / 1e9)
     elif cmd == "build":
-      model = cv.load_hf_vitmae(arg["dir"], attn_implementation="sdpa").train()
+      model = cv.load_hf_vitmae(arg["dir"], attn_implementation="sdpa").train().to(device)
       decay = [p for n, p in model.named_parameters()
                if p.requires_grad and p.ndim > 1 and "token" not in n]
       rest = [p for n, p in model.named_parameters()
@@ -86,7 +109,8 @@ def _torch_worker(conn, threads):
       opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}],
                               lr=arg["lr"], betas=arg["betas"], weight_decay=arg["wd"])
       gen = torch.Generator().manual_seed(0)
-      images = torch.rand((arg["batch"], 3, *arg["image_size"]), generator=gen) * 2 - 1
+      images = (torch.rand((arg["batch"], 3, *arg["image_size"]), generator=gen) * 2 - 1
+                ).to(device)
       s = dict(model=model, opt=opt, images=images, clip=arg["clip"],
                dtype=dict(float32=None, bfloat16=torch.bfloat16)[arg["dtype"]])
       conn.send(sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -95,32 +119,40 @@ def _torch_worker(conn, threads):
       length = mask.shape[1]
       noise = torch.from_numpy(mask.astype(np.float32) + np.arange(length) / (2.0 * length))
       with torch.no_grad():
-        out = s["model"](torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
-                         noise=noise.float())
-      conn.send((float(out.loss), bool((out.mask.numpy().astype(bool) == mask).all())))
+        out = s["model"](
+            torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device),
+            noise=noise.float().to(device))
+      conn.send((float(out.loss),
+                 bool((out.mask.cpu().numpy().astype(bool) == mask).all())))
     elif cmd == "step":
       model, opt = s["model"], s["opt"]
-      start = time.perf_counter()
-      if s["dtype"] is None:
-        loss = model(s["images"]).loss
-      else:
-        with torch.autocast("cpu", dtype=s["dtype"]):
+
+      def step():
+        if s["dtype"] is None:
           loss = model(s["images"]).loss
-      loss.backward()
-      if s["clip"]:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s["clip"])
-      opt.step()
-      opt.zero_grad(set_to_none=True)
-      conn.send((time.perf_counter() - start, float(loss.detach())))
+        else:
+          with torch.autocast(device, dtype=s["dtype"]):
+            loss = model(s["images"]).loss
+        loss.backward()
+        if s["clip"]:
+          torch.nn.utils.clip_grad_norm_(model.parameters(), s["clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+      seconds, loss = timed(step)
+      conn.send((seconds, float(loss.detach())))
 
 
 class TorchSide:
   """Handle on the child process."""
 
-  def __init__(self, threads):
+  def __init__(self, threads, device, peak_size, peak_dtype):
     ctx = multiprocessing.get_context("spawn")
     self.conn, child = ctx.Pipe()
-    self.proc = ctx.Process(target=_torch_worker, args=(child, threads), daemon=True)
+    self.device = device
+    self.proc = ctx.Process(target=_torch_worker,
+                            args=(child, threads, device, peak_size, peak_dtype), daemon=True)
     self.proc.start()
 
   def call(self, cmd, arg=None):
@@ -190,25 +222,42 @@ def _check_losses(config, params, spec, torch_side):
   return float(ours), theirs, same_mask
 
 
-def run_configuration(name, dtype, batch, steps, torch_side, peaks):
+def _peak_setting():
+  """(size, dtype name) of the peak matmul: f32 2048 on CPU, bf16 8192 elsewhere."""
+  cpu = jax.default_backend() == "cpu"
+  size = _PEAK_SIZE.value or (2048 if cpu else 8192)
+  dtype = _PEAK_DTYPE.value if _PEAK_DTYPE.value != "auto" else (
+      "float32" if cpu else "bfloat16")
+  return size, dtype
+
+
+def _jax_peak(repeats):
+  size, dtype = _peak_setting()
+  return bench_pretrain.matmul_peak(size, repeats=repeats, dtype=getattr(jnp, dtype))
+
+
+def run_configuration(name, dtype, batch, steps, torch_side, peaks, checked=()):
+  """Times one configuration; the f32 loss check runs for models not in `checked`."""
   config = _config(name, dtype, batch)
   spec, step, state, images = bench_pretrain.build_step(config)
   num_masked = spec.num_masked()
   flops = bench_pretrain.analytic_flops_per_image(config, spec)
-  peaks.append(bench_pretrain.matmul_peak(repeats=5))
+  peaks.append(_jax_peak(repeats=5))
   check = ""
   if torch_side is not None:
     peaks.append(torch_side.call("peak", 5))
     with tempfile.TemporaryDirectory() as tmp:
       params = jax.device_get(state.params)
       cv.to_hf_vitmae(params, _model_config(config, params), tmp)
-      if _CHECK.value and dtype == "float32":
+      if _CHECK.value and name not in checked:  # in f32, whatever the timed dtype
         torch_side.call("build", dict(dir=tmp, batch=4, image_size=tuple(config.image_size),
                                       dtype="float32", lr=1e-4, betas=(0.9, 0.95), wd=0.05,
                                       clip=None))
-        ours, theirs, same_mask = _check_losses(config, params, spec, torch_side)
-        check = (f"loss check (same weights, mask): mms_jax {ours:.7f}, HF {theirs:.7f}, "
-                 f"rel. diff {abs(ours - theirs) / abs(theirs):.1e}, same mask {same_mask}")
+        ours, theirs, same_mask = _check_losses(_config(name, "float32", 4), params, spec,
+                                                torch_side)
+        check = (f"loss check (same weights, mask, f32): mms_jax {ours:.7f}, HF "
+                 f"{theirs:.7f}, rel. diff {abs(ours - theirs) / abs(theirs):.1e}, same "
+                 f"mask {same_mask}")
       torch_side.call("build", dict(
           dir=tmp, batch=batch, image_size=tuple(config.image_size), dtype=dtype,
           lr=float(config.lr.base * batch / 256),
@@ -229,7 +278,7 @@ def run_configuration(name, dtype, batch, steps, torch_side, peaks):
     torch_side.call("step")
   ours, theirs = [], []
   for _ in range(steps):  # the peak is sampled between steps too: the load varies
-    peaks.append(bench_pretrain.matmul_peak(repeats=3))
+    peaks.append(_jax_peak(repeats=3))
     ours.append(jax_step())
     if torch_side is not None:
       peaks.append(torch_side.call("peak", 3))
@@ -266,14 +315,18 @@ def main(argv):
     try:
       import torch  # pylint: disable=g-import-not-at-top,unused-import
       import transformers  # pylint: disable=g-import-not-at-top,unused-import
-      torch_side = TorchSide(_THREADS.value)
+      device = _TORCH_DEVICE.value
+      if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+      torch_side = TorchSide(_THREADS.value, device, *_peak_setting())
     except ImportError as e:
       print(f"(no PyTorch side: {e})")
-  versions = f"jax {jax.__version__}"
+  versions = f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
   if torch_side is not None:
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
-    versions += f", torch {torch.__version__}, transformers {transformers.__version__}"
+    versions += (f", torch {torch.__version__} on {torch_side.device}, transformers "
+                 f"{transformers.__version__}")
   print(f"{versions}; {os.cpu_count()} CPUs; load average {_load()} (1/5/15 min); "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
   if _SET.value:
@@ -282,11 +335,12 @@ def main(argv):
         "| ratio (min / median) | mms_jax GFLOP/s | HF GFLOP/s | mms_jax % of peak "
         "| HF % of peak | peak GFLOP/s | load |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
-  peaks, notes = [], []
+  peaks, notes, checked = [], [], set()
   for name in models:
     for dtype in dtypes:
       for batch in batches:
-        r = run_configuration(name, dtype, batch, steps, torch_side, peaks)
+        r = run_configuration(name, dtype, batch, steps, torch_side, peaks, checked)
+        checked.add(name)
         peak = max(peaks)
         ours, theirs = min(r["ours"]), (min(r["theirs"]) if r["theirs"] else float("nan"))
         g_ours, g_theirs = r["flops"] * batch / ours / 1e9, r["flops"] * batch / theirs / 1e9
@@ -300,7 +354,8 @@ def main(argv):
                      f"{[round(t, 3) for t in r['ours']]}, HF steps "
                      f"{[round(t, 3) for t in r['theirs']]}, compile {r['compile']:.1f} s, "
                      f"{r['flops'] / 1e9:.2f} GFLOP/img. {r['check']}")
-  print("\n2048^2 f32 matmul rates sampled (GFLOP/s, jax/torch alternating): "
+  size, peak_dtype = _peak_setting()
+  print(f"\n{size}^3 {peak_dtype} matmul rates sampled (GFLOP/s, jax/torch alternating): "
         + ", ".join(f"{p:.0f}" for p in peaks))
   for note in notes:
     print("- " + note)

@@ -192,6 +192,50 @@ def test_cpu_micro_batches_match_one_batch():
     np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
 
 
+def test_train_step_on_a_mesh_of_the_devices():
+  """The sharded step on whatever devices this process has (8 simulated CPUs in the
+  suite's subprocess tests, the real GPU in benchmarks/accelerator_check.py): the state
+  lives on every device of the mesh, the batch is split over them, the loss is finite,
+  and a second run from the same seed gives the same parameters."""
+  config = load_config('pretrain', 'tiny')
+  config.batch_size = 8 * jax.device_count()
+  spec = pretrain.check_config(config)
+  mesh, model = common.make_mesh(config), pretrain.build_model(config)
+  optimizer, schedule = common.make_optimizer(config, config.total_steps)
+  n = spec.num_masked()
+
+  def run():
+    params = model.init({'params': jax.random.key(0)}, _random_images(0, 1),
+                        masking.random_patch(jax.random.key(0), 1, spec.grid, n),
+                        num_masked=n)['params']
+    state = common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=optimizer.init(params),
+                              rng=jax.random.key_data(jax.random.key(1)))
+    shardings = common.state_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    step = pretrain.make_train_step(model, config, spec, optimizer, schedule, mesh, shardings)
+    initial = jax.device_get(params)  # the step donates the state's buffers
+    losses = []
+    for seed in (5, 6):
+      images = common.global_batch(np.asarray(_random_images(seed, config.batch_size)), mesh)
+      assert images.sharding.mesh.devices.size == jax.device_count()
+      state, metrics = step(state, images, n)
+      losses.append(float(metrics['loss']))
+    return state, losses, initial
+
+  state, losses, initial = run()
+  assert all(np.isfinite(losses)), losses
+  leaf = jax.tree_util.tree_leaves(state.params)[0]
+  assert set(leaf.sharding.device_set) == set(jax.devices())
+  assert int(state.step) == 2
+  moved = [not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(state.params),
+                                                 jax.tree_util.tree_leaves(initial))]
+  assert sum(moved) > len(moved) // 2
+  again, losses_again, _ = run()
+  assert losses_again == losses
+  _assert_trees(jax.device_get(again.params), jax.device_get(state.params))
+
+
 def test_console_line_reads_like_progress():
   line = common.console_line(300, {"loss": 2.889, "images_per_sec": 51.04,
                                    "eta_hours": 3574 / 3600}, total_steps=6000)
