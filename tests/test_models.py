@@ -384,7 +384,8 @@ def test_chunked_attention_chunks():
   assert vit._heads_per_chunk((6, 16, 65, 64), 2**21) == 6  # ViT-S encoder: one call
   assert vit._heads_per_chunk((6, 64, 65, 64), 2**21) == 1
   assert vit._heads_per_chunk((6, 32, 65, 64), 2**21) == 3
-  assert vit.resolve_attention('auto') == 'chunked'  # the tests run on CPU
+  assert vit.resolve_attention('auto') == {'cpu': 'chunked', 'gpu': 'fused'}.get(
+      jax.default_backend(), 'plain')
   assert vit.resolve_attention('plain') == 'plain'
   with pytest.raises(ValueError, match='attention must be one of'):
     vit.resolve_attention('flash')
@@ -419,5 +420,23 @@ def test_mae_attention_impls_agree(tiny_mae, monkeypatch, scan_layers):
 
   ref = loss_and_grads('plain')
   assert _max_rel_err(loss_and_grads('chunked'), ref) < 1e-5
+  assert _max_rel_err(loss_and_grads('fused'), ref) < 1e-5
   monkeypatch.setattr(vit, 'ATTENTION_CHUNK_BYTES', 1)  # force the per-head loop
   assert _max_rel_err(loss_and_grads('chunked'), ref) < 1e-5
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_fused_attention_with_the_alibi_bias_matches_plain(dtype):
+  """The encoder with 'fused' attention (jax.nn.dot_product_attention, the GPU default)
+  and the 2-D ALiBi bias: outputs and parameter gradients as with 'plain'."""
+  images = random_images(3, 2)
+  def out_and_grads(attention):
+    encoder = vit.Encoder(variant=None, width=32, depth=2, num_heads=4, patch=(8, 4),
+                          attention_bias='alibi_2d', attention=attention, dtype=dtype)
+    params = encoder.init(jax.random.key(0), images)
+    keep = jnp.asarray(np.random.default_rng(0).permutation(64)[:40].reshape(2, 20))
+    def loss(p):
+      return jnp.sum(jnp.sin(encoder.apply(p, images, keep)[0].astype(jnp.float32)))
+    return jax.jit(jax.value_and_grad(loss))(params)
+  tolerance = 1e-5 if dtype == 'float32' else 3e-2
+  assert _max_rel_err(out_and_grads('fused'), out_and_grads('plain')) < tolerance

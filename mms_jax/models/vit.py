@@ -98,7 +98,7 @@ def layer_norm(dtype, name):
   return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-ATTENTION_IMPLS = ('auto', 'chunked', 'plain')
+ATTENTION_IMPLS = ('auto', 'chunked', 'plain', 'fused')
 ATTENTION_CHUNK_BYTES = 2 ** 21  # f32 logits per chunk of the 'chunked' attention
 
 
@@ -225,11 +225,12 @@ def alibi_2d_bias(grid, patch, num_heads, ids_keep=None):
 
 
 def resolve_attention(impl):
-  """'auto' -> 'chunked' on CPU, 'plain' elsewhere (XLA fuses attention there)."""
+  """'auto' -> 'chunked' on CPU, 'fused' on GPU (jax.nn.dot_product_attention: cuDNN's
+  flash kernel where it applies), 'plain' elsewhere (XLA fuses attention on TPU)."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f'attention must be one of {ATTENTION_IMPLS}, got {impl!r}')
   if impl == 'auto':
-    return 'chunked' if jax.default_backend() == 'cpu' else 'plain'
+    return {'cpu': 'chunked', 'gpu': 'fused'}.get(jax.default_backend(), 'plain')
   return impl
 
 
@@ -253,10 +254,16 @@ class Attention(nn.Module):
       raise ValueError(f'width {d} is not divisible by {self.num_heads} heads')
     hd = d // self.num_heads
     qkv = dense(3 * d, self.dtype, 'qkv')(x).reshape(b, n, 3, self.num_heads, hd)
-    if resolve_attention(self.attention) == 'plain':
+    impl = resolve_attention(self.attention)
+    if impl == 'plain':
       q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [B, heads, N, hd]: heads-major matmuls
       plain_bias = None if bias is None else bias.transpose(1, 0, 2, 3)
       out = plain_attention(q * (hd ** -0.5), k, v, plain_bias).transpose(0, 2, 1, 3)
+    elif impl == 'fused':  # [B, N, heads, hd] in and out: no transposes
+      fused_bias = None if bias is None else jax.lax.stop_gradient(
+          bias.transpose(1, 0, 2, 3).astype(qkv.dtype))
+      out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                         bias=fused_bias, scale=hd ** -0.5)
     else:
       q, k, v = qkv.transpose(2, 3, 0, 1, 4)  # each [heads, B, N, hd]: loop over heads
       out = chunked_attention(q * (hd ** -0.5), k, v, ATTENTION_CHUNK_BYTES,
