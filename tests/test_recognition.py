@@ -14,6 +14,7 @@ from mms_jax.data import tokenizer as tok_lib
 from mms_jax.evaluate import str_benchmarks
 from mms_jax.models import recognition as rec
 from mms_jax.train import checkpoints
+from mms_jax.train import common
 from mms_jax.train import finetune
 from mms_jax.train import pretrain
 from mms_jax.train import recognition
@@ -219,3 +220,39 @@ def test_program_runs_writes_tables_and_eval_only_matches(pretrain_dir, tmp_path
   assert f"{row['one_minus_ned']:.6f}" == trained_row["one_minus_ned"]
   assert (tmp_path / "eval" / "eval_test_heldout_fonts.md").exists()
   assert not (tmp_path / "eval" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("head", ["ctc", "ar"])
+def test_gradient_accumulation_matches_the_full_batch(head):
+  """grad_accum_steps=4 gives the one-batch update (CTC: exactly the batch mean; AR: the
+  mean of micro-batch token means, equal here because every label has the same length)."""
+  def one_step(accumulation):
+    config = _tiny_config()
+    config.model.head, config.grad_accum_steps = head, accumulation
+    tok = recognition.check_config(config)
+    model = recognition.build_model(config, tok)
+    mesh = common.make_mesh(config)
+    params = _model_params(config)
+    optimizer, schedule = finetune.make_finetune_optimizer(config, 10, params)
+    state = common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=optimizer.init(params),
+                              rng=jax.random.key_data(jax.random.key(1)))
+    shardings = common.state_shardings(state, mesh)
+    step = recognition.make_train_step(model, config, tok, optimizer, schedule, mesh,
+                                       shardings)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (8, *config.image_size, 3)).astype(np.float32)
+    labels = ["".join(rng.choice(list("abcdef0123"), 5)) for _ in range(8)]
+    batch = recognition.host_batch({"image": images, "label": np.array(labels)}, tok,
+                                   config.model.max_length)
+    h, w = config.image_size
+    micro = f"tensor<{8 // accumulation}x{h}x{w}x3xf32>"  # the model's input
+    runs_on_micro_batches = micro in step.lower(state, batch).as_text()
+    state, metrics = step(state, batch)
+    return jax.device_get((state.params, metrics["loss"])), runs_on_micro_batches
+
+  ((params_1, loss_1), _), ((params_4, loss_4), micro_4) = one_step(1), one_step(4)
+  assert micro_4  # the model sees micro-batches of 2
+  np.testing.assert_allclose(loss_4, loss_1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params_4), jax.tree.leaves(params_1)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)

@@ -100,7 +100,12 @@ def build_model(config, tokenizer):
 # Update step.
 # ------------------------------------------------------------------------------------
 def make_train_step(model, config, tokenizer, optimizer, schedule, mesh, shardings):
+  """The jitted update. With config.grad_accum_steps = a > 1 the batch is cut into a
+  micro-batches (rows j, j + a, ...: each device keeps its rows) whose gradients are
+  averaged in a scan: CTC's per-sample mean is then the full batch's; the AR loss is
+  the mean of the micro-batches' token means."""
   frozen = bool(config.get("freeze_encoder", False))
+  accumulation = int(config.grad_accum_steps)
 
   def loss_fn(params, images, ids, lengths):
     if frozen:  # no encoder backward pass at all
@@ -113,10 +118,21 @@ def make_train_step(model, config, tokenizer, optimizer, schedule, mesh, shardin
     loss = rec.ctc_loss(logits, ids, lengths, blank_id=tokenizer_lib.BLANK)
     return loss, jnp.zeros((), jnp.float32)
 
+  def micro_batches(x):
+    return x.reshape(x.shape[0] // accumulation, accumulation, *x.shape[1:]).swapaxes(0, 1)
+
   def train_step(state, batch):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, accuracy), grads = grad_fn(state.params, batch["image"], batch["ids"],
-                                      batch["lengths"])
+    inputs = (batch["image"], batch["ids"], batch["lengths"])
+    if accumulation == 1:
+      (loss, accuracy), grads = grad_fn(state.params, *inputs)
+    else:
+      def accumulate(carry, xs):
+        return jax.tree.map(jnp.add, carry, grad_fn(state.params, *xs)), None
+      zeros = ((jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+               jax.tree.map(jnp.zeros_like, state.params))
+      total, _ = jax.lax.scan(accumulate, zeros, tuple(map(micro_batches, inputs)))
+      (loss, accuracy), grads = jax.tree.map(lambda x: x / accumulation, total)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = finetune.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
@@ -332,7 +348,5 @@ def train_and_evaluate(config, workdir):
       if stop:
         logging.warning("Stopped at step %d after saving a checkpoint.", step)
         break
-  if start_step == total_steps and config.eval.get("on_resume_finished", False):
-    run_evals(predictor(state.params), config, workdir, start_step, writer)
   writer.close()
   return state
