@@ -1,6 +1,7 @@
 """Recognition: decoding on hand-built logits, losses, encoder transfer from a real
 pretraining checkpoint, the frozen probe, benchmark tables, the program end to end."""
 import csv
+import json
 
 import jax
 import jax.numpy as jnp
@@ -256,3 +257,14 @@ def test_gradient_accumulation_matches_the_full_batch(head):
   np.testing.assert_allclose(loss_4, loss_1, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(params_4), jax.tree.leaves(params_1)):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+def test_the_program_records_the_fonts_of_its_generated_splits(tmp_path):
+  config = _tiny_config(splits=("test_heldout_fonts",))
+  report = recognition.record_synthetic_fonts(config, str(tmp_path))
+  saved = json.loads((tmp_path / "synthetic_fonts.json").read_text())
+  assert saved == report and set(saved) == {"train", "test_heldout_fonts"}
+  train, heldout = set(saved["train"]["fonts"]), set(saved["test_heldout_fonts"]["fonts"])
+  assert train and heldout and not train & heldout  # held-out fonts are never trained on
+  assert saved["train"]["count"] == len(train)
+  assert saved["train"]["fingerprint"] != saved["test_heldout_fonts"]["fingerprint"]

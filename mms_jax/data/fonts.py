@@ -240,6 +240,12 @@ def discover_fonts(font_dirs: tuple[str, ...] | None = None,
   return tuple(sorted(fonts, key=lambda p: (os.path.basename(p), p)))
 
 
+def fingerprint(paths: Sequence[str]) -> str:
+  """12 hex digits from the sorted file names: equal font sets, equal fingerprints."""
+  names = sorted(os.path.basename(p) for p in paths)
+  return hashlib.sha256('\n'.join(names).encode('utf-8')).hexdigest()[:12]
+
+
 def font_hash(path: str, salt: str = '') -> float:
   """Deterministic value in [0, 1) from the font's file name."""
   digest = hashlib.sha256(

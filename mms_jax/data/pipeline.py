@@ -52,6 +52,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from mms_jax import errors
 from mms_jax.data import builders
+from mms_jax.data import fonts as fonts_lib
 from mms_jax.data import formats
 
 SOURCES = formats.SOURCES
@@ -314,6 +315,23 @@ class SyntheticSource(grain.RandomAccessDataSource):
       curriculum = f', {self.curriculum}, images_per_step={self.images_per_step}'
     return (f'SyntheticSource({self.split}, {self.size}, '
             f'{json.dumps(self.config, sort_keys=True, default=str)}{curriculum})')
+
+
+def synthetic_fonts(data_config, splits: Sequence[str]) -> dict[str, Any]:
+  """{split: {count, fingerprint, fonts}} of generated splits: the fonts a split draws
+  depend on the fonts installed (launch/install.sh), so results on a split compare
+  across machines only where the fingerprints agree."""
+  from mms_jax.data import synthetic as synthetic_lib  # pylint: disable=g-import-not-at-top
+  out = {}
+  for split in splits:
+    config = builders.synthetic_split_config(
+        _to_dict(_get(data_config, 'synthetic', None)), split,
+        _to_dict(_get(data_config, 'synthetic_train', None)))
+    names = synthetic_lib.SyntheticGenerator(
+        synthetic_lib.SyntheticConfig.from_dict(config)).font_names
+    out[split] = {'count': len(names), 'fingerprint': fonts_lib.fingerprint(names),
+                  'fonts': sorted(names)}
+  return out
 
 
 def _resolve_subpath(data_config, split: str) -> str:

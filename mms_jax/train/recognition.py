@@ -7,6 +7,7 @@
 Sections, top to bottom: config checks -> mesh -> data -> model and optimizer ->
 update step -> resume -> evaluation and pictures -> loop.
 """
+import json
 import logging
 import os
 
@@ -235,6 +236,21 @@ def prediction_picture(examples, path, charset="36", scale=2, columns=4):
   canvas.save(path)
 
 
+def record_synthetic_fonts(config, workdir):
+  """Logs and writes workdir/synthetic_fonts.json: which fonts the generated training
+  and test splits draw on this machine (they follow the installed fonts)."""
+  splits = ("train", *[s for s in config.eval.splits if s != "train"])
+  report = pipeline.synthetic_fonts(config.data, splits)
+  logging.info("Synthetic fonts on this machine: %s (workdir/synthetic_fonts.json; "
+               "results compare across machines with the same fingerprints).",
+               ", ".join(f"{s} {r['count']} [{r['fingerprint']}]" for s, r in report.items()))
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "synthetic_fonts.json"), "w") as f:
+      json.dump(report, f, indent=1)
+  return report
+
+
 # ------------------------------------------------------------------------------------
 # The program.
 # ------------------------------------------------------------------------------------
@@ -248,6 +264,8 @@ def train_and_evaluate(config, workdir):
   common.maybe_initialize_distributed(config)
   if not config.get("eval_only"):  # keep the training run's config.json
     common.write_config(config, workdir)
+    if config.data.source == "synthetic":
+      record_synthetic_fonts(config, workdir)
   writer = common.MetricWriter(workdir)
   num_train = None
   if not config.get("total_steps"):  # num_epochs: count the training set
