@@ -51,17 +51,21 @@ from absl import flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", os.environ.get("OUT", "accelerator_check"),
-                    "folder for the summary and the logs (default: $OUT)")
-flags.DEFINE_string("wheels", "", "folder of wheels to install the missing requirements "
-                    "from (--prepare_wheels makes it)")
-flags.DEFINE_string("prepare_wheels", "", "download the wheels the device machine lacks "
-                    "into this folder, then exit")
-flags.DEFINE_bool("dry_run", False, "tiny model, small batches, few steps (CPU, CI)")
-flags.DEFINE_list("stages", ["install", "env", "tests", "bench", "pretrain"],
-                  "stages to run, in this order")
-flags.DEFINE_integer("budget_s", 480, "overall time budget; a stage gets what is left "
-                     "of it, up to its own limit")
+
+
+def _define_flags():  # only when run as a program: tests import this module
+  flags.DEFINE_string("out", os.environ.get("OUT", "accelerator_check"),
+                      "folder for the summary and the logs (default: $OUT)")
+  flags.DEFINE_string("wheels", "", "folder of wheels to install the missing requirements "
+                      "from (--prepare_wheels makes it)")
+  flags.DEFINE_string("prepare_wheels", "", "download the wheels the device machine lacks "
+                      "into this folder, then exit")
+  flags.DEFINE_bool("dry_run", False, "tiny model, small batches, few steps (CPU, CI)")
+  flags.DEFINE_list("stages", ["install", "env", "tests", "bench", "pretrain"],
+                    "stages to run, in this order")
+  flags.DEFINE_integer("budget_s", 480, "overall time budget; a stage gets what is left "
+                       "of it, up to its own limit")
+
 
 # The device image has jax, flax, optax, orbax, chex, absl, numpy, pillow, matplotlib,
 # fonttools, protobuf, pyarrow, psutil, tqdm, wrapt, etils, cloudpickle, pyyaml, attrs,
@@ -231,4 +235,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

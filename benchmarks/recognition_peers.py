@@ -37,13 +37,17 @@ from mms_jax.data import pipeline
 from mms_jax.evaluate import text_metrics
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "", "our recognition workdir (empty: peers only)")
-flags.DEFINE_list("peers", ["tesseract", "rapidocr"], "peers to run, if installed")
-flags.DEFINE_list("splits", ["test_heldout_fonts", "test_hard"], "synthetic splits")
-flags.DEFINE_integer("num", 300, "images per split")
-flags.DEFINE_integer("tesseract_scale", 3, "upscaling of the crops for Tesseract")
-flags.DEFINE_string("out", "", "also write the table (markdown) to this file")
-flags.DEFINE_bool("by_font", False, "also print word accuracy per font, per split")
+
+
+def _define_flags():  # only when run as a program: tests import this module
+  flags.DEFINE_string("workdir", "", "our recognition workdir (empty: peers only)")
+  flags.DEFINE_list("peers", ["tesseract", "rapidocr"], "peers to run, if installed")
+  flags.DEFINE_list("splits", ["test_heldout_fonts", "test_hard"], "synthetic splits")
+  flags.DEFINE_integer("num", 300, "images per split")
+  flags.DEFINE_integer("tesseract_scale", 3, "upscaling of the crops for Tesseract")
+  flags.DEFINE_string("out", "", "also write the table (markdown) to this file")
+  flags.DEFINE_bool("by_font", False, "also print word accuracy per font, per split")
+
 
 def load_split(data_config, split, num):
   """(uint8 images [n, H, W, 3], labels) of the first `num` scorable records (label
@@ -199,4 +203,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

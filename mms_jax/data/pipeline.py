@@ -195,7 +195,12 @@ class Curriculum:
 
   @classmethod
   def from_config(cls, data_config) -> 'Curriculum':
-    return cls(**_to_dict(_get(data_config, 'curriculum', None)))
+    fields = _to_dict(_get(data_config, 'curriculum', None))
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise errors.ConfigError(f'data.curriculum has no field(s) {unknown}: use '
+                               'clean_until_step, hard_start_step, hard_end_step.')
+    return cls(**fields)
 
   @property
   def active(self) -> bool:
@@ -264,7 +269,8 @@ class SyntheticSource(grain.RandomAccessDataSource):
                train_overrides: Optional[Mapping[str, Any]] = None):
     self.config = builders.synthetic_split_config(dict(synthetic), split, train_overrides)
     from mms_jax.data import synthetic as synthetic_lib  # pylint: disable=g-import-not-at-top
-    generator_config = synthetic_lib.SyntheticConfig.from_dict(self.config)  # names a bad field now
+    # Names a bad field now, not in a reader thread.
+    generator_config = synthetic_lib.SyntheticConfig.from_dict(self.config)
     self._fractions = (generator_config.clean_fraction, generator_config.hard_fraction)
     self.split = split
     self.size = int(size)
