@@ -162,6 +162,17 @@ def _random_images(seed, batch, hw=(32, 128)):
   return jax.random.uniform(jax.random.key(seed), (batch, *hw, 3), minval=-1, maxval=1)
 
 
+def _initial_state(model, spec, optimizer):
+  """The train state of a fresh tiny MAE (params from key 0, step rng from key 1)."""
+  n = spec.num_masked()
+  params = model.init({'params': jax.random.key(0)}, _random_images(0, 1),
+                      masking.random_patch(jax.random.key(0), 1, spec.grid, n),
+                      num_masked=n)['params']
+  return common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=optimizer.init(params),
+                           rng=jax.random.key_data(jax.random.key(1)))
+
+
 def test_cpu_micro_batches_match_one_batch():
   """The automatic CPU micro-batch split of the pretraining step (docs/performance.md)
   gives the same update as one batch, up to float rounding."""
@@ -172,12 +183,7 @@ def test_cpu_micro_batches_match_one_batch():
     mesh, model = common.make_mesh(config), pretrain.build_model(config)
     optimizer, schedule = common.make_optimizer(config, config.total_steps)
     n = spec.num_masked()
-    params = model.init({'params': jax.random.key(0)}, _random_images(0, 1),
-                        masking.random_patch(jax.random.key(0), 1, spec.grid, n),
-                        num_masked=n)['params']
-    state = common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=optimizer.init(params),
-                              rng=jax.random.key_data(jax.random.key(1)))
+    state = _initial_state(model, spec, optimizer)
     shardings = common.state_shardings(state, mesh)
     split = pretrain.micro_batches_per_step(model, config, spec, mesh)
     step = pretrain.make_train_step(model, config, spec, optimizer, schedule, mesh, shardings)
@@ -205,16 +211,11 @@ def test_train_step_on_a_mesh_of_the_devices():
   n = spec.num_masked()
 
   def run():
-    params = model.init({'params': jax.random.key(0)}, _random_images(0, 1),
-                        masking.random_patch(jax.random.key(0), 1, spec.grid, n),
-                        num_masked=n)['params']
-    state = common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=optimizer.init(params),
-                              rng=jax.random.key_data(jax.random.key(1)))
+    state = _initial_state(model, spec, optimizer)
+    initial = jax.device_get(state.params)  # the step donates the state's buffers
     shardings = common.state_shardings(state, mesh)
     state = jax.device_put(state, shardings)
     step = pretrain.make_train_step(model, config, spec, optimizer, schedule, mesh, shardings)
-    initial = jax.device_get(params)  # the step donates the state's buffers
     losses = []
     for seed in (5, 6):
       images = common.global_batch(np.asarray(_random_images(seed, config.batch_size)), mesh)
