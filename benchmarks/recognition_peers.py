@@ -49,16 +49,10 @@ def _define_flags():  # only when run as a program: tests import this module
   flags.DEFINE_bool("by_font", False, "also print word accuracy per font, per split")
 
 
-def load_split(data_config, split, num):
-  """(uint8 images [n, H, W, 3], labels) of the first `num` scorable records (label
-  non-empty and at most data_config.max_label_length after normalisation)."""
-  images, texts, _ = load_split_with_fonts(data_config, split, num)
-  return images, texts
-
-
 def load_split_with_fonts(data_config, split, num):
-  """load_split and the font file name of each image (None where the source is not
-  generated on the fly)."""
+  """(uint8 images [n, H, W, 3], labels, font file names) of the first `num` scorable
+  records (label non-empty and at most data_config.max_label_length after
+  normalisation); a font is None where the source is not generated on the fly."""
   source = pipeline.make_source(data_config, split)
   generator = None
   if isinstance(source, pipeline.SyntheticSource):
