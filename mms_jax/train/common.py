@@ -282,6 +282,12 @@ def total_steps(config, num_train_examples=None):
   raise ConfigError("set config.total_steps, or config.num_epochs with a sized data set")
 
 
+def micro_batches(x, count):
+  """[B, ...] -> [count, B / count, ...]: micro-batch j takes rows j, j + count, ...,
+  so every device keeps its own rows (gradient accumulation in a scan)."""
+  return x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+
+
 def check_batch_size(config, mesh):
   devices, processes = mesh.devices.size, jax.process_count()
   accumulation = int(config.get("grad_accum_steps", 1))

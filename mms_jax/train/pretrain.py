@@ -123,10 +123,6 @@ def make_train_step(model, config, spec, optimizer, schedule, mesh, shardings):
                                  visible_weight=config.loss.visible_weight)
     return loss, aux.get("per_view", aux["per_sample"][:, None])
 
-  def micro_batches(x):
-    # Micro-batch j takes rows j, j + a, j + 2a, ...: every device keeps its rows.
-    return x.reshape(x.shape[0] // accumulation, accumulation, *x.shape[1:]).swapaxes(0, 1)
-
   def train_step(state, images, num_masked):
     batch = images.shape[0]
     mask, strategy_ids = sampler(common.step_rng(state, 0), batch, num_masked)
@@ -140,7 +136,8 @@ def make_train_step(model, config, spec, optimizer, schedule, mesh, shardings):
         return jax.tree.map(jnp.add, carry, (loss, grads)), per_view
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
       (loss, grads), per_view = jax.lax.scan(
-          accumulate, zeros, (micro_batches(images), micro_batches(mask)))
+          accumulate, zeros,
+          (common.micro_batches(images, accumulation), common.micro_batches(mask, accumulation)))
       loss, grads = jax.tree.map(lambda x: x / accumulation, (loss, grads))
       per_view = per_view.swapaxes(0, 1).reshape(batch, -1)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

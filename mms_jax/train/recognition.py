@@ -119,9 +119,6 @@ def make_train_step(model, config, tokenizer, optimizer, schedule, mesh, shardin
     loss = rec.ctc_loss(logits, ids, lengths, blank_id=tokenizer_lib.BLANK)
     return loss, jnp.zeros((), jnp.float32)
 
-  def micro_batches(x):
-    return x.reshape(x.shape[0] // accumulation, accumulation, *x.shape[1:]).swapaxes(0, 1)
-
   def train_step(state, batch):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     inputs = (batch["image"], batch["ids"], batch["lengths"])
@@ -132,7 +129,8 @@ def make_train_step(model, config, tokenizer, optimizer, schedule, mesh, shardin
         return jax.tree.map(jnp.add, carry, grad_fn(state.params, *xs)), None
       zeros = ((jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
                jax.tree.map(jnp.zeros_like, state.params))
-      total, _ = jax.lax.scan(accumulate, zeros, tuple(map(micro_batches, inputs)))
+      total, _ = jax.lax.scan(accumulate, zeros,
+                              tuple(common.micro_batches(x, accumulation) for x in inputs))
       (loss, accuracy), grads = jax.tree.map(lambda x: x / accumulation, total)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = finetune.apply_updates(state.params, updates)
