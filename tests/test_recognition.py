@@ -2,6 +2,7 @@
 pretraining checkpoint, the frozen probe, benchmark tables, the program end to end."""
 import csv
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
+from mms_jax.data import fonts as fonts_lib
 from mms_jax.data import formats
 from mms_jax.data import pipeline
 from mms_jax.data import tokenizer as tok_lib
@@ -268,3 +270,14 @@ def test_the_program_records_the_fonts_of_its_generated_splits(tmp_path):
   assert train and heldout and not train & heldout  # held-out fonts are never trained on
   assert saved["train"]["count"] == len(train)
   assert saved["train"]["fingerprint"] != saved["test_heldout_fonts"]["fingerprint"]
+
+
+def test_fonts_unlike_the_documented_ones_are_warned_about(tmp_path, monkeypatch, caplog):
+  config = _tiny_config(splits=("test_heldout_fonts",))
+  report = recognition.record_synthetic_fonts(config, str(tmp_path))
+  assert report["train"]["reference_fingerprint"] == fonts_lib.REFERENCE_FINGERPRINTS["train"]
+  monkeypatch.setitem(fonts_lib.REFERENCE_FINGERPRINTS, "heldout", "000000000000")
+  with caplog.at_level(logging.WARNING):
+    recognition.record_synthetic_fonts(config, str(tmp_path))
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any("test_heldout_fonts differ" in m and "launch/install.sh" in m for m in warnings)

@@ -2,7 +2,9 @@
 
 import concurrent.futures
 import dataclasses
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -160,6 +162,25 @@ def test_system_symbol_fonts_are_excluded():
   for p in symbols:
     assert p not in usable
     assert not fonts_lib.check_font(p, use_name_list=False)[0]
+
+
+def test_name_list_applies_even_over_a_stale_disk_cache(tmp_path, monkeypatch):
+  # A text font under a keyboard-symbol name, checked as usable by an older name list.
+  font_dir = tmp_path / 'fonts'
+  font_dir.mkdir()
+  source = os.path.join(fonts_lib.matplotlib_font_dir(), 'DejaVuSans.ttf')
+  keyboard = font_dir / 'LinBiolinum_K.ttf'
+  shutil.copy(source, keyboard)
+  shutil.copy(source, font_dir / 'Plain.ttf')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  monkeypatch.setenv('MMS_JAX_FONT_CACHE', '1')
+  cache_file = fonts_lib._disk_cache_path()
+  os.makedirs(os.path.dirname(cache_file))
+  chars = ''.join(sorted(set(fonts_lib.ALNUM)))
+  with open(cache_file, 'w') as f:
+    json.dump({fonts_lib._file_key(str(keyboard), chars): True}, f)
+  found = fonts_lib.discover_fonts((str(font_dir),))
+  assert [os.path.basename(p) for p in found] == ['Plain.ttf']
 
 
 def test_font_holdout_is_disjoint_and_used():

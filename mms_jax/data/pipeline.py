@@ -326,17 +326,22 @@ class SyntheticSource(grain.RandomAccessDataSource):
 def synthetic_fonts(data_config, splits: Sequence[str]) -> dict[str, Any]:
   """{split: {count, fingerprint, fonts}} of generated splits: the fonts a split draws
   depend on the fonts installed (launch/install.sh), so results on a split compare
-  across machines only where the fingerprints agree."""
+  across machines only where the fingerprints agree. `reference_fingerprint` is the
+  one docs/results.md was measured with (None for a non-default font split)."""
   from mms_jax.data import synthetic as synthetic_lib  # pylint: disable=g-import-not-at-top
   out = {}
   for split in splits:
     config = builders.synthetic_split_config(
         _to_dict(_get(data_config, 'synthetic', None)), split,
         _to_dict(_get(data_config, 'synthetic_train', None)))
-    names = synthetic_lib.SyntheticGenerator(
-        synthetic_lib.SyntheticConfig.from_dict(config)).font_names
+    synthetic_config = synthetic_lib.SyntheticConfig.from_dict(config)
+    names = synthetic_lib.SyntheticGenerator(synthetic_config).font_names
+    default_split = (synthetic_config.font_dirs is None and not synthetic_config.font_split_salt
+                     and synthetic_config.heldout_fraction == 0.1)
+    reference = (fonts_lib.REFERENCE_FINGERPRINTS.get(synthetic_config.font_split)
+                 if default_split else None)
     out[split] = {'count': len(names), 'fingerprint': fonts_lib.fingerprint(names),
-                  'fonts': sorted(names)}
+                  'reference_fingerprint': reference, 'fonts': sorted(names)}
   return out
 
 

@@ -242,6 +242,14 @@ def record_synthetic_fonts(config, workdir):
   logging.info("Synthetic fonts on this machine: %s (workdir/synthetic_fonts.json; "
                "results compare across machines with the same fingerprints).",
                ", ".join(f"{s} {r['count']} [{r['fingerprint']}]" for s, r in report.items()))
+  differ = [s for s, r in report.items()
+            if r["reference_fingerprint"] not in (None, r["fingerprint"])]
+  if differ:
+    logging.warning(
+        "The fonts of %s differ from those docs/results.md was measured with, so its "
+        "figures do not compare with this run's. To get the same fonts, run "
+        "launch/install.sh on Debian 12 with apt (it installs the font packages).",
+        ", ".join(differ))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "synthetic_fonts.json"), "w") as f:
