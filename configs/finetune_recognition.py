@@ -67,7 +67,7 @@ def get_config(variant="small"):
   # random strings, labels of 1-25 characters (the test splits' distribution).
   c.data.size = dict(train=1_000_000, val=500, test_heldout_fonts=500, test_hard=500)
   # Training-only mixtures (docs/data_synthetic.md): some samples clean, some 'hard'.
-  c.data.synthetic_train = dict(clean_fraction=0.0, hard_fraction=0.0)
+  c.data.synthetic_train = dict(clean_fraction=0.0, hard_fraction=0.0, glyph_augment=0.0)
   c.data.worker_count = 0
 
   c.batch_size = 32

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from mms_jax.data import fonts as fonts_lib
@@ -328,6 +329,65 @@ def test_hard_fraction_draws_some_samples_at_the_hard_difficulty(gen):
     same_as_hard += np.array_equal(m['image'], hard.sample(i)['image'])
     same_as_normal += np.array_equal(m['image'], gen.sample(i)['image'])
   assert same_as_hard + same_as_normal == 30 and 5 <= same_as_hard <= 25
+
+
+def test_glyph_augment_varies_some_samples_and_leaves_the_rest_unchanged(gen):
+  mixed = synthetic.SyntheticGenerator(_config(glyph_augment=0.5))
+  varied = 0
+  for i in range(40):
+    base, m = gen.sample(i), mixed.sample(i)
+    assert (base['label'], base['font']) == (m['label'], m['font'])
+    np.testing.assert_array_equal(m['image'], mixed.sample(i)['image'])  # reproducible
+    varied += not np.array_equal(m['image'], base['image'])
+  assert 8 <= varied <= 30  # a drawn sample can draw none of the three changes
+  with pytest.raises(ValueError, match='glyph_augment'):
+    _config(glyph_augment=-0.1)
+
+
+def _bar(width=6, height=40):
+  text = np.zeros((height, 40), np.uint8)
+  text[:, 17:17 + width] = 255
+  return Image.fromarray(text)
+
+
+class _Draws:
+  """A stand-in random stream: `random()` answers in turn, `uniform` the given value."""
+
+  def __init__(self, randoms, value):
+    self.randoms, self.value = list(randoms), value
+
+  def random(self):
+    return self.randoms.pop(0)
+
+  def uniform(self, lo, hi):
+    assert lo <= self.value <= hi
+    return self.value
+
+
+def _ink_columns(img):
+  a = np.asarray(img, np.float32)
+  cols = np.arange(a.shape[1])
+  return [(row * cols).sum() / row.sum() for row in (a[:4], a[-4:])]
+
+
+def test_vary_glyphs_slants_thickens_thins_and_stretches():
+  bar = _bar()
+  ink = float(np.asarray(bar, np.float32).sum())
+  italic = synthetic.vary_glyphs(_Draws([0.0, 0.9, 0.9], 0.3), bar)
+  top, bottom = _ink_columns(italic)
+  assert italic.size == (40 + 12, 40) and top - bottom == pytest.approx(0.3 * 36, abs=1.5)
+  back = synthetic.vary_glyphs(_Draws([0.0, 0.9, 0.9], -0.2), bar)
+  top, bottom = _ink_columns(back)
+  assert back.size == (40 + 8, 40) and bottom - top == pytest.approx(0.2 * 36, abs=1.5)
+  bold = synthetic.vary_glyphs(_Draws([0.9, 0.0, 0.0, 0.9], 0), bar)
+  thin = synthetic.vary_glyphs(_Draws([0.9, 0.0, 0.9, 0.9], 0), bar)
+  assert np.asarray(bold, np.float32).sum() == pytest.approx(ink * 8 / 6, rel=0.1)
+  assert np.asarray(thin, np.float32).sum() == pytest.approx(ink * 4 / 6, rel=0.1)
+  hairline = _bar(width=1)  # thinning would erase it: left as it is
+  kept = synthetic.vary_glyphs(_Draws([0.9, 0.0, 0.9, 0.9], 0), hairline)
+  np.testing.assert_array_equal(np.asarray(kept), np.asarray(hairline))
+  wide = synthetic.vary_glyphs(_Draws([0.9, 0.9, 0.0], 1.25), bar)
+  assert wide.size == (50, 40)
 
 
 def test_one_generator_serves_concurrent_threads_with_a_mixture():

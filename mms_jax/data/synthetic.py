@@ -88,6 +88,10 @@ class SyntheticConfig:
     hard_fraction: probability that a sample is drawn at the 'hard' difficulty
       (its own random stream too; a training mixture for robustness). A sample
       drawn clean is clean.
+    glyph_augment: probability that a sample's letter shapes are varied beyond its
+      font: slanted or back-slanted, bolder or thinner strokes, wider or narrower
+      letters (`vary_glyphs`). Its own random stream too, so 0 leaves every sample
+      as it is; a training augmentation for fonts never seen in training.
   """
   image_size: tuple[int, int] = (32, 128)
   seed: int = 0
@@ -111,6 +115,7 @@ class SyntheticConfig:
   occluders: bool = True
   clean_fraction: float = 0.0
   hard_fraction: float = 0.0
+  glyph_augment: float = 0.0
 
   def __post_init__(self):
     # Accept lists (e.g. from a ConfigDict) but store hashable tuples.
@@ -146,7 +151,7 @@ class SyntheticConfig:
     check(isinstance(self.charset, str) and self.charset
           and all(c.isprintable() and not c.isspace() for c in self.charset),
           'charset', 'a non-empty string of printable, non-space characters')
-    for field in ('clean_fraction', 'hard_fraction'):
+    for field in ('clean_fraction', 'hard_fraction', 'glyph_augment'):
       value = getattr(self, field)
       check(isinstance(value, (int, float)) and 0.0 <= value <= 1.0, field,
             'a probability in [0, 1]')
@@ -287,6 +292,36 @@ def _load_font(path: str,
   stem = glyph.sum() / 255.0 / ink_rows
   stroke = max(0, int(math.ceil((_MIN_STEM * size - stem) / 2)))
   return font, cap, stroke
+
+
+def vary_glyphs(rng: np.random.Generator, text: Image.Image) -> Image.Image:
+  """Letter shapes beyond the font, on an 'L' text layer at render resolution.
+
+  Each with probability 1/2: a shear (slant -0.2..0.35 of the height, top to the
+  right when positive), a stroke change (one pixel bolder, or thinner when at least
+  half the ink survives), a horizontal scale (0.75..1.3).
+  """
+  w, h = text.size
+  if rng.random() < 0.5:
+    slant = float(rng.uniform(-0.2, 0.35))
+    extra = int(math.ceil(abs(slant) * h))
+    # Output (x, y) reads input (x + slant * y + offset, y); PIL's AFFINE maps that way.
+    offset = -slant * h if slant > 0 else 0.0
+    text = text.transform((w + extra, h), Image.AFFINE, (1, slant, offset, 0, 1, 0),
+                          Image.BILINEAR)
+  if rng.random() < 0.5:
+    if rng.random() < 0.5:
+      text = text.filter(ImageFilter.MaxFilter(3))
+    else:
+      thinner = text.filter(ImageFilter.MinFilter(3))
+      ink = float(np.asarray(text, np.float32).sum())
+      if np.asarray(thinner, np.float32).sum() >= 0.5 * ink:
+        text = thinner
+  if rng.random() < 0.5:
+    w, h = text.size
+    text = text.resize((max(1, int(round(w * rng.uniform(0.75, 1.3)))), h),
+                       Image.BILINEAR)
+  return text
 
 
 # ----------------------------------------------------------------------------
@@ -678,6 +713,10 @@ class SyntheticGenerator:
     font_path = self.fonts[int(rng.integers(len(self.fonts)))]
 
     text = self._render_text(rng, label, font_path)
+    if cfg.glyph_augment > 0:
+      glyph_rng = np.random.default_rng([int(cfg.seed), index, 3])
+      if glyph_rng.random() < cfg.glyph_augment:
+        text = vary_glyphs(glyph_rng, text)
     if cfg.geometry and not clean:
       text = self._warp(rng, text, style)
     mask = self._fit(rng, text, style)
