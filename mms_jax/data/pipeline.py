@@ -962,3 +962,37 @@ def make_pipeline(data_config, split: str, global_batch_size: int, *, train: boo
                        shard_count=shard_count, num_epochs=num_epochs,
                        augment=bool(augment))
   return iter(loader)
+
+
+def padded_eval_batches(data_config, split: str, global_batch_size: int,
+                        fields: Mapping[str, Sequence[int]], *,
+                        image_size: Sequence[int] = (32, 128),
+                        worker_count: Optional[int] = None, with_labels: bool = False):
+  """Yields this host's evaluation batches of `fields`, zero-padded to a fixed size.
+
+  fields: {batch key: per-example shape}, e.g. {'image': (32, 128, 3), 'mask': (32, 128)}.
+  Each batch has global_batch_size // hosts rows of every field, 'valid' bool[b] (False
+  on padding rows) and, with_labels, 'label' object[b] ('' on padding rows). Every host
+  yields the same number of batches (all-padding ones after its slice ends), so one
+  jitted step shape serves all of them and multi-host evaluation stays in step.
+  """
+  source = make_source(data_config, split)
+  shard = shard_options(False)
+  local = _check_batch_size(global_batch_size, shard.shard_count)
+  loader = make_loader(data_config, split, global_batch_size, image_size=image_size,
+                       source=source, worker_count=worker_count)
+  iterator = iter(loader)
+  largest_slice = -(-len(source) // shard.shard_count)
+  for _ in range(-(-largest_slice // local)):
+    batch = next(iterator, None)
+    n = 0 if batch is None else len(batch['image'])
+    out = {'valid': np.arange(local) < n}
+    if with_labels:
+      out['label'] = np.full(local, '', object)
+      if n and 'label' in batch:
+        out['label'][:n] = batch['label']
+    for key, shape in fields.items():
+      out[key] = np.zeros((local, *shape), np.float32)
+      if n:
+        out[key][:n] = batch[key]
+    yield out

@@ -177,6 +177,13 @@ class TrainState:
   rng: jax.Array  # raw uint32 key data, so orbax stores it like any array
 
 
+def new_train_state(params, optimizer, seed):
+  """Step 0 of a run: `params`, a fresh optimizer state, the run's step-rng key."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params),
+                    rng=jax.random.key_data(jax.random.key(seed + 1)))
+
+
 def step_rng(state, *streams):
   """A key that depends only on the run seed, the step and the named stream."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)

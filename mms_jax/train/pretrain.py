@@ -13,13 +13,11 @@ import os
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-import numpy as np
 import optax
-from PIL import Image
-from PIL import ImageDraw
 
 from mms_jax import masking
 from mms_jax.data import pipeline
+from mms_jax.evaluate import pictures
 from mms_jax.models import mae as mae_lib
 from mms_jax.models import vit
 from mms_jax.train import checkpoints
@@ -154,10 +152,6 @@ def make_train_step(model, config, spec, optimizer, schedule, mesh, shardings):
 # ------------------------------------------------------------------------------------
 # Pictures: input / masked input / reconstruction for each strategy.
 # ------------------------------------------------------------------------------------
-def _to_uint8(images):
-  return np.clip((np.asarray(images, np.float32) + 1) * 127.5, 0, 255).astype(np.uint8)
-
-
 def reconstruct(images, pred, mask, patch, norm_pix):
   """Images with hidden patches replaced by the prediction, in pixel space."""
   target = vit.patchify(images, patch)
@@ -184,22 +178,10 @@ def reconstruction_picture(model, params, images, config, spec, path, step):
     pred, _ = _apply_eval(model, params, images, mask, num_masked)
     masked, recon = reconstruct(images, pred, mask, patch, config.loss.norm_pix)
     for kind, batch in (("input", images), ("masked", masked), ("reconstruction", recon)):
-      rows.append(np.concatenate(list(_to_uint8(batch)), axis=1))
+      rows.append(pictures.side_by_side(pictures.to_uint8(batch)))
       labels.append(f"{name}: {kind}")
-  _save_labelled_rows(rows, labels, path)
+  pictures.save_labelled_rows(rows, labels, path)
   return labels
-
-
-def _save_labelled_rows(rows, labels, path, scale=2, gap=4, label_width=170):
-  """Stacks uint8 image rows, upscaled, with a text label left of each row."""
-  height, width = rows[0].shape[0] * scale, rows[0].shape[1] * scale
-  canvas = Image.new("RGB", (label_width + width, len(rows) * (height + gap)), "white")
-  draw = ImageDraw.Draw(canvas)
-  for i, (row, label) in enumerate(zip(rows, labels)):
-    top = i * (height + gap)
-    canvas.paste(Image.fromarray(row).resize((width, height), Image.NEAREST), (label_width, top))
-    draw.text((6, top + height // 2 - 6), label, fill="black")
-  canvas.save(path)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -248,9 +230,7 @@ def train_and_evaluate(config, workdir):
     if spec.mode == "multi_view":
       mask = jnp.repeat(mask[:, None], spec.num_views, axis=1)
     params = model.init({"params": rng}, images, mask, num_masked=num_masked)["params"]
-    return common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=optimizer.init(params),
-                             rng=jax.random.key_data(jax.random.key(config.seed + 1)))
+    return common.new_train_state(params, optimizer, config.seed)
 
   init_rng = jax.random.key(config.seed)
   abstract_state = jax.eval_shape(init_state, init_rng)

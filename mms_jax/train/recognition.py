@@ -15,13 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from PIL import Image
-from PIL import ImageDraw
 
 from mms_jax.data import formats
 from mms_jax.data import labels as labels_lib
 from mms_jax.data import pipeline
 from mms_jax.data import tokenizer as tokenizer_lib
+from mms_jax.evaluate import pictures
 from mms_jax.evaluate import str_benchmarks
 from mms_jax.evaluate import text_metrics
 from mms_jax.models import recognition as rec
@@ -211,27 +210,9 @@ def run_evals(predict, config, workdir, step, writer, picture=True):
                                 for k in ("word_accuracy", "one_minus_ned", "skipped")})
   if picture and kept and config.get("picture_every", 1) and jax.process_index() == 0:
     path = os.path.join(workdir, f"predictions_{step:07d}.png")
-    prediction_picture(kept, path, eval_charset)
+    pictures.save_prediction_grid(kept, path, eval_charset)
     logging.info("Wrote %s", path)
   return results
-
-
-def prediction_picture(examples, path, charset="36", scale=2, columns=4):
-  """A PNG grid: each image with 'pred' and 'gt' under it (green when they match)."""
-  examples = list(examples)
-  h, w = examples[0][0].shape[:2]
-  cell_w, cell_h = w * scale + 8, h * scale + 34
-  rows = (len(examples) + columns - 1) // columns
-  canvas = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
-  draw = ImageDraw.Draw(canvas)
-  for i, (image, gt, pred) in enumerate(examples):
-    x, y = (i % columns) * cell_w + 4, (i // columns) * cell_h + 2
-    pixels = np.clip((np.asarray(image) + 1) * 127.5, 0, 255).astype(np.uint8)
-    canvas.paste(Image.fromarray(pixels).resize((w * scale, h * scale), Image.NEAREST), (x, y))
-    ok = text_metrics.normalize(gt, charset) == text_metrics.normalize(pred, charset)
-    draw.text((x, y + h * scale + 2), f"pred: {pred}", fill=(0, 128, 0) if ok else (200, 0, 0))
-    draw.text((x, y + h * scale + 16), f"gt:   {gt}", fill="black")
-  canvas.save(path)
 
 
 def record_synthetic_fonts(config, workdir):
@@ -302,9 +283,7 @@ def train_and_evaluate(config, workdir):
 
   def init_state(rng):
     params = init_params(rng)
-    return common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=optimizer.init(params),
-                             rng=jax.random.key_data(jax.random.key(config.seed + 1)))
+    return common.new_train_state(params, optimizer, config.seed)
 
   abstract_state = jax.eval_shape(init_state, init_rng)
   shardings = common.state_shardings(abstract_state, mesh)
