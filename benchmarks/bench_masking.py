@@ -14,6 +14,7 @@ block_until_ready; the minimum is the least noisy on a shared machine.
   python benchmarks/bench_masking.py [--batch 256] [--grid 8,32] [--ratio 0.75]
       [--repeats 50] [--ref_repeats 5] [--coverage_grids 8x32,4x32,1x64,16x256]
 """
+
 import argparse
 import os
 import sys
@@ -25,18 +26,17 @@ import numpy as np
 from mms_jax import masking
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference_masking as ref  # pylint: disable=g-import-not-at-top
+import reference_masking as ref
 
 # (label, masking config overrides). Configs are validated with an image of grid * 4.
 SAMPLERS = [
-    ("random_patch", dict(mode="single", strategies=("random_patch",))),
-    ("blockwise", dict(mode="single", strategies=("blockwise",))),
-    ("span", dict(mode="single", strategies=("span",))),
-    ("horizontal_block", dict(mode="single", strategies=("horizontal_block",))),
-    ("per_sample (patch, block, span)", dict(mode="per_sample")),
-    ("union (h. block + patch)", dict(mode="union",
-                                      strategies=("horizontal_block", "random_patch"))),
-    ("multi_view (patch, block, span), 3 views", dict(mode="multi_view")),
+  ("random_patch", dict(mode="single", strategies=("random_patch",))),
+  ("blockwise", dict(mode="single", strategies=("blockwise",))),
+  ("span", dict(mode="single", strategies=("span",))),
+  ("horizontal_block", dict(mode="single", strategies=("horizontal_block",))),
+  ("per_sample (patch, block, span)", dict(mode="per_sample")),
+  ("union (h. block + patch)", dict(mode="union", strategies=("horizontal_block", "random_patch"))),
+  ("multi_view (patch, block, span), 3 views", dict(mode="multi_view")),
 ]
 PATCH = (4, 4)
 
@@ -55,14 +55,14 @@ def _reference(spec):
   if spec.mode == "single":
     return lambda rng, b, n: ref.SAMPLERS[names[0]](rng, b, spec.grid, n, **params[0])
   if spec.mode == "per_sample":
-    return lambda rng, b, n: ref.per_sample(rng, b, spec.grid, n, strategies=names,
-                                            probabilities=spec.probabilities,
-                                            params=params)[0]
+    return lambda rng, b, n: ref.per_sample(
+      rng, b, spec.grid, n, strategies=names, probabilities=spec.probabilities, params=params
+    )[0]
   if spec.mode == "union":
-    return lambda rng, b, n: ref.union(rng, b, spec.grid, n, strategies=names,
-                                       shares=spec.shares, params=params)
-  return lambda rng, b, n: ref.multi_view(rng, b, spec.grid, n, strategies=names,
-                                          params=params)
+    return lambda rng, b, n: ref.union(
+      rng, b, spec.grid, n, strategies=names, shares=spec.shares, params=params
+    )
+  return lambda rng, b, n: ref.multi_view(rng, b, spec.grid, n, strategies=names, params=params)
 
 
 def _times(fn, repeats):
@@ -88,37 +88,46 @@ def speed_table(batch, grid, ratio, repeats, ref_repeats):
     reference = _reference(spec)
     keys = jax.random.split(jax.random.key(0), repeats + 1)
     jax_min, jax_med = _times(
-        lambda i: jax.block_until_ready(sampler(keys[i], batch, count)), repeats)
+      lambda i: jax.block_until_ready(sampler(keys[i], batch, count)), repeats
+    )
     ref_min, ref_med = _times(
-        lambda i: reference(np.random.default_rng(i), batch, count), ref_repeats)
-    exact = (_exact(sampler(keys[0], batch, count)[0], count)
-             and _exact(reference(np.random.default_rng(0), batch, count), count))
+      lambda i: reference(np.random.default_rng(i), batch, count), ref_repeats
+    )
+    exact = _exact(sampler(keys[0], batch, count)[0], count) and _exact(
+      reference(np.random.default_rng(0), batch, count), count
+    )
     rows.append((label, jax_min, jax_med, ref_min, ref_med, exact))
 
   spec = _spec(SAMPLERS[1][1], grid, ratio)
   count = spec.num_masked()
   beit = {}
   for min_area in (4, 16):  # 4: our default; 16: BEiT's
-    fn = lambda i, a=min_area: ref.beit_blockwise(np.random.default_rng(i), batch, grid,
-                                                  count, min_area=a)
+    fn = lambda i, a=min_area: ref.beit_blockwise(
+      np.random.default_rng(i), batch, grid, count, min_area=a
+    )
     times = _times(fn, ref_repeats)
     masks = np.concatenate([fn(i) for i in range(4)])
     counts = masks.sum(axis=1)
     beit[min_area] = (times, np.mean(counts < count), counts.min())
 
-  print(f"\nbatch {batch}, grid {grid[0]}x{grid[1]}, ratio {ratio} ({count} hidden of "
-        f"{grid[0] * grid[1]} cells); ms per batch, min / median over {repeats} (JAX) "
-        f"and {ref_repeats} (numpy) calls\n")
-  print("| sampler | jax ms/batch | numpy reference ms/batch | speed-up (min) | "
-        "exact count? |")
+  print(
+    f"\nbatch {batch}, grid {grid[0]}x{grid[1]}, ratio {ratio} ({count} hidden of "
+    f"{grid[0] * grid[1]} cells); ms per batch, min / median over {repeats} (JAX) "
+    f"and {ref_repeats} (numpy) calls\n"
+  )
+  print("| sampler | jax ms/batch | numpy reference ms/batch | speed-up (min) | exact count? |")
   print("| --- | --- | --- | --- | --- |")
   for label, jax_min, jax_med, ref_min, ref_med, exact in rows:
-    print(f"| {label} | {jax_min:.3f} / {jax_med:.3f} | {ref_min:.1f} / {ref_med:.1f} | "
-          f"{ref_min / jax_min:,.0f}x | {'yes' if exact else 'NO'} |")
+    print(
+      f"| {label} | {jax_min:.3f} / {jax_med:.3f} | {ref_min:.1f} / {ref_med:.1f} | "
+      f"{ref_min / jax_min:,.0f}x | {'yes' if exact else 'NO'} |"
+    )
   for min_area, ((ref_min, ref_med), short, lowest) in beit.items():
-    print(f"| plain BEiT-style blockwise, min_area {min_area}, no top-up | - | "
-          f"{ref_min:.1f} / {ref_med:.1f} | - | no: {100 * short:.0f}% of samples short "
-          f"(lowest {lowest}) |")
+    print(
+      f"| plain BEiT-style blockwise, min_area {min_area}, no top-up | - | "
+      f"{ref_min:.1f} / {ref_med:.1f} | - | no: {100 * short:.0f}% of samples short "
+      f"(lowest {lowest}) |"
+    )
   return rows
 
 
@@ -135,27 +144,38 @@ def _span_runs(rng, batch, grid, num_masked, params):
 def coverage_table(grids, batch, ratio):
   config = masking.default_config()
   block_params, span_params = dict(config.blockwise), dict(config.span)
-  print(f"\nshape coverage before the top-up, ratio {ratio}: mean fraction of the "
-        f"count (blockwise) or of the floor(count / gh) columns (span), and % of samples "
-        f"fully covered; JAX over {batch} samples | numpy reference over {batch}\n")
-  print("| grid | count | blockwise (jax) | blockwise (reference) | span runs (jax) | "
-        "span runs (reference) |")
+  print(
+    f"\nshape coverage before the top-up, ratio {ratio}: mean fraction of the "
+    f"count (blockwise) or of the floor(count / gh) columns (span), and % of samples "
+    f"fully covered; JAX over {batch} samples | numpy reference over {batch}\n"
+  )
+  print(
+    "| grid | count | blockwise (jax) | blockwise (reference) | span runs (jax) | "
+    "span runs (reference) |"
+  )
   print("| --- | --- | --- | --- | --- | --- |")
   rows = []
   for grid in grids:
     count = masking.count_for_ratio(ratio, grid[0] * grid[1])
     target = count // grid[0]
     rng = np.random.default_rng(0)
-    hidden, _ = masking.blockwise_shapes(jax.random.key(0), batch, grid, count,
-                                         **block_params)
+    hidden, _ = masking.blockwise_shapes(jax.random.key(0), batch, grid, count, **block_params)
     block_jax = np.asarray(hidden).sum(axis=1) / count
-    block_ref = np.array([ref.blockwise_shapes_one(rng, grid, count, **block_params).sum()
-                          for _ in range(batch)]) / count
+    block_ref = (
+      np.array(
+        [ref.blockwise_shapes_one(rng, grid, count, **block_params).sum() for _ in range(batch)]
+      )
+      / count
+    )
     span_jax = _span_runs(jax.random.key(1), batch, grid, count, span_params).sum(1) / target
-    span_ref = np.array([ref.span_runs_one(rng, grid, count, **span_params).sum()
-                         for _ in range(batch)]) / target
-    cells = [f"{c.mean():.3f} ({100 * np.mean(c == 1):.0f}%)"
-             for c in (block_jax, block_ref, span_jax, span_ref)]
+    span_ref = (
+      np.array([ref.span_runs_one(rng, grid, count, **span_params).sum() for _ in range(batch)])
+      / target
+    )
+    cells = [
+      f"{c.mean():.3f} ({100 * np.mean(c == 1):.0f}%)"
+      for c in (block_jax, block_ref, span_jax, span_ref)
+    ]
     print(f"| {grid[0]}x{grid[1]} | {count} | " + " | ".join(cells) + " |")
     rows.append((grid, block_jax, block_ref, span_jax, span_ref))
   return rows
@@ -175,13 +195,12 @@ def main():
   parser.add_argument("--coverage_grids", default="8x32,4x32,1x64,16x256")
   parser.add_argument("--coverage_batch", type=int, default=256)
   args = parser.parse_args()
-  print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, "
-        f"{os.cpu_count()} CPU cores")
-  speed_table(args.batch, _grid(args.grid, ","), args.ratio, args.repeats,
-              args.ref_repeats)
+  print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores")
+  speed_table(args.batch, _grid(args.grid, ","), args.ratio, args.repeats, args.ref_repeats)
   if args.coverage_grids:
-    coverage_table([_grid(g, "x") for g in args.coverage_grids.split(",")],
-                   args.coverage_batch, args.ratio)
+    coverage_table(
+      [_grid(g, "x") for g in args.coverage_grids.split(",")], args.coverage_batch, args.ratio
+    )
 
 
 if __name__ == "__main__":

@@ -36,37 +36,45 @@ def bench_generator(num_images: int) -> float:
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument('--num_images', type=int, default=2048)
-  parser.add_argument('--batch_size', type=int, default=64)
-  parser.add_argument('--data_dir', default='')
-  parser.add_argument('--workers', default='0,2')
+  parser.add_argument("--num_images", type=int, default=2048)
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--data_dir", default="")
+  parser.add_argument("--workers", default="0,2")
   args = parser.parse_args()
-  data_dir = args.data_dir or tempfile.mkdtemp(prefix='bench_pipeline_')
+  data_dir = args.data_dir or tempfile.mkdtemp(prefix="bench_pipeline_")
   n, bs = args.num_images, args.batch_size
 
-  rows = [('generator alone (1 process)', '-', bench_generator(min(n, 512)))]
+  rows = [("generator alone (1 process)", "-", bench_generator(min(n, 512)))]
   base = pipeline.default_config()
   base.data_dir = data_dir
-  base.size = {'train': n + 2 * bs}
+  base.size = {"train": n + 2 * bs}
   start = time.perf_counter()
-  pipeline.make_source(base, 'train')  # builds the array_record files once
-  print(f'TFDS build of {n + 2 * bs} images: {time.perf_counter() - start:.1f} s')
-  for reader in ('tfds', 'direct'):
+  pipeline.make_source(base, "train")  # builds the array_record files once
+  print(f"TFDS build of {n + 2 * bs} images: {time.perf_counter() - start:.1f} s")
+  for reader in ("tfds", "direct"):
     config = base.copy_and_resolve_references()
     config.reader = reader
-    for workers in (int(w) for w in args.workers.split(',')):
-      it = pipeline.make_pipeline(config, 'train', bs, train=True, seed=0,
-                                  image_size=(32, 128), worker_count=workers,
-                                  shard_index=0, shard_count=1)
-      rows.append((f'grain over {reader}', str(workers), _rate(it, n, bs)))
+    for workers in (int(w) for w in args.workers.split(",")):
+      it = pipeline.make_pipeline(
+        config,
+        "train",
+        bs,
+        train=True,
+        seed=0,
+        image_size=(32, 128),
+        worker_count=workers,
+        shard_index=0,
+        shard_count=1,
+      )
+      rows.append((f"grain over {reader}", str(workers), _rate(it, n, bs)))
       del it
       gc.collect()
 
-  print(f'\n| source | workers | images/s (batch {bs}, 32x128) |')
-  print('| --- | --- | --- |')
+  print(f"\n| source | workers | images/s (batch {bs}, 32x128) |")
+  print("| --- | --- | --- |")
   for name, workers, rate in rows:
-    print(f'| {name} | {workers} | {rate:,.0f} |')
+    print(f"| {name} | {workers} | {rate:,.0f} |")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

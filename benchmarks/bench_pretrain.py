@@ -11,6 +11,7 @@ fraction of the f32 matmul peak measured in the same run (2048x2048 jnp.dot), XL
 FLOP count, and the first-call compile time; then compile times with and without
 `scan_layers`.
 """
+
 import pathlib
 import sys
 import time
@@ -22,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-from conftest import load_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mms_jax import masking  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mms_jax.models import vit  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mms_jax.train import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mms_jax.train import pretrain  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conftest import load_config
+
+from mms_jax import masking
+from mms_jax.models import vit
+from mms_jax.train import common
+from mms_jax.train import pretrain
 
 FLAGS = flags.FLAGS
 
@@ -37,17 +39,27 @@ def _define_flags():  # only when run as a program: other benchmarks import this
   flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes")
   flags.DEFINE_integer("steps", 3, "timed steps per configuration (after compile)")
   flags.DEFINE_bool("compile_scan", True, "also time ViT-S compile with/without scan")
-  flags.DEFINE_string("profile_dir", "", "trace one step of each configuration there and "
-                      "print a per-op-category time table (set XLA_FLAGS="
-                      "--xla_cpu_enable_xprof_traceme=true for per-op events)")
+  flags.DEFINE_string(
+    "profile_dir",
+    "",
+    "trace one step of each configuration there and "
+    "print a per-op-category time table (set XLA_FLAGS="
+    "--xla_cpu_enable_xprof_traceme=true for per-op events)",
+  )
 
 
 def model_config(name, dtype, batch, scan=False):
   config = load_config("pretrain", "tiny")
   if name == "S":
-    config.model.update(encoder_variant="S", encoder_width=None, encoder_depth=None,
-                        encoder_num_heads=None, decoder_width=512, decoder_depth=8,
-                        decoder_num_heads=16)
+    config.model.update(
+      encoder_variant="S",
+      encoder_width=None,
+      encoder_depth=None,
+      encoder_num_heads=None,
+      decoder_width=512,
+      decoder_depth=8,
+      decoder_num_heads=16,
+    )
   config.model.dtype, config.model.scan_layers = dtype, scan
   config.batch_size = batch
   config.total_steps = 1000
@@ -56,10 +68,12 @@ def model_config(name, dtype, batch, scan=False):
 
 def analytic_flops_per_image(config, spec):
   """Forward + backward model FLOPs of one image (3x forward; matmuls only)."""
-  encoder = vit.Encoder(variant=config.model.encoder_variant,
-                        width=config.model.get("encoder_width"),
-                        depth=config.model.get("encoder_depth"),
-                        num_heads=config.model.get("encoder_num_heads"))
+  encoder = vit.Encoder(
+    variant=config.model.encoder_variant,
+    width=config.model.get("encoder_width"),
+    depth=config.model.get("encoder_depth"),
+    num_heads=config.model.get("encoder_num_heads"),
+  )
   width, depth, _ = encoder.dims()
   patch_dim = int(np.prod(config.model.patch)) * 3
   num_cells, visible = spec.num_cells, spec.num_cells - spec.num_masked()
@@ -67,10 +81,13 @@ def analytic_flops_per_image(config, spec):
   def blocks(tokens, d, layers):  # qkv + proj + MLP (ratio 4) + two attention matmuls
     return layers * (2 * tokens * d * d * 12 + 4 * tokens * tokens * d)
 
-  forward = (2 * visible * patch_dim * width + blocks(1 + visible, width, depth)
-             + 2 * (1 + visible) * width * config.model.decoder_width
-             + blocks(1 + num_cells, config.model.decoder_width, config.model.decoder_depth)
-             + 2 * num_cells * config.model.decoder_width * patch_dim)
+  forward = (
+    2 * visible * patch_dim * width
+    + blocks(1 + visible, width, depth)
+    + 2 * (1 + visible) * width * config.model.decoder_width
+    + blocks(1 + num_cells, config.model.decoder_width, config.model.decoder_depth)
+    + 2 * num_cells * config.model.decoder_width * patch_dim
+  )
   return 3 * forward
 
 
@@ -80,7 +97,7 @@ def matmul_peak(size=2048, repeats=10, dtype=jnp.float32):
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   best = min(_time(lambda: f(a).block_until_ready()) for _ in range(repeats))
-  return 2 * size ** 3 / best / 1e9
+  return 2 * size**3 / best / 1e9
 
 
 def _time(fn):
@@ -98,17 +115,22 @@ def build_step(config):
 
   def init(rng):
     mask = masking.random_patch(jax.random.key(0), 1, spec.grid, spec.num_masked())
-    params = model.init({"params": rng}, jnp.zeros((1, height, width, 3)), mask,
-                        num_masked=spec.num_masked())["params"]
-    return common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=optimizer.init(params),
-                             rng=jax.random.key_data(jax.random.key(1)))
+    params = model.init(
+      {"params": rng}, jnp.zeros((1, height, width, 3)), mask, num_masked=spec.num_masked()
+    )["params"]
+    return common.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      rng=jax.random.key_data(jax.random.key(1)),
+    )
 
   shardings = common.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
   state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
   step = pretrain.make_train_step(model, config, spec, optimizer, schedule, mesh, shardings)
-  images = jax.random.uniform(jax.random.key(2), (config.batch_size, height, width, 3),
-                              minval=-1, maxval=1)
+  images = jax.random.uniform(
+    jax.random.key(2), (config.batch_size, height, width, 3), minval=-1, maxval=1
+  )
   images = common.global_batch(np.asarray(images), mesh)
   return spec, step, state, images
 
@@ -130,8 +152,12 @@ def measure(config, steps):
     state, metrics = step(state, images, num_masked)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-  return dict(seconds=min(times), compile=compile_seconds, xla_flops=xla_flops,
-              flops=analytic_flops_per_image(config, spec))
+  return dict(
+    seconds=min(times),
+    compile=compile_seconds,
+    xla_flops=xla_flops,
+    flops=analytic_flops_per_image(config, spec),
+  )
 
 
 def _category(op, meta, shape):
@@ -143,8 +169,14 @@ def _category(op, meta, shape):
     return "gelu"
   if "norm" in meta:
     return "layernorm"
-  if ("/while" in meta or "bhq" in meta or "softmax" in meta or "reduce_max" in meta
-      or ",257,257]" in shape or (not meta and op.startswith(("dot", "fusion")))):
+  if (
+    "/while" in meta
+    or "bhq" in meta
+    or "softmax" in meta
+    or "reduce_max" in meta
+    or ",257,257]" in shape
+    or (not meta and op.startswith(("dot", "fusion")))
+  ):
     return "attention core (QK^T, softmax, PV and their gradients)"
   if "/attn/" in meta:
     return "attention layout (qkv split / head merge and their gradients)"
@@ -157,10 +189,11 @@ def _category(op, meta, shape):
 
 def profile(config, directory):
   """Traces one step; returns [(category, seconds)] summed over the op events."""
-  import collections  # pylint: disable=g-import-not-at-top
-  import gzip  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
-  import re  # pylint: disable=g-import-not-at-top
+  import collections
+  import gzip
+  import json
+  import re
+
   spec, step, state, images = build_step(config)
   num_masked = spec.num_masked()
   hlo = step.lower(state, images, num_masked).compile().as_text()
@@ -170,8 +203,11 @@ def profile(config, directory):
     if m:
       meta = re.search(r'op_name="([^"]*)"', line)
       kind = re.search(r'"kind":"(\w+)"', line)
-      info[m.group(1)] = (m.group(3) + (kind.group(1) if kind else ""), m.group(2),
-                          meta.group(1) if meta else "")
+      info[m.group(1)] = (
+        m.group(3) + (kind.group(1) if kind else ""),
+        m.group(2),
+        meta.group(1) if meta else "",
+      )
   for _ in range(2):
     state, metrics = step(state, images, num_masked)
   jax.block_until_ready(metrics)
@@ -196,27 +232,38 @@ def main(argv):
     for name in FLAGS.models:
       for dtype in FLAGS.dtypes:
         for batch in map(int, FLAGS.batch):
-          rows = profile(model_config(name, dtype, batch), f"{FLAGS.profile_dir}/{name}_{dtype}_{batch}")
+          rows = profile(
+            model_config(name, dtype, batch), f"{FLAGS.profile_dir}/{name}_{dtype}_{batch}"
+          )
           total = sum(t for _, t in rows)
-          print(f"\n{name} {dtype} batch {batch}: {total:.2f} s of op events in one step\n"
-                "| ops | s | share |\n|---|---|---|")
+          print(
+            f"\n{name} {dtype} batch {batch}: {total:.2f} s of op events in one step\n"
+            "| ops | s | share |\n|---|---|---|"
+          )
           for category, seconds in rows:
             print(f"| {category} | {seconds:.3f} | {100 * seconds / total:.0f}% |")
     return
   peak = matmul_peak()
-  print(f"jax {jax.__version__}, {jax.device_count()} CPU device(s); "
-        f"f32 2048^2 matmul peak {peak:.1f} GFLOP/s\n")
-  print("| model | dtype | batch | s/step | img/s | GFLOP/img (analytic / XLA) | GFLOP/s "
-        "| % of matmul peak | compile s |")
+  print(
+    f"jax {jax.__version__}, {jax.device_count()} CPU device(s); "
+    f"f32 2048^2 matmul peak {peak:.1f} GFLOP/s\n"
+  )
+  print(
+    "| model | dtype | batch | s/step | img/s | GFLOP/img (analytic / XLA) | GFLOP/s "
+    "| % of matmul peak | compile s |"
+  )
   print("|---|---|---|---|---|---|---|---|---|")
   for name in FLAGS.models:
     for dtype in FLAGS.dtypes:
       for batch in map(int, FLAGS.batch):
         r = measure(model_config(name, dtype, batch), FLAGS.steps)
         achieved = r["flops"] * batch / r["seconds"] / 1e9
-        print(f"| {name} | {dtype} | {batch} | {r['seconds']:.3f} | {batch / r['seconds']:.1f} "
-              f"| {r['flops'] / 1e9:.2f} / {r['xla_flops'] / 1e9:.2f} | {achieved:.1f} "
-              f"| {100 * achieved / peak:.0f}% | {r['compile']:.1f} |", flush=True)
+        print(
+          f"| {name} | {dtype} | {batch} | {r['seconds']:.3f} | {batch / r['seconds']:.1f} "
+          f"| {r['flops'] / 1e9:.2f} / {r['xla_flops'] / 1e9:.2f} | {achieved:.1f} "
+          f"| {100 * achieved / peak:.0f}% | {r['compile']:.1f} |",
+          flush=True,
+        )
   if FLAGS.compile_scan:
     print("\n| ViT-S MAE step | compile s |\n|---|---|")
     for scan in (False, True):

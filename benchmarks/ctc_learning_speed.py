@@ -20,6 +20,7 @@ Models:
        the columns and a linear layer. It is a calibration, not a model of this project:
        it tells whether the data, loss and decoding can be learned in this many steps.
 """
+
 import time
 
 from absl import app
@@ -30,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mms_jax.data import builders, labels, synthetic
+from mms_jax.data import builders
+from mms_jax.data import labels
+from mms_jax.data import synthetic
 from mms_jax.data import tokenizer as tokenizer_lib
 from mms_jax.models import recognition as rec
 from mms_jax.train import finetune
@@ -64,6 +67,7 @@ CLEAN = dict(appearance=False, geometry=False, degradations=False, occluders=Fal
 
 class ConvReference(nn.Module):
   """images [B, 32, 128, 3] -> CTC logits [B, 32, K]."""
+
   num_classes: int
 
   @nn.compact
@@ -90,17 +94,23 @@ def build(name, tokenizer):
   if name == "cnn":
     model = ConvReference(tokenizer.num_classes)
     return model.apply, model.init(jax.random.key(0), images)
-  model = rec.Recognizer(num_classes=tokenizer.num_classes, head="ctc",
-                         encoder_width=FLAGS.vit_width, encoder_depth=FLAGS.vit_depth,
-                         encoder_num_heads=FLAGS.vit_heads,
-                         patch=tuple(int(p) for p in FLAGS.vit_patch), stem=FLAGS.vit_stem,
-                         stem_channels=tuple(int(c) for c in FLAGS.vit_stem_channels),
-                         attention_bias=FLAGS.vit_attention_bias)
+  model = rec.Recognizer(
+    num_classes=tokenizer.num_classes,
+    head="ctc",
+    encoder_width=FLAGS.vit_width,
+    encoder_depth=FLAGS.vit_depth,
+    encoder_num_heads=FLAGS.vit_heads,
+    patch=tuple(int(p) for p in FLAGS.vit_patch),
+    stem=FLAGS.vit_stem,
+    stem_channels=tuple(int(c) for c in FLAGS.vit_stem_channels),
+    attention_bias=FLAGS.vit_attention_bias,
+  )
   variables = model.init(jax.random.key(0), images)
   if FLAGS.init_from:
     params = dict(variables["params"])
     params["encoder"] = finetune.load_encoder_params(
-        FLAGS.init_from, jax.eval_shape(lambda: params["encoder"]))
+      FLAGS.init_from, jax.eval_shape(lambda: params["encoder"])
+    )
     variables = {"params": params}
   return model.apply, variables
 
@@ -109,14 +119,16 @@ def train_one(name, train, test, tokenizer):
   apply, variables = build(name, tokenizer)
   warmup = min(FLAGS.warmup_steps, FLAGS.steps - 1)
   schedule = optax.warmup_cosine_decay_schedule(0.0, FLAGS.lr, warmup, FLAGS.steps, 0.0)
-  optimizer = optax.chain(optax.clip_by_global_norm(FLAGS.clip),
-                          optax.adamw(schedule, weight_decay=FLAGS.weight_decay))
+  optimizer = optax.chain(
+    optax.clip_by_global_norm(FLAGS.clip), optax.adamw(schedule, weight_decay=FLAGS.weight_decay)
+  )
   opt_state = optimizer.init(variables)
 
   @jax.jit
   def step(variables, opt_state, images, ids, lengths):
     def loss_fn(v):
       return rec.ctc_loss(apply(v, images), ids, lengths)
+
     loss, grads = jax.value_and_grad(loss_fn)(variables)
     updates, opt_state = optimizer.update(grads, opt_state, variables)
     return optax.apply_updates(variables, updates), opt_state, loss
@@ -128,7 +140,7 @@ def train_one(name, train, test, tokenizer):
   def word_accuracy(images, texts):
     out = []
     for i in range(0, len(images), 128):
-      out += tokenizer.decode(np.asarray(predict(variables, images[i:i + 128])))
+      out += tokenizer.decode(np.asarray(predict(variables, images[i : i + 128])))
     return float(np.mean([p == t for p, t in zip(out, texts)]))
 
   (train_images, train_texts), (test_images, test_texts) = train, test
@@ -137,30 +149,44 @@ def train_one(name, train, test, tokenizer):
   losses, rows, start = [], [], time.time()
   for s in range(1, FLAGS.steps + 1):
     idx = rng.integers(0, len(train_texts), FLAGS.batch_size)
-    variables, opt_state, loss = step(variables, opt_state, train_images[idx],
-                                      train_ids[idx], train_lengths[idx])
+    variables, opt_state, loss = step(
+      variables, opt_state, train_images[idx], train_ids[idx], train_lengths[idx]
+    )
     losses.append(float(loss))
     if s % FLAGS.every == 0 or s == FLAGS.steps:
-      rows.append((s, np.mean(losses[-FLAGS.every:]),
-                   word_accuracy(train_images[:256], train_texts[:256]),
-                   word_accuracy(test_images, test_texts), time.time() - start))
-      print(f"{name:>4} step {s:5d}  loss {rows[-1][1]:.3f}  train acc {rows[-1][2]:.3f}  "
-            f"held-out acc {rows[-1][3]:.3f}  {rows[-1][4]:.0f} s", flush=True)
+      rows.append(
+        (
+          s,
+          np.mean(losses[-FLAGS.every :]),
+          word_accuracy(train_images[:256], train_texts[:256]),
+          word_accuracy(test_images, test_texts),
+          time.time() - start,
+        )
+      )
+      print(
+        f"{name:>4} step {s:5d}  loss {rows[-1][1]:.3f}  train acc {rows[-1][2]:.3f}  "
+        f"held-out acc {rows[-1][3]:.3f}  {rows[-1][4]:.0f} s",
+        flush=True,
+      )
   return rows
 
 
 def main(argv):
   del argv
   tokenizer = tokenizer_lib.Tokenizer(CHARSET, kind="ctc")
-  overrides = dict(fraction_random_strings=FLAGS.random_strings,
-                   max_label_length=FLAGS.max_label_length,
-                   **(CLEAN if FLAGS.train == "clean" else {}))
+  overrides = dict(
+    fraction_random_strings=FLAGS.random_strings,
+    max_label_length=FLAGS.max_label_length,
+    **(CLEAN if FLAGS.train == "clean" else {}),
+  )
   train = generate("train", FLAGS.num_train, overrides)
   test = generate("test_heldout_fonts", FLAGS.num_test)
   results = {name: train_one(name, train, test, tokenizer) for name in FLAGS.models}
-  print(f"\nCTC loss / train word acc / held-out-font word acc; train={FLAGS.train}, "
-        f"batch {FLAGS.batch_size}, peak lr {FLAGS.lr}"
-        + (f", vit init_from={FLAGS.init_from}" if FLAGS.init_from else ""))
+  print(
+    f"\nCTC loss / train word acc / held-out-font word acc; train={FLAGS.train}, "
+    f"batch {FLAGS.batch_size}, peak lr {FLAGS.lr}"
+    + (f", vit init_from={FLAGS.init_from}" if FLAGS.init_from else "")
+  )
   print("| step | " + " | ".join(results) + " |")
   print("|---:|" + "---|" * len(results))
   for i, (s, *_) in enumerate(next(iter(results.values()))):

@@ -8,6 +8,7 @@ Reads each run's metrics.jsonl (eval rows) and config.json (batch size); minutes
 the run's log `<run>.log` beside the workdir when it exists (the time of each evaluation
 line minus the time of the "Starting at step" line), and are printed as a table.
 """
+
 import datetime
 import json
 import os
@@ -55,9 +56,10 @@ def eval_minutes(run):
 
 def main(argv):
   del argv
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
+
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
   print("| run | step | images | minutes | " + " | ".join(SPLITS) + " |")
@@ -67,13 +69,20 @@ def main(argv):
     points, minutes = eval_points(run), eval_minutes(run)
     for ax, split in zip(axes, SPLITS):
       steps, acc = zip(*points[split])
-      ax.plot([s * batch / 1000 for s in steps], [100 * a for a in acc], "o-",
-              label=os.path.basename(run.rstrip("/")))
+      ax.plot(
+        [s * batch / 1000 for s in steps],
+        [100 * a for a in acc],
+        "o-",
+        label=os.path.basename(run.rstrip("/")),
+      )
     for step, _ in points[SPLITS[0]]:
       cells = [f"{100 * dict(points[s])[step]:.1f}" for s in SPLITS]
       mins = f"{minutes[step]:.1f}" if step in minutes else "-"
-      print(f"| {os.path.basename(run.rstrip('/'))} | {step} | {step * batch} | {mins} | "
-            + " | ".join(cells) + " |")
+      print(
+        f"| {os.path.basename(run.rstrip('/'))} | {step} | {step * batch} | {mins} | "
+        + " | ".join(cells)
+        + " |"
+      )
   for peer in FLAGS.peer:
     name, values = peer.split("=")
     for ax, value in zip(axes, values.split(",")):

@@ -21,6 +21,7 @@ Peers (each optional; skipped with a message when it is not installed):
              recognition in ONNX, bundled in the wheel (runs offline); recognition
              only (`use_det=False, use_cls=False`), the crop as it is.
 """
+
 import os
 import shutil
 import subprocess
@@ -56,14 +57,15 @@ def load_split_with_fonts(data_config, split, num):
   source = pipeline.make_source(data_config, split)
   generator = None
   if isinstance(source, pipeline.SyntheticSource):
-    from mms_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    generator = synthetic.SyntheticGenerator(
-        synthetic.SyntheticConfig.from_dict(source.config))
+    from mms_jax.data import synthetic
+
+    generator = synthetic.SyntheticGenerator(synthetic.SyntheticConfig.from_dict(source.config))
   images, texts, fonts = [], [], []
   for i in range(min(num, len(source))):
     record = generator.sample(i) if generator is not None else source[i]
-    label = labels.normalize_label(str(record["label"]), labels.CHARSETS["36"],
-                                   data_config.max_label_length)
+    label = labels.normalize_label(
+      str(record["label"]), labels.CHARSETS["36"], data_config.max_label_length
+    )
     if label:
       images.append(np.asarray(record["image"], np.uint8))
       texts.append(str(record["label"]))
@@ -77,40 +79,50 @@ def font_table(split, fonts, gts, preds_by_reader):
   rows = []
   for font in sorted(set(fonts)):
     idx = [i for i, f in enumerate(fonts) if f == font]
-    accs = [text_metrics.score([gts[i] for i in idx],
-                               [preds_by_reader[n][i] for i in idx], "36")["word_accuracy"]
-            for n in names]
+    accs = [
+      text_metrics.score([gts[i] for i in idx], [preds_by_reader[n][i] for i in idx], "36")[
+        "word_accuracy"
+      ]
+      for n in names
+    ]
     rows.append((font, len(idx), accs))
   rows.sort(key=lambda r: (r[2][0], r[0]))
-  lines = [f"{split}: word accuracy (%) per font",
-           "| font | n | " + " | ".join(names) + " |",
-           "|---|---:|" + "---:|" * len(names)]
-  lines += [f"| {font} | {n} | " + " | ".join(f"{100 * a:.0f}" for a in accs) + " |"
-            for font, n, accs in rows]
+  lines = [
+    f"{split}: word accuracy (%) per font",
+    "| font | n | " + " | ".join(names) + " |",
+    "|---|---:|" + "---:|" * len(names),
+  ]
+  lines += [
+    f"| {font} | {n} | " + " | ".join(f"{100 * a:.0f}" for a in accs) + " |"
+    for font, n, accs in rows
+  ]
   return "\n".join(lines)
 
 
 def tesseract_reader():
   if shutil.which("tesseract") is None:
     return None, "not installed (apt-get install tesseract-ocr tesseract-ocr-eng)"
-  version = subprocess.run(["tesseract", "--version"], capture_output=True,
-                           text=True).stdout.split("\n")[0]
+  version = subprocess.run(["tesseract", "--version"], capture_output=True, text=True).stdout.split(
+    "\n"
+  )[0]
 
   def read(images):
     with tempfile.TemporaryDirectory() as tmp:
       paths = []
       for i, image in enumerate(images):
         h, w = image.shape[:2]
-        big = Image.fromarray(image).resize((w * FLAGS.tesseract_scale,
-                                             h * FLAGS.tesseract_scale), Image.BICUBIC)
+        big = Image.fromarray(image).resize(
+          (w * FLAGS.tesseract_scale, h * FLAGS.tesseract_scale), Image.BICUBIC
+        )
         canvas = Image.new("RGB", (big.width + 20, big.height + 20), "white")
         canvas.paste(big, (10, 10))
         paths.append(os.path.join(tmp, f"{i:05d}.png"))
         canvas.save(paths[-1])
       out = []
       for path in paths:  # one process per image: a list file would merge the pages' text
-        r = subprocess.run(["tesseract", path, "stdout", "--psm", "7", "-l", "eng"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+          ["tesseract", path, "stdout", "--psm", "7", "-l", "eng"], capture_output=True, text=True
+        )
         out.append(r.stdout.strip())
       return out
 
@@ -119,7 +131,7 @@ def tesseract_reader():
 
 def rapidocr_reader():
   try:
-    from rapidocr_onnxruntime import RapidOCR  # pylint: disable=g-import-not-at-top
+    from rapidocr_onnxruntime import RapidOCR
   except ImportError:
     return None, "not installed (pip install -e .[peers])"
   engine = RapidOCR()
@@ -127,17 +139,18 @@ def rapidocr_reader():
   def read(images):
     out = []
     for image in images:
-      result, _ = engine(image[:, :, ::-1].copy(), use_det=False, use_cls=False,
-                         use_rec=True)
+      result, _ = engine(image[:, :, ::-1].copy(), use_det=False, use_cls=False, use_rec=True)
       out.append(result[0][0] if result else "")
     return out
 
-  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import importlib.metadata
+
   return read, f"rapidocr_onnxruntime {importlib.metadata.version('rapidocr_onnxruntime')}"
 
 
 def ours_reader(workdir):
-  from mms_jax import read as read_lib  # pylint: disable=g-import-not-at-top
+  from mms_jax import read as read_lib
+
   config, predict = read_lib.load_recognizer(workdir)
 
   def read(images):
@@ -155,7 +168,8 @@ def main(argv):
     readers["mms_jax"] = (read, f"mms_jax ({FLAGS.workdir})")
     data_config = config.data
   else:
-    from configs import finetune_recognition  # pylint: disable=g-import-not-at-top
+    from configs import finetune_recognition
+
     data_config = finetune_recognition.get_config().data
   for name in FLAGS.peers:
     make = {"tesseract": tesseract_reader, "rapidocr": rapidocr_reader}.get(name)
@@ -178,16 +192,28 @@ def main(argv):
       seconds = time.time() - start
       preds_by_reader[name] = preds
       s = text_metrics.score(gts, preds, "36")
-      rows.append((name, split, s["num"], s["word_accuracy"], s["one_minus_ned"],
-                   1000 * seconds / len(images)))
+      rows.append(
+        (
+          name,
+          split,
+          s["num"],
+          s["word_accuracy"],
+          s["one_minus_ned"],
+          1000 * seconds / len(images),
+        )
+      )
       print(f"{name} {split}: {100 * s['word_accuracy']:.1f} % word accuracy", flush=True)
     if FLAGS.by_font and readers and None not in fonts:
       font_tables.append(font_table(split, fonts, gts, preds_by_reader))
 
-  lines = ["| recognizer | split | num | word acc (%) | 1 - NED (%) | ms / image |",
-           "|---|---|---:|---:|---:|---:|"]
-  lines += [f"| {n} | {sp} | {num} | {100 * a:.1f} | {100 * e:.1f} | {ms:.1f} |"
-            for n, sp, num, a, e, ms in rows]
+  lines = [
+    "| recognizer | split | num | word acc (%) | 1 - NED (%) | ms / image |",
+    "|---|---|---:|---:|---:|---:|",
+  ]
+  lines += [
+    f"| {n} | {sp} | {num} | {100 * a:.1f} | {100 * e:.1f} | {ms:.1f} |"
+    for n, sp, num, a, e, ms in rows
+  ]
   lines += [""] + [f"- {name}: {about}" for name, (_, about) in readers.items()]
   table = "\n\n".join(["\n".join(lines), *font_tables])
   print("\n" + table)

@@ -8,6 +8,7 @@ serve as the speed baseline and a statistical cross-check in bench_masking.py.
 `beit_blockwise` is the plain BEiT-style generator with no top-up: it stops when a
 round of proposals adds nothing, so some samples end short of the count.
 """
+
 import math
 
 import numpy as np
@@ -35,8 +36,9 @@ def _max_fit_area(grid, min_aspect):
   return max(h * min(max_w, int(h / min_aspect)) for h in range(1, max_h + 1))
 
 
-def blockwise_shapes_one(rng, grid, num_masked, *, min_area=4, max_area=None,
-                         min_aspect=0.3, attempts=32):
+def blockwise_shapes_one(
+  rng, grid, num_masked, *, min_area=4, max_area=None, min_aspect=0.3, attempts=32
+):
   """The union of accepted rectangles of one image, bool[gh, gw]."""
   gh, gw = grid
   max_area = num_masked if max_area is None else max_area
@@ -55,14 +57,15 @@ def blockwise_shapes_one(rng, grid, num_masked, *, min_area=4, max_area=None,
     aspect = math.exp(rng.uniform(low, max(low, high)))
     h = int(np.round(math.sqrt(area * aspect)))
     w = int(np.round(math.sqrt(area / aspect)))
-    if not (1 <= h <= max_h and 1 <= w <= max_w
-            and min_aspect - 1e-6 <= h / w <= 1 / min_aspect + 1e-6):
+    if not (
+      1 <= h <= max_h and 1 <= w <= max_w and min_aspect - 1e-6 <= h / w <= 1 / min_aspect + 1e-6
+    ):
       continue
     top = int(rng.integers(0, gh - h + 1))
     left = int(rng.integers(0, gw - w + 1))
-    new = h * w - int(hidden[top:top + h, left:left + w].sum())
+    new = h * w - int(hidden[top : top + h, left : left + w].sum())
     if 0 < new and count + new <= num_masked:
-      hidden[top:top + h, left:left + w] = True
+      hidden[top : top + h, left : left + w] = True
       count += new
   return hidden
 
@@ -75,8 +78,7 @@ def blockwise(rng, batch, grid, num_masked, **params):
   return mask
 
 
-def beit_blockwise(rng, batch, grid, num_masked, *, min_area=4, min_aspect=0.3,
-                   tries_per_block=10):
+def beit_blockwise(rng, batch, grid, num_masked, *, min_area=4, min_aspect=0.3, tries_per_block=10):
   """The plain BEiT-style generator: no aspect restriction to what fits, no top-up.
 
   Blocks are added while a round of `tries_per_block` proposals adds something; a
@@ -97,7 +99,7 @@ def beit_blockwise(rng, batch, grid, num_masked, *, min_area=4, min_aspect=0.3,
         w = int(round(math.sqrt(area / aspect)))
         if w < gw and h < gh:
           top, left = rng.integers(0, gh - h + 1), rng.integers(0, gw - w + 1)
-          window = mask[b, top:top + h, left:left + w]
+          window = mask[b, top : top + h, left : left + w]
           new = h * w - int(window.sum())
           if 0 < new <= budget:
             window[...] = True
@@ -120,9 +122,9 @@ def span_runs_one(rng, grid, num_masked, *, min_columns=2, max_columns=6, attemp
   for _ in range(attempts):
     length = min(int(rng.integers(min_columns, max_columns + 1)), target - count)
     start = int(rng.integers(0, gw - length + 1))
-    new = length - int(columns[start:start + length].sum())
+    new = length - int(columns[start : start + length].sum())
     if new > 0:  # runs never exceed the target: length <= target - count
-      columns[start:start + length] = True
+      columns[start : start + length] = True
       count += new
   return columns
 
@@ -142,7 +144,7 @@ def horizontal_block_columns_one(rng, grid, *, band_columns=4, num_bands=1):
   starts = np.sort(rng.integers(0, slack + 1, num_bands)) + band_columns * np.arange(num_bands)
   columns = np.zeros(grid[1], bool)
   for start in starts:
-    columns[start:start + band_columns] = True
+    columns[start : start + band_columns] = True
   return columns
 
 
@@ -154,8 +156,9 @@ def horizontal_block(rng, batch, grid, num_masked, **params):
   return mask
 
 
-SAMPLERS = dict(random_patch=random_patch, blockwise=blockwise, span=span,
-                horizontal_block=horizontal_block)
+SAMPLERS = dict(
+  random_patch=random_patch, blockwise=blockwise, span=span, horizontal_block=horizontal_block
+)
 
 
 def _preferred_one(name, rng, grid, num_masked, params):
@@ -191,5 +194,7 @@ def union(rng, batch, grid, num_masked, *, strategies, shares, params):
 
 
 def multi_view(rng, batch, grid, num_masked, *, strategies, params):
-  return np.stack([SAMPLERS[name](rng, batch, grid, num_masked, **p)
-                   for name, p in zip(strategies, params)], axis=1)
+  return np.stack(
+    [SAMPLERS[name](rng, batch, grid, num_masked, **p) for name, p in zip(strategies, params)],
+    axis=1,
+  )

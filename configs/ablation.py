@@ -37,10 +37,12 @@ Variants (`--config=configs/ablation.py:VARIANT`):
   python -m mms_jax.main --config=configs/ablation.py --workdir=workdirs/ablation \
       --config.seeds='(0, 1, 2)' --config.arms='("none", "random_patch", "mms_per_sample")'
 """
+
 import importlib.util
 import os
 
 import ml_collections
+
 
 def _sibling(name, variant):
   """configs/<name>.py:get_config(variant), loaded from beside this file."""
@@ -60,14 +62,13 @@ def get_config(variant="small"):
   mms = ("random_patch", "blockwise", "span")
   # Pretraining arm -> the masking it uses; 'none' (no pretraining) needs no entry.
   c.arm_masking = dict(
-      random_patch=dict(mode="single", strategies=("random_patch",)),
-      blockwise=dict(mode="single", strategies=("blockwise",)),
-      span=dict(mode="single", strategies=("span",)),
-      mms_per_sample=dict(mode="per_sample", strategies=mms),
-      mms_multi_view=dict(mode="multi_view", strategies=mms),
+    random_patch=dict(mode="single", strategies=("random_patch",)),
+    blockwise=dict(mode="single", strategies=("blockwise",)),
+    span=dict(mode="single", strategies=("span",)),
+    mms_per_sample=dict(mode="per_sample", strategies=mms),
+    mms_multi_view=dict(mode="multi_view", strategies=mms),
   )
-  c.arms = ("none", "random_patch", "blockwise", "span", "mms_per_sample",
-            "mms_multi_view")
+  c.arms = ("none", "random_patch", "blockwise", "span", "mms_per_sample", "mms_multi_view")
   c.seeds = (0,)
   # A second table: each arm minus this arm at the same seed ('' for none).
   c.compare_to = "random_patch"
@@ -79,31 +80,32 @@ def get_config(variant="small"):
   c.stages = ("probe",)
   # Table columns: (stage, metric key in that stage's final evaluation, column title).
   c.report = (
-      ("probe", "eval/test_heldout_fonts/recognition/word_accuracy",
-       "probe word acc held-out fonts"),
-      ("probe", "eval/test_heldout_fonts/recognition/one_minus_ned",
-       "probe 1-NED held-out fonts"),
-      ("probe", "eval/test_hard/recognition/word_accuracy", "probe word acc hard"),
-      ("probe", "eval/test_hard/recognition/one_minus_ned", "probe 1-NED hard"),
-      ("probe", "eval/test_heldout_fonts/recognition/ctc_loss",
-       "probe CTC loss held-out fonts"),
-      ("probe", "eval/test_hard/recognition/ctc_loss", "probe CTC loss hard"),
-      ("probe", "eval/test_heldout_fonts/segmentation/iou", "probe seg IoU held-out fonts"),
-      ("probe", "eval/test_hard/segmentation/iou", "probe seg IoU hard"),
-      ("probe", "eval/test_heldout_fonts/super_resolution/psnr",
-       "probe SR PSNR held-out fonts"),
-      ("probe", "eval/test_hard/super_resolution/psnr", "probe SR PSNR hard"),
-      ("probe", "eval/test_heldout_fonts/super_resolution/ssim",
-       "probe SR SSIM held-out fonts"),
-      ("finetune", "eval/test_heldout_fonts/test_heldout_fonts/word_accuracy",
-       "fine-tune word acc held-out fonts"),
-      ("finetune", "eval/test_heldout_fonts/test_heldout_fonts/one_minus_ned",
-       "fine-tune 1-NED held-out fonts"),
-      ("finetune", "eval/test_hard/test_hard/word_accuracy", "fine-tune word acc hard"),
-      ("finetune", "eval/test_hard/test_hard/one_minus_ned", "fine-tune 1-NED hard"),
-      ("segmentation", "eval/test_heldout_fonts/iou", "seg IoU held-out fonts"),
-      ("super_resolution", "eval/test_heldout_fonts/psnr", "SR PSNR held-out fonts"),
-      ("super_resolution", "eval/test_heldout_fonts/ssim", "SR SSIM held-out fonts"),
+    ("probe", "eval/test_heldout_fonts/recognition/word_accuracy", "probe word acc held-out fonts"),
+    ("probe", "eval/test_heldout_fonts/recognition/one_minus_ned", "probe 1-NED held-out fonts"),
+    ("probe", "eval/test_hard/recognition/word_accuracy", "probe word acc hard"),
+    ("probe", "eval/test_hard/recognition/one_minus_ned", "probe 1-NED hard"),
+    ("probe", "eval/test_heldout_fonts/recognition/ctc_loss", "probe CTC loss held-out fonts"),
+    ("probe", "eval/test_hard/recognition/ctc_loss", "probe CTC loss hard"),
+    ("probe", "eval/test_heldout_fonts/segmentation/iou", "probe seg IoU held-out fonts"),
+    ("probe", "eval/test_hard/segmentation/iou", "probe seg IoU hard"),
+    ("probe", "eval/test_heldout_fonts/super_resolution/psnr", "probe SR PSNR held-out fonts"),
+    ("probe", "eval/test_hard/super_resolution/psnr", "probe SR PSNR hard"),
+    ("probe", "eval/test_heldout_fonts/super_resolution/ssim", "probe SR SSIM held-out fonts"),
+    (
+      "finetune",
+      "eval/test_heldout_fonts/test_heldout_fonts/word_accuracy",
+      "fine-tune word acc held-out fonts",
+    ),
+    (
+      "finetune",
+      "eval/test_heldout_fonts/test_heldout_fonts/one_minus_ned",
+      "fine-tune 1-NED held-out fonts",
+    ),
+    ("finetune", "eval/test_hard/test_hard/word_accuracy", "fine-tune word acc hard"),
+    ("finetune", "eval/test_hard/test_hard/one_minus_ned", "fine-tune 1-NED hard"),
+    ("segmentation", "eval/test_heldout_fonts/iou", "seg IoU held-out fonts"),
+    ("super_resolution", "eval/test_heldout_fonts/psnr", "SR PSNR held-out fonts"),
+    ("super_resolution", "eval/test_heldout_fonts/ssim", "SR SSIM held-out fonts"),
   )
 
   # The synthetic data every stage reads: one seed for all arms and model seeds, so

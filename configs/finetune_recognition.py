@@ -35,6 +35,7 @@ Variants (`--config=configs/finetune_recognition.py:VARIANT`):
   --config.model.head=ar     # AR head instead of CTC (slower to learn here: docs/results.md)
   --config.eval.benchmarks_path=/data/str/test       # + the LMDB benchmarks
 """
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -52,11 +53,25 @@ def get_config(variant="small"):
   # The encoder of configs/pretrain.py's default: 128 wide, 4 deep, 8x4 patches (a 4 x 32
   # grid), the masked conv stem and the 2-D ALiBi bias (docs/model.md); `paper` variants
   # have the paper's plain ViT. Must match the pretraining encoder (init_from).
-  c.model = dict(encoder_variant=placeholder(str), encoder_width=128, encoder_depth=4,
-                 encoder_num_heads=4, patch=(8, 4), stem="conv", stem_channels=(),
-                 attention_bias="alibi_2d", head="ctc", decoder_width=128,
-                 decoder_depth=2, decoder_num_heads=4, decoder_mlp_ratio=4, max_length=25,
-                 gelu="erf", dtype="float32", scan_layers=False)
+  c.model = dict(
+    encoder_variant=placeholder(str),
+    encoder_width=128,
+    encoder_depth=4,
+    encoder_num_heads=4,
+    patch=(8, 4),
+    stem="conv",
+    stem_channels=(),
+    attention_bias="alibi_2d",
+    head="ctc",
+    decoder_width=128,
+    decoder_depth=2,
+    decoder_num_heads=4,
+    decoder_mlp_ratio=4,
+    max_length=25,
+    gelu="erf",
+    dtype="float32",
+    scan_layers=False,
+  )
   c.loss = dict(label_smoothing=0.1)
 
   c.data = pipeline.default_config()
@@ -75,16 +90,26 @@ def get_config(variant="small"):
   c.num_epochs = placeholder(float)
   c.grad_accum_steps = 1
   c.fsdp = 1
-  c.lr = dict(base=8e-3, warmup_steps=300,  # peak 1e-3
-              warmup_fraction=placeholder(float), end=0.0)
+  c.lr = dict(
+    base=8e-3,
+    warmup_steps=300,  # peak 1e-3
+    warmup_fraction=placeholder(float),
+    end=0.0,
+  )
   c.optimizer = dict(b1=0.9, b2=0.999, weight_decay=0.05)
   c.grad_clip_norm = 1.0
   c.freeze_encoder = False  # True: frozen-encoder probe (only the head trains)
-  c.layer_decay = 1.0       # < 1: layer-wise lr decay over encoder blocks
+  c.layer_decay = 1.0  # < 1: layer-wise lr decay over encoder blocks
 
-  c.eval = dict(splits=("test_heldout_fonts", "test_hard"), every=1000, batch_size=64,
-                max_batches=placeholder(int), charset="36", benchmarks_path="",
-                benchmarks_split=".")
+  c.eval = dict(
+    splits=("test_heldout_fonts", "test_hard"),
+    every=1000,
+    batch_size=64,
+    max_batches=placeholder(int),
+    charset="36",
+    benchmarks_path="",
+    benchmarks_split=".",
+  )
   c.eval_only = False
   c.eval_from = ""  # eval_only: a workdir or step directory (default: this workdir)
 
@@ -108,15 +133,27 @@ def get_config(variant="small"):
     # images at the 'hard' difficulty, lower peak lr. Hard images from the first step
     # keep the model on the CTC plateau (docs/results.md); after it they help.
     c.total_steps = 1500
-    c.lr = dict(base=4e-3, warmup_steps=150,  # peak 5e-4
-                warmup_fraction=placeholder(float), end=0.0)
+    c.lr = dict(
+      base=4e-3,
+      warmup_steps=150,  # peak 5e-4
+      warmup_fraction=placeholder(float),
+      end=0.0,
+    )
     c.data.synthetic_train.hard_fraction = 0.5
     c.eval.every = 500
   elif variant == "plain":
     c.model.update(paper_vit)
   elif variant == "tiny":
-    c.model.update(encoder_width=32, encoder_depth=1, encoder_num_heads=2, head="ar",
-                   decoder_width=32, decoder_depth=1, decoder_num_heads=2, **paper_vit)
+    c.model.update(
+      encoder_width=32,
+      encoder_depth=1,
+      encoder_num_heads=2,
+      head="ar",
+      decoder_width=32,
+      decoder_depth=1,
+      decoder_num_heads=2,
+      **paper_vit,
+    )
     c.data.size = dict(train=256, val=16, test_heldout_fonts=16, test_hard=16)
     c.batch_size = 8
     c.total_steps = 4
@@ -127,10 +164,18 @@ def get_config(variant="small"):
     c.num_picture_images = 4
   elif variant == "S_union14m":
     c.charset = "94"
-    c.model.update(encoder_variant="S", encoder_width=placeholder(int),
-                   encoder_depth=placeholder(int), encoder_num_heads=placeholder(int),
-                   head="ar", decoder_width=384, decoder_depth=6,
-                   decoder_num_heads=8, dtype="bfloat16", **paper_vit)
+    c.model.update(
+      encoder_variant="S",
+      encoder_width=placeholder(int),
+      encoder_depth=placeholder(int),
+      encoder_num_heads=placeholder(int),
+      head="ar",
+      decoder_width=384,
+      decoder_depth=6,
+      decoder_num_heads=8,
+      dtype="bfloat16",
+      **paper_vit,
+    )
     c.data.source = "str_lmdb"
     c.data.reader = "tfds"
     c.data.charset = "94"
@@ -147,6 +192,7 @@ def get_config(variant="small"):
     c.checkpoint = dict(every=5000, keep=3, keep_every=placeholder(int))
     c.distributed.auto = True
   else:
-    raise ValueError(f"unknown variant {variant!r}: small, quick, robust, plain, tiny "
-                     "or S_union14m")
+    raise ValueError(
+      f"unknown variant {variant!r}: small, quick, robust, plain, tiny or S_union14m"
+    )
   return c

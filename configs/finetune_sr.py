@@ -24,6 +24,7 @@ Variants (`--config=configs/finetune_sr.py:VARIANT`):
   # Frozen-encoder probe: --config.freeze_encoder=True
   # Evaluate a checkpoint only: --config.eval_only=True [--config.eval_from=DIR]
 """
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -39,11 +40,23 @@ def get_config(variant="small"):
 
   # The configs/pretrain.py default encoder (8x4 patches, conv stem, 2-D ALiBi);
   # tiny and paper variants have the paper's plain ViT. Must match init_from.
-  c.model = dict(encoder_variant=placeholder(str), encoder_width=128, encoder_depth=4,
-                 encoder_num_heads=4, patch=(8, 4), head_width=128, head_depth=2,
-                 head_num_heads=2, residual=True, gelu="erf", dtype="float32",
-                 scan_layers=False, stem="conv", stem_channels=(),
-                 attention_bias="alibi_2d")
+  c.model = dict(
+    encoder_variant=placeholder(str),
+    encoder_width=128,
+    encoder_depth=4,
+    encoder_num_heads=4,
+    patch=(8, 4),
+    head_width=128,
+    head_depth=2,
+    head_num_heads=2,
+    residual=True,
+    gelu="erf",
+    dtype="float32",
+    scan_layers=False,
+    stem="conv",
+    stem_channels=(),
+    attention_bias="alibi_2d",
+  )
   # loss = mean (SR - HR)^2 + gradient_weight * L1 between image gradients of SR and HR.
   c.loss = dict(gradient_weight=0.0)
 
@@ -62,8 +75,7 @@ def get_config(variant="small"):
   c.total_steps = 300
   c.num_epochs = placeholder(float)
   c.fsdp = 1
-  c.lr = dict(base=4e-3, warmup_steps=30,
-              warmup_fraction=placeholder(float), end=0.0)
+  c.lr = dict(base=4e-3, warmup_steps=30, warmup_fraction=placeholder(float), end=0.0)
   c.optimizer = dict(b1=0.9, b2=0.999, weight_decay=0.05)
   c.grad_clip_norm = 1.0
   c.freeze_encoder = False
@@ -84,8 +96,15 @@ def get_config(variant="small"):
   if variant == "small":
     pass
   elif variant == "tiny":
-    c.model.update(encoder_width=32, encoder_depth=1, encoder_num_heads=2, head_width=32,
-                   head_depth=1, head_num_heads=2, **paper_vit)
+    c.model.update(
+      encoder_width=32,
+      encoder_depth=1,
+      encoder_num_heads=2,
+      head_width=32,
+      head_depth=1,
+      head_num_heads=2,
+      **paper_vit,
+    )
     c.data.size = dict(train=64, val=12, test_heldout_fonts=8, test_hard=8)
     c.batch_size = 8
     c.eval_batch_size = 8
@@ -96,9 +115,16 @@ def get_config(variant="small"):
     c.checkpoint.every = 2
     c.num_picture_images = 3
   elif variant == "paper":
-    c.model.update(encoder_variant="S", encoder_width=placeholder(int),
-                   encoder_depth=placeholder(int), encoder_num_heads=placeholder(int),
-                   head_width=384, head_depth=3, head_num_heads=2, **paper_vit)
+    c.model.update(
+      encoder_variant="S",
+      encoder_width=placeholder(int),
+      encoder_depth=placeholder(int),
+      encoder_num_heads=placeholder(int),
+      head_width=384,
+      head_depth=3,
+      head_num_heads=2,
+      **paper_vit,
+    )
     c.data.source = "textzoom"
     c.data.reader = "tfds"
     c.data.worker_count = 4

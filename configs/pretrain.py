@@ -22,6 +22,7 @@ Variants (`--config=configs/pretrain.py:VARIANT`):
   (a workdir every host sees: NFS, Filestore or a gcsfuse mount; not a gs:// URL)
 Any field can be overridden on the command line (--config.masking.mode=multi_view).
 """
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -39,11 +40,24 @@ def get_config(variant="small"):
   # 8x4 patches (a 4 x 32 grid), the masked conv stem and the 2-D ALiBi attention bias:
   # the encoder that learns to read on a CPU (docs/model.md, docs/results.md). The
   # `plain` variant is the paper's ViT (4x4 linear patches, no bias).
-  c.model = dict(encoder_variant=placeholder(str), encoder_width=128, encoder_depth=4,
-                 encoder_num_heads=4, patch=(8, 4), stem="conv", stem_channels=(),
-                 attention_bias="alibi_2d", decoder_width=128, decoder_depth=2,
-                 decoder_num_heads=4, encoder_mode="mae", gelu="erf", dtype="float32",
-                 scan_layers=False, attention="auto")  # auto: chunked on CPU
+  c.model = dict(
+    encoder_variant=placeholder(str),
+    encoder_width=128,
+    encoder_depth=4,
+    encoder_num_heads=4,
+    patch=(8, 4),
+    stem="conv",
+    stem_channels=(),
+    attention_bias="alibi_2d",
+    decoder_width=128,
+    decoder_depth=2,
+    decoder_num_heads=4,
+    encoder_mode="mae",
+    gelu="erf",
+    dtype="float32",
+    scan_layers=False,
+    attention="auto",
+  )  # auto: chunked on CPU
   c.loss = dict(norm_pix=True, visible_weight=0.0)
   c.masking = masking.default_config()
 
@@ -62,8 +76,7 @@ def get_config(variant="small"):
   c.fsdp = 1
   # The paper's base lr is 1.5e-4 at batch 1024 over millions of images; a short
   # CPU run at batch 32 needs a larger one to move at all.
-  c.lr = dict(base=4e-3, warmup_steps=50,
-              warmup_fraction=placeholder(float), end=0.0)
+  c.lr = dict(base=4e-3, warmup_steps=50, warmup_fraction=placeholder(float), end=0.0)
   c.optimizer = dict(b1=0.9, b2=0.95, weight_decay=0.05)
   c.grad_clip_norm = 1.0
 
@@ -81,8 +94,15 @@ def get_config(variant="small"):
   elif variant == "plain":
     c.model.update(paper_vit)
   elif variant == "tiny":
-    c.model.update(encoder_width=32, encoder_depth=1, encoder_num_heads=2,
-                   decoder_width=32, decoder_depth=1, decoder_num_heads=2, **paper_vit)
+    c.model.update(
+      encoder_width=32,
+      encoder_depth=1,
+      encoder_num_heads=2,
+      decoder_width=32,
+      decoder_depth=1,
+      decoder_num_heads=2,
+      **paper_vit,
+    )
     c.batch_size = 8
     c.total_steps = 6
     c.lr.warmup_steps = 2
@@ -91,10 +111,18 @@ def get_config(variant="small"):
     c.checkpoint.every = 3
     c.data.size = dict(train=256)
   elif variant == "S4_union14m":
-    c.model.update(encoder_variant="S", encoder_width=placeholder(int),
-                   encoder_depth=placeholder(int), encoder_num_heads=placeholder(int),
-                   decoder_width=512, decoder_depth=8,
-                   decoder_num_heads=16, scan_layers=True, dtype="bfloat16", **paper_vit)
+    c.model.update(
+      encoder_variant="S",
+      encoder_width=placeholder(int),
+      encoder_depth=placeholder(int),
+      encoder_num_heads=placeholder(int),
+      decoder_width=512,
+      decoder_depth=8,
+      decoder_num_heads=16,
+      scan_layers=True,
+      dtype="bfloat16",
+      **paper_vit,
+    )
     c.data.source = "unlabeled"
     c.data.reader = "tfds"
     c.data.worker_count = 8

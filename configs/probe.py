@@ -16,6 +16,7 @@ Variants (`--config=configs/probe.py:VARIANT`):
   --config.tasks="('segmentation',)"                 # a subset of the three tasks
   --config.read_depth=2                              # features after block 2 of 4
 """
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -28,16 +29,25 @@ def get_config(variant="small"):
   c.program = "probe"
   c.seed = 0
   c.image_size = (32, 128)
-  c.charset = "36"       # the CTC head's output characters
+  c.charset = "36"  # the CTC head's output characters
   c.eval_charset = "36"  # the scoring protocol (case-insensitive 0-9a-z)
   c.tasks = ("recognition", "segmentation", "super_resolution")
 
   # The configs/pretrain.py default encoder (8x4 patches, conv stem, 2-D ALiBi);
   # tiny and paper variants have the paper's plain ViT. Must match init_from.
-  c.model = dict(encoder_variant=placeholder(str), encoder_width=128, encoder_depth=4,
-                 encoder_num_heads=4, patch=(8, 4), gelu="erf", dtype="float32",
-                 scan_layers=False, stem="conv", stem_channels=(),
-                 attention_bias="alibi_2d")
+  c.model = dict(
+    encoder_variant=placeholder(str),
+    encoder_width=128,
+    encoder_depth=4,
+    encoder_num_heads=4,
+    patch=(8, 4),
+    gelu="erf",
+    dtype="float32",
+    scan_layers=False,
+    stem="conv",
+    stem_channels=(),
+    attention_bias="alibi_2d",
+  )
 
   c.data = pipeline.default_config()
   c.data.reader = "direct"

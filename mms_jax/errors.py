@@ -7,6 +7,7 @@ re-raises it with its traceback); `mms_jax.read` and the converter CLI also prin
 theirs as one line (they have no --verbose). Anything else is a bug and keeps its
 traceback.
 """
+
 import sys
 
 
@@ -21,6 +22,7 @@ class ConfigError(UserError, ValueError):
 def exit_with_message(error: BaseException, program: str = "mms_jax") -> None:
   """Prints `program: error: <message>` to stderr and exits with status 1."""
   print(f"{program}: error: {error}", file=sys.stderr, flush=True)
-  print(f"({type(error).__name__}; rerun with --verbose for the traceback)",
-        file=sys.stderr, flush=True)
+  print(
+    f"({type(error).__name__}; rerun with --verbose for the traceback)", file=sys.stderr, flush=True
+  )
   sys.exit(1)

@@ -7,6 +7,7 @@ The config's `program` field picks the trainer; re-running a workdir resumes it.
 A user error (bad config field, data path, checkpoint; errors.UserError) prints its
 message and exits with status 1; --verbose shows the traceback.
 """
+
 import importlib
 import logging as py_logging
 
@@ -18,18 +19,22 @@ from ml_collections import config_flags
 from mms_jax import errors
 from mms_jax.programs import PROGRAMS
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, pictures.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors (a bad "
-                             "config field, data path or checkpoint), not just the message.")
+_VERBOSE = flags.DEFINE_bool(
+  "verbose",
+  False,
+  "Show the traceback of user errors (a bad "
+  "config field, data path or checkpoint), not just the message.",
+)
 
 
 def run(config, workdir):
   program = config.get("program")
   if program not in PROGRAMS:
-    raise app.UsageError(f"config.program={program!r} is not a program; choose one of "
-                         f"{sorted(PROGRAMS)}")
+    raise app.UsageError(
+      f"config.program={program!r} is not a program; choose one of {sorted(PROGRAMS)}"
+    )
   trainer = importlib.import_module(PROGRAMS[program])
   return trainer.train_and_evaluate(config, workdir)
 
@@ -49,8 +54,9 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/pretrain.py")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required: the directory for checkpoints and logs")
-  logging.get_absl_handler().setFormatter(py_logging.Formatter(
-      "%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+  logging.get_absl_handler().setFormatter(
+    py_logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+  )
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.set_verbosity(logging.INFO)
   try:

@@ -16,10 +16,13 @@ The exact count comes from a k-th-largest selection by bisection over unique 32-
 keys (priority | random bits | cell index) instead of a sort: sorting is slow on XLA:CPU,
 and the bisection needs only ~log2(L) + a few compare-and-count passes.
 """
+
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any
+from typing import Callable
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,13 +56,17 @@ def _select_largest(keys, k):
     mid = low + (high - low) // 2 + 1
     count_mid = count_at_least(mid)
     up = count_mid >= k
-    return (jnp.where(up, mid, low), jnp.where(up, high, mid - 1),
-            jnp.where(up, count_mid, count_low))
+    return (
+      jnp.where(up, mid, low),
+      jnp.where(up, high, mid - 1),
+      jnp.where(up, count_mid, count_low),
+    )
 
   low = jnp.zeros(keys.shape[:1], jnp.uint32)
   high = jnp.full(keys.shape[:1], 0xFFFFFFFF, jnp.uint32)
-  low, _, _ = jax.lax.while_loop(lambda c: jnp.any(c[2] != k), step,
-                                 (low, high, count_at_least(low)))
+  low, _, _ = jax.lax.while_loop(
+    lambda c: jnp.any(c[2] != k), step, (low, high, count_at_least(low))
+  )
   return keys >= low[:, None]
 
 
@@ -108,8 +115,9 @@ def blockwise_min_aspect(grid, min_aspect):
   return min_aspect
 
 
-def blockwise_shapes(rng, batch, grid, num_masked, *, min_area=4, max_area=None,
-                     min_aspect=0.3, attempts=32):
+def blockwise_shapes(
+  rng, batch, grid, num_masked, *, min_area=4, max_area=None, min_aspect=0.3, attempts=32
+):
   """BEiT-style rectangles, drawn as `attempts` sequential proposals per image.
 
   Each proposal has an area uniform in [min_area, min(max_area, still to hide)] and an
@@ -147,8 +155,9 @@ def blockwise_shapes(rng, batch, grid, num_masked, *, min_area=4, max_area=None,
     """uint32[B, num_words]: the bits of columns [left, left + width)."""
     low = jnp.clip(left[:, None] - word_start, 0, 32).astype(jnp.uint32)
     high = jnp.clip((left + width)[:, None] - word_start, 0, 32).astype(jnp.uint32)
-    ones_below = lambda n: jnp.where(n >= 32, jnp.uint32(0xFFFFFFFF),
-                                     (jnp.uint32(1) << jnp.minimum(n, 31)) - 1)
+    ones_below = lambda n: jnp.where(
+      n >= 32, jnp.uint32(0xFFFFFFFF), (jnp.uint32(1) << jnp.minimum(n, 31)) - 1
+    )
     return ones_below(high) & ~ones_below(low)
 
   def propose(carry, u):
@@ -157,14 +166,21 @@ def blockwise_shapes(rng, batch, grid, num_masked, *, min_area=4, max_area=None,
     upper = jnp.maximum(upper, min_area)
     area = min_area + u[0] * (upper + 1e-6 - min_area)
     low_aspect = jnp.maximum(log_aspect, jnp.log(area / (max_w + 0.5) ** 2))
-    high_aspect = jnp.maximum(jnp.minimum(-log_aspect, jnp.log((max_h + 0.5) ** 2 / area)),
-                              low_aspect)
+    high_aspect = jnp.maximum(
+      jnp.minimum(-log_aspect, jnp.log((max_h + 0.5) ** 2 / area)), low_aspect
+    )
     aspect = jnp.exp(low_aspect + u[1] * (high_aspect - low_aspect))
     height = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
     width = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
     ratio = height / jnp.maximum(width, 1)
-    fits = ((height >= 1) & (width >= 1) & (height <= max_h) & (width <= max_w)
-            & (ratio >= min_aspect - 1e-6) & (ratio <= 1 / min_aspect + 1e-6))
+    fits = (
+      (height >= 1)
+      & (width >= 1)
+      & (height <= max_h)
+      & (width <= max_w)
+      & (ratio >= min_aspect - 1e-6)
+      & (ratio <= 1 / min_aspect + 1e-6)
+    )
     top = jnp.floor(u[2] * (gh - height + 1)).astype(jnp.int32)
     left = jnp.floor(u[3] * (gw - width + 1)).astype(jnp.int32)
     in_rows = (row_index >= top[:, None]) & (row_index < (top + height)[:, None])
@@ -174,8 +190,7 @@ def blockwise_shapes(rng, batch, grid, num_masked, *, min_area=4, max_area=None,
     accepted = fits & (new_count <= num_masked) & (new_count > count)
     hidden = jnp.where(accepted[:, None, None], new_hidden, hidden)
     count = jnp.where(accepted, new_count, count)
-    return (hidden, count), dict(top=top, left=left, height=height, width=width,
-                                 accepted=accepted)
+    return (hidden, count), dict(top=top, left=left, height=height, width=width, accepted=accepted)
 
   # All random numbers are drawn at once; the short proposal loop is unrolled, which
   # XLA:CPU runs much faster than a loop of small kernels.
@@ -188,8 +203,7 @@ def blockwise_shapes(rng, batch, grid, num_masked, *, min_area=4, max_area=None,
   return hidden, jax.tree.map(lambda x: x.T, blocks)
 
 
-def span_columns(rng, batch, grid, num_masked, *, min_columns=2, max_columns=6,
-                 attempts=None):
+def span_columns(rng, batch, grid, num_masked, *, min_columns=2, max_columns=6, attempts=None):
   """Runs of whole columns covering exactly floor(num_masked / gh) columns.
 
   Runs of length uniform in [min_columns, max_columns] (shortened to what is still
@@ -263,9 +277,12 @@ def _sampler(strategy):
     k_shape, k_rank = jax.random.split(rng)
     preferred = _preferred(strategy, k_shape, batch, grid, num_masked, params)
     return rank_to_count(k_rank, preferred, num_masked)
+
   sample.__name__ = strategy
-  sample.__doc__ = (f"`{strategy}` mask: bool[batch, gh * gw], exactly num_masked True "
-                    "per row. See the module docstring.")
+  sample.__doc__ = (
+    f"`{strategy}` mask: bool[batch, gh * gw], exactly num_masked True "
+    "per row. See the module docstring."
+  )
   return sample
 
 
@@ -282,12 +299,16 @@ def per_sample(rng, batch, grid, num_masked, *, strategies, probabilities, param
     mask: bool[B, L]; strategy_ids: int32[B], index into `strategies`.
   """
   k_choice, k_shapes, k_rank = jax.random.split(rng, 3)
-  strategy_ids = jax.random.choice(k_choice, len(strategies), (batch,),
-                                   p=jnp.asarray(probabilities))
+  strategy_ids = jax.random.choice(
+    k_choice, len(strategies), (batch,), p=jnp.asarray(probabilities)
+  )
   shape_keys = jax.random.split(k_shapes, len(strategies))
-  preferred = jnp.stack([
+  preferred = jnp.stack(
+    [
       _preferred(name, key, batch, grid, num_masked, p)
-      for name, key, p in zip(strategies, shape_keys, params)])
+      for name, key, p in zip(strategies, shape_keys, params)
+    ]
+  )
   chosen = jnp.take_along_axis(preferred, strategy_ids[None, :, None], axis=0)[0]
   return rank_to_count(k_rank, chosen, num_masked), strategy_ids.astype(jnp.int32)
 
@@ -301,8 +322,9 @@ def union(rng, batch, grid, num_masked, *, strategies, shares, params):
   k_shapes, k_rank = jax.random.split(rng)
   counts = _split_count(num_masked, shares)
   preferred = jnp.zeros((batch, grid[0] * grid[1]), bool)
-  for name, key, count, p in zip(strategies, jax.random.split(k_shapes, len(strategies)),
-                                 counts, params):
+  for name, key, count, p in zip(
+    strategies, jax.random.split(k_shapes, len(strategies)), counts, params
+  ):
     preferred = preferred | _preferred(name, key, batch, grid, count, p)
   return rank_to_count(k_rank, preferred, num_masked)
 
@@ -314,8 +336,10 @@ def multi_view(rng, batch, grid, num_masked, *, strategies, params):
     mask: bool[B, V, L] with V = len(strategies).
   """
   keys = jax.random.split(rng, len(strategies))
-  views = [_sampler(name)(key, batch, grid, num_masked, **p)
-           for name, key, p in zip(strategies, keys, params)]
+  views = [
+    _sampler(name)(key, batch, grid, num_masked, **p)
+    for name, key, p in zip(strategies, keys, params)
+  ]
   return jnp.stack(views, axis=1)
 
 
@@ -376,7 +400,8 @@ def count_for_ratio(ratio, num_cells):
 # ------------------------------------------------------------------------------------
 def default_config():
   """The masking sub-config of every pretraining config (METHOD.md §3)."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       mode="per_sample",  # single | per_sample | union | multi_view
       strategies=("random_patch", "blockwise", "span"),
       probabilities=(),  # per_sample; empty = equal
@@ -387,7 +412,8 @@ def default_config():
       blockwise=dict(min_area=4, max_area=placeholder(int), min_aspect=0.3, attempts=32),
       span=dict(min_columns=2, max_columns=6, attempts=placeholder(int)),  # None: scales with gw
       horizontal_block=dict(band_pixels=16, num_bands=1),
-  ))
+    )
+  )
 
 
 class MaskingConfigError(errors.ConfigError):
@@ -397,6 +423,7 @@ class MaskingConfigError(errors.ConfigError):
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
   """Validated, hashable masking settings for one grid (static under jit)."""
+
   mode: str
   strategies: tuple[str, ...]
   probabilities: tuple[float, ...]
@@ -416,8 +443,13 @@ class MaskSpec:
     return len(self.strategies) if self.mode == "multi_view" else 1
 
   def num_masked(self, step=0, total_steps=1):
-    ratio = ratio_at(step, total_steps, ratio=self.ratio, ratio_start=self.ratio_start,
-                     ratio_stages=self.ratio_stages)
+    ratio = ratio_at(
+      step,
+      total_steps,
+      ratio=self.ratio,
+      ratio_start=self.ratio_start,
+      ratio_stages=self.ratio_stages,
+    )
     return count_for_ratio(ratio, self.num_cells)
 
   def counts(self):
@@ -443,8 +475,9 @@ def build_spec(config, image_size, patch_size):
   (height, width), (ph, pw) = tuple(image_size), tuple(patch_size)
   if height % ph or width % pw:
     raise MaskingConfigError(
-        f"image size {height}x{width} is not divisible by the patch size {ph}x{pw}: "
-        "choose a patch size that tiles the image")
+      f"image size {height}x{width} is not divisible by the patch size {ph}x{pw}: "
+      "choose a patch size that tiles the image"
+    )
   grid = (height // ph, width // pw)
   num_cells = grid[0] * grid[1]
   mode = config.mode
@@ -470,8 +503,9 @@ def build_spec(config, image_size, patch_size):
   if config.ratio_start is not None and config.ratio_stages < 1:
     _fail("ratio_stages", config.ratio_stages, "use at least 1 stage")
 
-  probabilities = _weights(config.get("probabilities", ()), strategies, "probabilities",
-                           must_sum_to_one=True)
+  probabilities = _weights(
+    config.get("probabilities", ()), strategies, "probabilities", must_sum_to_one=True
+  )
   shares = _weights(config.get("shares", ()), strategies, "shares", must_sum_to_one=True)
 
   params = []
@@ -480,13 +514,18 @@ def build_spec(config, image_size, patch_size):
     if name == "horizontal_block":
       band_pixels = p.pop("band_pixels")
       if band_pixels <= 0 or band_pixels % pw:
-        _fail("horizontal_block.band_pixels", band_pixels,
-              f"must be a positive multiple of the patch width {pw}")
+        _fail(
+          "horizontal_block.band_pixels",
+          band_pixels,
+          f"must be a positive multiple of the patch width {pw}",
+        )
       p["band_columns"] = band_pixels // pw
       if p["num_bands"] < 1 or p["num_bands"] * p["band_columns"] > grid[1]:
-        _fail("horizontal_block.num_bands", p["num_bands"],
-              f"{p['num_bands']} bands of {p['band_columns']} columns must fit in "
-              f"{grid[1]} columns")
+        _fail(
+          "horizontal_block.num_bands",
+          p["num_bands"],
+          f"{p['num_bands']} bands of {p['band_columns']} columns must fit in {grid[1]} columns",
+        )
     if name == "blockwise":
       if not 0 < p["min_aspect"] <= 1:
         _fail("blockwise.min_aspect", p["min_aspect"], "must lie in (0, 1]")
@@ -496,29 +535,49 @@ def build_spec(config, image_size, patch_size):
         _fail("blockwise.attempts", p["attempts"], "must be >= 1")
     if name == "span":
       if not 1 <= p["min_columns"] <= p["max_columns"]:
-        _fail("span.min_columns", (p["min_columns"], p["max_columns"]),
-              "need 1 <= min_columns <= max_columns")
+        _fail(
+          "span.min_columns",
+          (p["min_columns"], p["max_columns"]),
+          "need 1 <= min_columns <= max_columns",
+        )
       if p["attempts"] is not None and p["attempts"] < 1:
         _fail("span.attempts", p["attempts"], "must be >= 1, or None to scale with the grid")
     params.append(tuple(sorted(p.items())))
 
-  spec = MaskSpec(mode=mode, strategies=strategies, probabilities=probabilities,
-                  shares=shares, params=tuple(params), grid=grid, ratio=float(config.ratio),
-                  ratio_start=config.ratio_start, ratio_stages=int(config.ratio_stages))
+  spec = MaskSpec(
+    mode=mode,
+    strategies=strategies,
+    probabilities=probabilities,
+    shares=shares,
+    params=tuple(params),
+    grid=grid,
+    ratio=float(config.ratio),
+    ratio_start=config.ratio_start,
+    ratio_stages=int(config.ratio_stages),
+  )
   for count in spec.counts():
     if not 0 < count < num_cells:
-      _fail("ratio", config.ratio,
-            f"gives {count} hidden of {num_cells} cells; the grid {grid[0]}x{grid[1]} "
-            "needs at least one hidden and one visible cell")
+      _fail(
+        "ratio",
+        config.ratio,
+        f"gives {count} hidden of {num_cells} cells; the grid {grid[0]}x{grid[1]} "
+        "needs at least one hidden and one visible cell",
+      )
     if "horizontal_block" in strategies:
       p = dict(params[strategies.index("horizontal_block")])
       band_cells = p["num_bands"] * p["band_columns"] * grid[0]
-      available = count if mode != "union" else _split_count(
-          count, shares)[strategies.index("horizontal_block")]
+      available = (
+        count
+        if mode != "union"
+        else _split_count(count, shares)[strategies.index("horizontal_block")]
+      )
       if band_cells > available:
-        _fail("horizontal_block.num_bands", p["num_bands"],
-              f"the bands hide {band_cells} cells but only {available} may be hidden: "
-              "use fewer or narrower bands, or a higher ratio")
+        _fail(
+          "horizontal_block.num_bands",
+          p["num_bands"],
+          f"the bands hide {band_cells} cells but only {available} may be hidden: "
+          "use fewer or narrower bands, or a higher ratio",
+        )
   return spec
 
 
@@ -549,14 +608,27 @@ def make_sampler(spec: MaskSpec) -> Callable:
       mask = _sampler(spec.strategies[0])(rng, batch, spec.grid, num_masked, **params[0])
       return mask, jnp.zeros((batch,), jnp.int32)
     if spec.mode == "per_sample":
-      return per_sample(rng, batch, spec.grid, num_masked, strategies=spec.strategies,
-                        probabilities=spec.probabilities, params=params)
+      return per_sample(
+        rng,
+        batch,
+        spec.grid,
+        num_masked,
+        strategies=spec.strategies,
+        probabilities=spec.probabilities,
+        params=params,
+      )
     if spec.mode == "union":
-      mask = union(rng, batch, spec.grid, num_masked, strategies=spec.strategies,
-                   shares=spec.shares, params=params)
+      mask = union(
+        rng,
+        batch,
+        spec.grid,
+        num_masked,
+        strategies=spec.strategies,
+        shares=spec.shares,
+        params=params,
+      )
       return mask, jnp.full((batch,), -1, jnp.int32)
-    mask = multi_view(rng, batch, spec.grid, num_masked, strategies=spec.strategies,
-                      params=params)
+    mask = multi_view(rng, batch, spec.grid, num_masked, strategies=spec.strategies, params=params)
     return mask, jnp.arange(len(spec.strategies), dtype=jnp.int32)
 
   return sample

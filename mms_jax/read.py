@@ -10,12 +10,16 @@ probability of the greedy decoding path (models.recognition.Recognizer.predict_s
 Unreadable files are skipped, counted and named on stderr; the exit status is non-zero
 when no image could be read.
 """
+
 import csv
 import json
 import os
 import pathlib
 import sys
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable
+from typing import List
+from typing import Sequence
+from typing import Tuple
 
 from absl import app
 from absl import flags
@@ -32,8 +36,19 @@ from mms_jax.models import recognition as rec
 from mms_jax.train import checkpoints
 from mms_jax.train import common
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm",
-                  ".ppm", ".pbm")
+IMAGE_SUFFIXES = (
+  ".png",
+  ".jpg",
+  ".jpeg",
+  ".bmp",
+  ".gif",
+  ".tif",
+  ".tiff",
+  ".webp",
+  ".pgm",
+  ".ppm",
+  ".pbm",
+)
 
 FLAGS = flags.FLAGS
 
@@ -42,8 +57,9 @@ def define_flags():
   """The command's flags (defined only when it runs as a program, so that importing this
   module elsewhere does not clash with the importer's own flags)."""
   flags.DEFINE_string("workdir", None, "Recognition workdir (config.json + checkpoints/).")
-  flags.DEFINE_string("checkpoint", "", "A step directory to read instead of the "
-                      "workdir's latest good checkpoint.")
+  flags.DEFINE_string(
+    "checkpoint", "", "A step directory to read instead of the workdir's latest good checkpoint."
+  )
   flags.DEFINE_string("csv", "", "Also write path,text,confidence rows to this CSV file.")
   flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
 
@@ -61,14 +77,18 @@ def load_recognizer(workdir, checkpoint=""):
   """
   config_path = pathlib.Path(workdir) / "config.json"
   if not config_path.is_file():
-    raise ReadError(f"{config_path} not found: --workdir must be a directory written by "
-                    "`python -m mms_jax.main --config=configs/finetune_recognition.py`")
+    raise ReadError(
+      f"{config_path} not found: --workdir must be a directory written by "
+      "`python -m mms_jax.main --config=configs/finetune_recognition.py`"
+    )
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   if config.get("program") != "recognition":
-    raise ReadError(f"{workdir} is a {config.get('program')!r} workdir, not a recognition "
-                    "one: point --workdir at a fine-tuned recognizer "
-                    "(configs/finetune_recognition.py)")
+    raise ReadError(
+      f"{workdir} is a {config.get('program')!r} workdir, not a recognition "
+      "one: point --workdir at a fine-tuned recognizer "
+      "(configs/finetune_recognition.py)"
+    )
   try:  # the model fields only: the training data need not exist where we read
     common.encoder_options(config.model)
     tokenizer = tokenizer_lib.Tokenizer(labels.get_charset(config.charset), config.model.head)
@@ -76,8 +96,9 @@ def load_recognizer(workdir, checkpoint=""):
     raise ReadError(f"{config_path}: {e}") from None
   model = rec.from_config(config.model, tokenizer)
   try:
-    params = checkpoints.load_params(checkpoint or workdir,
-                                     what="--checkpoint" if checkpoint else "--workdir")
+    params = checkpoints.load_params(
+      checkpoint or workdir, what="--checkpoint" if checkpoint else "--workdir"
+    )
   except checkpoints.CheckpointError as e:
     raise ReadError(f"{e} (train it first, or wait for its first checkpoint)") from None
   params = jax.tree.map(np.asarray, params)
@@ -96,8 +117,7 @@ def find_images(paths: Sequence[str]) -> List[pathlib.Path]:
   found = []
   for p in map(pathlib.Path, paths):
     if p.is_dir():
-      found += sorted(f for f in p.rglob("*") if f.is_file()
-                      and f.suffix.lower() in IMAGE_SUFFIXES)
+      found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     elif p.exists():
       found.append(p)
     else:
@@ -136,17 +156,16 @@ def read_arrays(predict, images: np.ndarray, batch_size=64):
   padded to `batch_size` (one compiled shape)."""
   texts, confidences = [], []
   for i in range(0, len(images), batch_size):
-    chunk = images[i:i + batch_size]
+    chunk = images[i : i + batch_size]
     padded = np.zeros((batch_size, *chunk.shape[1:]), np.float32)
-    padded[:len(chunk)] = chunk
+    padded[: len(chunk)] = chunk
     batch_texts, batch_confidences = predict(padded)
-    texts += batch_texts[:len(chunk)]
-    confidences += [float(c) for c in batch_confidences[:len(chunk)]]
+    texts += batch_texts[: len(chunk)]
+    confidences += [float(c) for c in batch_confidences[: len(chunk)]]
   return texts, confidences
 
 
-def read(predict, paths: Iterable[pathlib.Path], image_size, keep_aspect=False,
-         batch_size=64):
+def read(predict, paths: Iterable[pathlib.Path], image_size, keep_aspect=False, batch_size=64):
   """Yields (path, text, confidence) per readable image and (path, None, error) per
   unreadable one, in input order (read_arrays, batch by batch)."""
   pending, images = [], []
@@ -160,7 +179,7 @@ def read(predict, paths: Iterable[pathlib.Path], image_size, keep_aspect=False,
   for path in paths:
     try:
       images.append(load_image(path, image_size, keep_aspect))
-    except Exception as e:  # pylint: disable=broad-except  # PIL raises many kinds
+    except Exception as e:  # PIL raises many kinds
       yield path, None, f"{type(e).__name__}: {e}"
       continue
     pending.append(path)
@@ -186,9 +205,13 @@ def main(argv):
   if not files:
     sys.exit(f"error: no image files ({', '.join(IMAGE_SUFFIXES)}) under {paths}")
   rows, skipped = [], []
-  for path, text, extra in read(predict, files, tuple(config.image_size),
-                                bool(config.data.get("keep_aspect", False)),
-                                FLAGS.batch_size):
+  for path, text, extra in read(
+    predict,
+    files,
+    tuple(config.image_size),
+    bool(config.data.get("keep_aspect", False)),
+    FLAGS.batch_size,
+  ):
     if text is None:
       skipped.append(path)
       print(f"skipped {path}: {extra}", file=sys.stderr)
@@ -200,8 +223,11 @@ def main(argv):
       writer = csv.writer(f)
       writer.writerow(["path", "text", "confidence"])
       writer.writerows((p, t, f"{c:.6f}") for p, t, c in rows)
-  print(f"read {len(rows)} image(s), skipped {len(skipped)} unreadable"
-        + (f"; wrote {FLAGS.csv}" if FLAGS.csv else ""), file=sys.stderr)
+  print(
+    f"read {len(rows)} image(s), skipped {len(skipped)} unreadable"
+    + (f"; wrote {FLAGS.csv}" if FLAGS.csv else ""),
+    file=sys.stderr,
+  )
   if not rows:
     sys.exit(1)
 

@@ -6,6 +6,7 @@ r"""Plots an ablation's probe results: one dot per seed, a bar for the mean, per
 Each --runs is an ablation workdir (its runs.jsonl), optionally prefixed with a label
 that is added to its arms' names. Arms keep the order in which they first appear.
 """
+
 import json
 import os
 
@@ -16,8 +17,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-TITLES = {"eval/test_heldout_fonts/segmentation/iou": "seg IoU, held-out fonts",
-          "eval/test_heldout_fonts/super_resolution/psnr": "SR PSNR (dB), held-out fonts"}
+TITLES = {
+  "eval/test_heldout_fonts/segmentation/iou": "seg IoU, held-out fonts",
+  "eval/test_heldout_fonts/super_resolution/psnr": "SR PSNR (dB), held-out fonts",
+}
 
 
 def read_runs(spec, stage):
@@ -25,8 +28,10 @@ def read_runs(spec, stage):
   label, _, workdir = spec.rpartition("=")
   path = os.path.join(workdir, "runs.jsonl")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: --runs takes an ablation workdir "
-                            "(run configs/ablation.py there first)")
+    raise FileNotFoundError(
+      f"{path} does not exist: --runs takes an ablation workdir "
+      "(run configs/ablation.py there first)"
+    )
   arms = {}
   with open(path) as f:
     for line in f:
@@ -40,8 +45,9 @@ def read_runs(spec, stage):
 def plot(arms, metrics, out):
   """One panel per metric: dots per seed, a bar at their mean. Returns the figure."""
   names = list(arms)
-  fig, axes = plt.subplots(len(metrics), 1, figsize=(1.3 * len(names) + 2, 3 * len(metrics)),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    len(metrics), 1, figsize=(1.3 * len(names) + 2, 3 * len(metrics)), squeeze=False
+  )
   for ax, key in zip(axes[:, 0], metrics):
     per_arm = {name: [m[key] for m in arms[name].values() if key in m] for name in names}
     everything = [v for values in per_arm.values() for v in values]
@@ -84,7 +90,9 @@ if __name__ == "__main__":
   flags.DEFINE_multi_string("runs", [], "[LABEL=]ABLATION_WORKDIR, repeatable.")
   flags.DEFINE_string("out", "docs/img/ablation_probe.png", "Output PNG.")
   flags.DEFINE_string("stage", "probe", "Which stage's results to plot.")
-  flags.DEFINE_list("metrics", ["eval/test_heldout_fonts/segmentation/iou",
-                                "eval/test_heldout_fonts/super_resolution/psnr"],
-                    "Metric keys of the stage's final evaluation, one panel each.")
+  flags.DEFINE_list(
+    "metrics",
+    ["eval/test_heldout_fonts/segmentation/iou", "eval/test_heldout_fonts/super_resolution/psnr"],
+    "Metric keys of the stage's final evaluation, one panel each.",
+  )
   app.run(main)

@@ -1,4 +1,5 @@
 """Shared test helpers: config loading and running programs as real processes."""
+
 import importlib.util
 import os
 import pathlib
@@ -14,8 +15,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Most of the suite's time is XLA compiling the same tiny programs again in each test and
 # subprocess: JAX's persistent compilation cache (keyed by the program, the flags and the
 # jax version) lets them reuse one another's executables. Set before jax is imported.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "mms_jax_test_xla_cache"))
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "mms_jax_test_xla_cache")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -29,8 +31,14 @@ def load_config(name, variant=""):
 
 
 def main_command(config, workdir, *overrides):
-  return [sys.executable, "-m", "mms_jax.main", f"--config={ROOT / 'configs' / config}",
-          f"--workdir={workdir}", *overrides]
+  return [
+    sys.executable,
+    "-m",
+    "mms_jax.main",
+    f"--config={ROOT / 'configs' / config}",
+    f"--workdir={workdir}",
+    *overrides,
+  ]
 
 
 def subprocess_env(devices=None):
@@ -44,9 +52,14 @@ def subprocess_env(devices=None):
 
 def run_main(config, workdir, *overrides, devices=None, timeout=300):
   """Runs the entry point to completion; returns its log, fails with it on error."""
-  result = subprocess.run(main_command(config, workdir, *overrides), cwd=ROOT,
-                          env=subprocess_env(devices), capture_output=True, text=True,
-                          timeout=timeout)
+  result = subprocess.run(
+    main_command(config, workdir, *overrides),
+    cwd=ROOT,
+    env=subprocess_env(devices),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   if result.returncode:
     pytest.fail(f"main exited with {result.returncode}:\n{result.stderr[-6000:]}")
   return result.stderr

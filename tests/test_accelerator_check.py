@@ -1,18 +1,32 @@
 """benchmarks/accelerator_check.py, dry run on CPU: every stage runs and reports."""
+
 import json
 import subprocess
 import sys
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT
+from conftest import subprocess_env
+
 from benchmarks import accelerator_check
 
 
 def test_dry_run_runs_every_stage_and_writes_one_summary(tmp_path):
   out = tmp_path / "out"
   proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks.accelerator_check", "--dry_run", f"--out={out}",
-       "--stages=install,env,tests,bench,pretrain"],
-      cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.accelerator_check",
+      "--dry_run",
+      f"--out={out}",
+      "--stages=install,env,tests,bench,pretrain",
+    ],
+    cwd=ROOT,
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   results = {r["stage"]: r for r in json.loads((out / "accelerator_check.json").read_text())}
   assert results["install"]["status"] == "skipped (no --wheels)"
@@ -31,18 +45,41 @@ def test_dry_run_runs_every_stage_and_writes_one_summary(tmp_path):
 
 def test_device_test_ids_exist():
   proc = subprocess.run(
-      [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-       *accelerator_check.DEVICE_TESTS], cwd=ROOT, env=subprocess_env(),
-      capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "pytest",
+      "--collect-only",
+      "-q",
+      "-p",
+      "no:cacheprovider",
+      *accelerator_check.DEVICE_TESTS,
+    ],
+    cwd=ROOT,
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   collected = [line for line in proc.stdout.splitlines() if "::" in line]
   assert len(collected) >= 20
 
 
 def test_requirements_and_the_wheel_list_agree():
-  names = {r.split(">")[0].split("=")[0].strip().lower().replace("_", "-")
-           for r in accelerator_check.requirements()}
+  names = {
+    r.split(">")[0].split("=")[0].strip().lower().replace("_", "-")
+    for r in accelerator_check.requirements()
+  }
   missing = {n.lower().replace("_", "-") for n in accelerator_check.DEVICE_MISSING}
   # Every direct requirement the device image lacks is in the wheel list.
-  assert {"ml-collections", "grain", "tensorflow-datasets", "lmdb", "rapidfuzz",
-          "dm-pix", "tensorboardx", "importlib-resources"} <= names & missing
+  assert {
+    "ml-collections",
+    "grain",
+    "tensorflow-datasets",
+    "lmdb",
+    "rapidfuzz",
+    "dm-pix",
+    "tensorboardx",
+    "importlib-resources",
+  } <= names & missing

@@ -12,7 +12,9 @@ import time
 from flax import struct
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 import pytest
@@ -33,20 +35,20 @@ class TrainState:
 
 def make_state(seed=0, step=0):
   k = jax.random.PRNGKey(seed)
-  params = {"encoder": {"w": jax.random.normal(k, (8, 4))},
-            "decoder": {"b": jnp.full((4,), float(seed))}}
+  params = {
+    "encoder": {"w": jax.random.normal(k, (8, 4))},
+    "decoder": {"b": jnp.full((4,), float(seed))},
+  }
   tx = optax.adamw(1e-3)
   opt_state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   _, opt_state = tx.update(grads, opt_state, params)  # non-trivial mu/nu
-  return TrainState(params, opt_state, jnp.asarray(step, jnp.int32),
-                    jax.random.PRNGKey(seed + 100))
+  return TrainState(params, opt_state, jnp.asarray(step, jnp.int32), jax.random.PRNGKey(seed + 100))
 
 
 def abstract(sharding=None):
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return checkpoints.abstract_with_sharding(jax.eval_shape(make_state),
-                                            sharding)
+  return checkpoints.abstract_with_sharding(jax.eval_shape(make_state), sharding)
 
 
 def assert_tree_equal(a, b):
@@ -60,14 +62,12 @@ def assert_tree_equal(a, b):
 def save_steps(workdir, steps, **kw):
   with checkpoints.Checkpointer(workdir, program="test", **kw) as ckpt:
     for s in steps:
-      assert ckpt.save(s, make_state(seed=s, step=s),
-                       data_state={"pos": s}, config={"lr": 0.1})
+      assert ckpt.save(s, make_state(seed=s, step=s), data_state={"pos": s}, config={"lr": 0.1})
 
 
 def largest_array_file(state_dir):
   """The biggest OCDBT data file (array bytes, not metadata) of a state item."""
-  files = [p for p in pathlib.Path(state_dir).rglob("ocdbt.process_*/d/*")
-           if p.is_file()]
+  files = [p for p in pathlib.Path(state_dir).rglob("ocdbt.process_*/d/*") if p.is_file()]
   return max(files, key=lambda p: p.stat().st_size)
 
 
@@ -77,16 +77,16 @@ def largest_array_file(state_dir):
 def test_roundtrip_state_data_and_meta(tmp_path):
   state = make_state(seed=3, step=7)
   with checkpoints.Checkpointer(tmp_path, program="pretrain") as ckpt:
-    ckpt.save(7, state, data_state={"shard": 2, "index": [1, 2]},
-              config={"lr": 1e-3, "model": {"depth": 2}})
+    ckpt.save(
+      7, state, data_state={"shard": 2, "index": [1, 2]}, config={"lr": 1e-3, "model": {"depth": 2}}
+    )
     ckpt.wait_until_finished()
     manifest = ckpt.step_dir(7) / checkpoints.MANIFEST_NAME
     assert manifest.exists()
     assert checkpoints.verify_manifest(ckpt.step_dir(7)) is None
 
   with checkpoints.Checkpointer(tmp_path) as ckpt:
-    restored, data_state, source = checkpoints.restore_or_initialize(
-        ckpt, abstract())
+    restored, data_state, source = checkpoints.restore_or_initialize(ckpt, abstract())
     _, _, meta = ckpt.restore(7, abstract())
   assert source == "workdir"
   assert isinstance(restored, TrainState)
@@ -124,7 +124,7 @@ def test_manifest_commits_with_the_step_directory(tmp_path):
   """A process killed (SIGKILL) the moment a step directory appears keeps that step."""
   script = textwrap.dedent(f"""
       import os, pathlib, signal, sys, time
-      sys.path.insert(0, {str(REPO / 'tests')!r})
+      sys.path.insert(0, {str(REPO / "tests")!r})
       from test_checkpoints import make_state
       from mms_jax.train import checkpoints
       ckpt = checkpoints.Checkpointer({str(tmp_path)!r})
@@ -136,8 +136,9 @@ def test_manifest_commits_with_the_step_directory(tmp_path):
         time.sleep(0.001)
       os.kill(os.getpid(), signal.SIGKILL)  # no close(), no next save
   """)
-  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   assert checkpoints.verify_manifest(tmp_path / "checkpoints" / "5") is None
   with checkpoints.Checkpointer(tmp_path) as ckpt:
@@ -155,13 +156,12 @@ def test_flipped_bytes_fall_back_to_previous(tmp_path, caplog):
   victim = largest_array_file(tmp_path / "checkpoints" / "2" / "state")
   raw = bytearray(victim.read_bytes())
   mid = len(raw) // 2
-  raw[mid:mid + 4] = bytes(b ^ 0xFF for b in raw[mid:mid + 4])
+  raw[mid : mid + 4] = bytes(b ^ 0xFF for b in raw[mid : mid + 4])
   victim.write_bytes(bytes(raw))
 
   with caplog.at_level(logging.WARNING):
     with checkpoints.Checkpointer(tmp_path) as ckpt:
-      state, data_state, source = checkpoints.restore_or_initialize(
-          ckpt, abstract())
+      state, data_state, source = checkpoints.restore_or_initialize(ckpt, abstract())
       assert ckpt.all_steps() == [1]
   assert source == "workdir"
   assert_tree_equal(state, make_state(seed=1, step=1))
@@ -191,8 +191,7 @@ def test_all_corrupt_means_scratch(tmp_path):
   save_steps(tmp_path, [1])
   (tmp_path / "checkpoints" / "1" / checkpoints.MANIFEST_NAME).unlink()
   with checkpoints.Checkpointer(tmp_path) as ckpt:
-    state, data_state, source = checkpoints.restore_or_initialize(
-        ckpt, abstract())
+    state, data_state, source = checkpoints.restore_or_initialize(ckpt, abstract())
   assert (state, data_state, source) == (None, None, "scratch")
 
 
@@ -222,21 +221,20 @@ def test_priority_order(sources):
   # (d) nothing -> scratch.
   assert run(sources / "w0") == (None, None, "scratch")
   # (c) init_from only: params of step 9, through merge_params.
-  state, data_state, source = run(sources / "w1", init_from=init,
-                                  merge_params=merge)
+  state, data_state, source = run(sources / "w1", init_from=init, merge_params=merge)
   assert source == "init_from" and data_state is None
   assert_tree_equal(got["params"], make_state(seed=9).params)
   assert isinstance(jax.tree.leaves(got["params"])[0], np.ndarray)
   assert int(state.step) == 0
   # (b) resume_from beats init_from.
-  state, data_state, source = run(sources / "w2", resume_from=resume,
-                                  init_from=init, merge_params=merge)
+  state, data_state, source = run(
+    sources / "w2", resume_from=resume, init_from=init, merge_params=merge
+  )
   assert source == "resume_from" and int(state.step) == 3
   assert data_state == {"pos": 3}
   # (a) the workdir's own checkpoint beats both.
   save_steps(sources / "w3", [5])
-  state, _, source = run(sources / "w3", resume_from=resume, init_from=init,
-                         merge_params=merge)
+  state, _, source = run(sources / "w3", resume_from=resume, init_from=init, merge_params=merge)
   assert source == "workdir" and int(state.step) == 5
 
 
@@ -249,8 +247,7 @@ def test_resume_from_step_dir_and_checkpoints_dir(sources):
 
 def test_explicit_path_errors_are_clear(tmp_path):
   missing = tmp_path / "nope"
-  with pytest.raises(checkpoints.CheckpointError, match="resume_from=.*nope.*"
-                     "does not exist"):
+  with pytest.raises(checkpoints.CheckpointError, match="resume_from=.*nope.*does not exist"):
     checkpoints.restore_path(missing, abstract(), what="resume_from")
   (tmp_path / "empty").mkdir()
   with pytest.raises(checkpoints.CheckpointError, match="no checkpoint steps"):
@@ -269,7 +266,8 @@ def test_load_params_with_abstract_target(tmp_path):
   save_steps(tmp_path, [2])
   mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
   target = checkpoints.abstract_with_sharding(
-      jax.eval_shape(make_state).params, NamedSharding(mesh, P()))
+    jax.eval_shape(make_state).params, NamedSharding(mesh, P())
+  )
   params = checkpoints.load_params(tmp_path, target)
   assert_tree_equal(params, make_state(seed=2).params)
   assert isinstance(params["encoder"]["w"], jax.Array)
@@ -283,17 +281,14 @@ def test_restore_onto_named_sharding(tmp_path):
   save_steps(tmp_path, [1])
   mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
   with checkpoints.Checkpointer(tmp_path) as ckpt:
-    state, _, _ = checkpoints.restore_or_initialize(
-        ckpt, abstract(NamedSharding(mesh, P())))
+    state, _, _ = checkpoints.restore_or_initialize(ckpt, abstract(NamedSharding(mesh, P())))
   assert_tree_equal(state, make_state(seed=1, step=1))
-  assert all(isinstance(x.sharding, NamedSharding)
-             for x in jax.tree.leaves(state))
+  assert all(isinstance(x.sharding, NamedSharding) for x in jax.tree.leaves(state))
 
 
 def test_restore_on_four_devices_in_subprocess(tmp_path):
   save_steps(tmp_path, [1])
-  np.save(tmp_path / "expected_w.npy",
-          np.asarray(make_state(seed=1).params["encoder"]["w"]))
+  np.save(tmp_path / "expected_w.npy", np.asarray(make_state(seed=1).params["encoder"]["w"]))
   script = textwrap.dedent(f"""
       import jax, numpy as np
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -313,11 +308,20 @@ def test_restore_on_four_devices_in_subprocess(tmp_path):
           np.asarray(w), np.load({str(tmp_path / "expected_w.npy")!r}))
       print("RESTORED_ON_4")
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  proc = subprocess.run([sys.executable, "-c", script], env=env,
-                        capture_output=True, text=True, timeout=120,
-                        check=False)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=str(REPO),
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", script],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert "RESTORED_ON_4" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -340,12 +344,11 @@ def test_sigterm_sets_flag_and_does_not_kill(caplog):
 # --- guards ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad,shown", [(float("nan"), "nan"),
-                                       (float("inf"), "inf"),
-                                       (-float("inf"), "-inf")])
+@pytest.mark.parametrize(
+  "bad,shown", [(float("nan"), "nan"), (float("inf"), "inf"), (-float("inf"), "-inf")]
+)
 def test_check_finite_fires(bad, shown):
-  metrics = {"loss": jnp.asarray(bad), "grad_norm": np.float32(1.0),
-             "step_count": 5}
+  metrics = {"loss": jnp.asarray(bad), "grad_norm": np.float32(1.0), "step_count": 5}
   with pytest.raises(guards.NonFiniteError) as e:
     guards.check_finite(metrics, step=1234)
   msg = str(e.value)
@@ -358,5 +361,4 @@ def test_check_finite_fires(bad, shown):
 def test_check_finite_names_array_metric_and_passes_finite():
   guards.check_finite({"loss": 0.5, "grad_norm": jnp.ones(3)}, step=1)
   with pytest.raises(guards.NonFiniteError, match="grad_norm=inf"):
-    guards.check_finite({"loss": 0.5,
-                         "grad_norm": jnp.array([1.0, jnp.inf])}, step=2)
+    guards.check_finite({"loss": 0.5, "grad_norm": jnp.array([1.0, jnp.inf])}, step=2)

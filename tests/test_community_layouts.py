@@ -5,17 +5,21 @@ deep-text-recognition-benchmark's create_lmdb_dataset.py (and PARSeq, which read
 same layout), TextZoom and the Union14M-U release store them: JPEG bytes, 1-based
 `image-%09d` / `label-%09d` keys, `num-samples` written last. Not with our writer.
 """
+
 import csv
 import io
 import logging
 import subprocess
 
+from conftest import ROOT
+from conftest import load_config
+from conftest import main_command
+from conftest import subprocess_env
 import lmdb
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from conftest import ROOT, load_config, main_command, subprocess_env
 from mms_jax.data import formats
 from mms_jax.data import pipeline
 from mms_jax.evaluate import str_benchmarks
@@ -50,23 +54,26 @@ def _write_like_create_lmdb_dataset(path, records, fields=("image", "label")):
 def zoo(tmp_path_factory):
   root = tmp_path_factory.mktemp("zoo")
   good = [{"image": _jpeg(i), "label": f"word{i}".encode()} for i in range(6)]
-  bad = [{"image": _jpeg(90)[:200], "label": b"truncated"},      # undecodable
-         {"image": _jpeg(91), "label": b"x" * 40},               # longer than 25
-         {"image": _jpeg(92), "label": None}]                    # label key missing
+  bad = [
+    {"image": _jpeg(90)[:200], "label": b"truncated"},  # undecodable
+    {"image": _jpeg(91), "label": b"x" * 40},  # longer than 25
+    {"image": _jpeg(92), "label": None},
+  ]  # label key missing
   _write_like_create_lmdb_dataset(root / "str" / "evaluation" / "IIIT5k", good + bad)
   _write_like_create_lmdb_dataset(root / "str" / "evaluation" / "SVT", good[:4])
   # Union14M-U release: one root, image-only LMDBs, no train/ folder.
   for i, name in enumerate(("book32_lmdb", "cc_lmdb", "openvino_lmdb")):
-    _write_like_create_lmdb_dataset(root / "union14m_u" / name,
-                                    [{"image": _jpeg(10 * i + j)} for j in range(3 + i)],
-                                    fields=("image",))
+    _write_like_create_lmdb_dataset(
+      root / "union14m_u" / name,
+      [{"image": _jpeg(10 * i + j)} for j in range(3 + i)],
+      fields=("image",),
+    )
   return root
 
 
 def _str_config(path, **kw):
   c = pipeline.default_config()
-  c.update({"source": "str_lmdb", "path": str(path), "reader": "direct", "charset": "36",
-            **kw})
+  c.update({"source": "str_lmdb", "path": str(path), "reader": "direct", "charset": "36", **kw})
   return c
 
 
@@ -79,8 +86,9 @@ def _echo_labels():
 def test_benchmark_rows_count_the_skipped_records(zoo, tmp_path, reader, caplog):
   data = _str_config(zoo / "str", reader=reader, data_dir=str(tmp_path / "tfds"))
   with caplog.at_level(logging.WARNING):
-    rows = str_benchmarks.evaluate(_echo_labels(), data, "evaluation", batch_size=4,
-                                   image_size=(32, 128))
+    rows = str_benchmarks.evaluate(
+      _echo_labels(), data, "evaluation", batch_size=4, image_size=(32, 128)
+    )
   by_name = {r["benchmark"]: r for r in rows}
   assert by_name["evaluation/IIIT5k"]["num"] == 6
   assert by_name["evaluation/IIIT5k"]["skipped"] == 3
@@ -94,8 +102,7 @@ def test_benchmark_rows_count_the_skipped_records(zoo, tmp_path, reader, caplog)
 def test_a_single_benchmark_folder_is_named_after_itself(zoo, caplog):
   data = _str_config(zoo / "str" / "evaluation" / "IIIT5k")
   with caplog.at_level(logging.WARNING):
-    rows = str_benchmarks.evaluate(_echo_labels(), data, ".", batch_size=4,
-                                   image_size=(32, 128))
+    rows = str_benchmarks.evaluate(_echo_labels(), data, ".", batch_size=4, image_size=(32, 128))
   assert [r["benchmark"] for r in rows] == ["IIIT5k"]
   # IIIT5k has 3,000 samples under the protocol: the size check now fires.
   assert "Benchmark IIIT5k has 6 samples, the protocol expects 3000" in caplog.text
@@ -126,8 +133,9 @@ def test_a_bad_benchmarks_path_is_refused_before_any_work(tmp_path, bad):
 @pytest.mark.parametrize("reader", ["direct", "tfds"])
 def test_union14m_u_release_layout_trains_on_the_whole_tree(zoo, tmp_path, reader):
   data = pipeline.default_config()
-  data.update(source="unlabeled", path=str(zoo / "union14m_u"), reader=reader,
-              data_dir=str(tmp_path / "tfds"))
+  data.update(
+    source="unlabeled", path=str(zoo / "union14m_u"), reader=reader, data_dir=str(tmp_path / "tfds")
+  )
   assert len(pipeline.make_source(data, "train")) == 3 + 4 + 5
   # A tree that has a train/ folder keeps using it.
   (zoo / "union14m_u" / "train").mkdir(exist_ok=True)
@@ -141,28 +149,49 @@ def test_union14m_u_release_layout_trains_on_the_whole_tree(zoo, tmp_path, reade
 def test_documented_override_forms_run(zoo, tmp_path):
   """docs/data.md's unlabeled pretraining command with the attribute form of a split
   override (--config.data.splits.train=.), two steps of the tiny model."""
-  result = subprocess.run(main_command(
-      "pretrain.py:tiny", tmp_path / "w", "--config.data.source=unlabeled",
-      f"--config.data.path={zoo / 'union14m_u'}", "--config.data.reader=direct",
-      "--config.data.splits.train=.", "--config.total_steps=2"),
-      cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    main_command(
+      "pretrain.py:tiny",
+      tmp_path / "w",
+      "--config.data.source=unlabeled",
+      f"--config.data.path={zoo / 'union14m_u'}",
+      "--config.data.reader=direct",
+      "--config.data.splits.train=.",
+      "--config.total_steps=2",
+    ),
+    cwd=ROOT,
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-4000:]
   assert (tmp_path / "w" / "checkpoints" / "2").is_dir()
 
 
-@pytest.mark.parametrize("override, field", [
+@pytest.mark.parametrize(
+  "override, field",
+  [
     ("--config.masking.ratio=1.5", "masking.ratio"),
     ("--config.masking.strategies=('random_patch','no_such_strategy')", "masking.strategies"),
     ("--config.grad_accum_steps=3", "config.batch_size"),
     ("--config.data.source=str_lmdb", "data_config.path"),
-])
+  ],
+)
 def test_user_errors_are_one_message_without_a_traceback(tmp_path, override, field):
   command = main_command("pretrain.py:tiny", tmp_path / "w", override)
-  result = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=300)
+  result = subprocess.run(
+    command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
+  )
   assert result.returncode == 1
   assert "Traceback" not in result.stderr
   assert "mms_jax.main: error:" in result.stderr and field in result.stderr
-  verbose = subprocess.run(command + ["--verbose"], cwd=ROOT, env=subprocess_env(),
-                           capture_output=True, text=True, timeout=300)
+  verbose = subprocess.run(
+    command + ["--verbose"],
+    cwd=ROOT,
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert verbose.returncode != 0 and "Traceback" in verbose.stderr

@@ -1,20 +1,23 @@
 """Every config variant loads, and every field can be overridden from the command line."""
+
+from conftest import load_config
 import ml_collections
 import pytest
 
-from conftest import load_config
-
-VARIANTS = [("pretrain", v) for v in ("small", "plain", "tiny", "S4_union14m")] + [
-    ("finetune_recognition", v) for v in ("small", "quick", "robust", "plain", "tiny",
-                                     "S_union14m")] + [
-    ("finetune_segmentation", v) for v in ("small", "tiny", "paper")] + [
-    ("finetune_sr", v) for v in ("small", "tiny", "paper")] + [
-    ("probe", v) for v in ("small", "tiny")] + [
-    ("ablation", v) for v in ("small", "tiny")]
+VARIANTS = (
+  [("pretrain", v) for v in ("small", "plain", "tiny", "S4_union14m")]
+  + [
+    ("finetune_recognition", v) for v in ("small", "quick", "robust", "plain", "tiny", "S_union14m")
+  ]
+  + [("finetune_segmentation", v) for v in ("small", "tiny", "paper")]
+  + [("finetune_sr", v) for v in ("small", "tiny", "paper")]
+  + [("probe", v) for v in ("small", "tiny")]
+  + [("ablation", v) for v in ("small", "tiny")]
+)
 
 
 def _leaf_types(config, prefix=""):
-  for name, field in config._fields.items():  # pylint: disable=protected-access
+  for name, field in config._fields.items():
     if isinstance(field, ml_collections.ConfigDict):
       yield from _leaf_types(field, f"{prefix}{name}.")
     elif isinstance(field, ml_collections.FieldReference):
@@ -39,12 +42,20 @@ def test_the_data_seed_can_be_set_from_the_command_line(name, variant):
   assert isinstance(data.synthetic.seed, int)
 
 
-ENCODER_FIELDS = ("encoder_width", "encoder_depth", "encoder_num_heads", "patch", "stem",
-                  "stem_channels", "attention_bias")
+ENCODER_FIELDS = (
+  "encoder_width",
+  "encoder_depth",
+  "encoder_num_heads",
+  "patch",
+  "stem",
+  "stem_channels",
+  "attention_bias",
+)
 
 
-@pytest.mark.parametrize("name", ["finetune_recognition", "finetune_segmentation",
-                                  "finetune_sr", "probe"])
+@pytest.mark.parametrize(
+  "name", ["finetune_recognition", "finetune_segmentation", "finetune_sr", "probe"]
+)
 @pytest.mark.parametrize("variant", ["small", "tiny"])
 def test_fine_tuning_defaults_have_the_pretraining_encoder(name, variant):
   # `--config.init_from=<a pretraining workdir of the same variant>` must load as it is.

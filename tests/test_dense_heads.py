@@ -1,5 +1,6 @@
 """Segmenter and SuperResolver: output shapes (any grid), parameter layout, and an
 untrained residual super-resolver returning the bicubic image."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,12 +10,20 @@ from mms_jax.models import dense_heads
 from mms_jax.models import mae
 from mms_jax.models import vit
 
-TINY = dict(encoder_variant=None, encoder_width=32, encoder_depth=1, encoder_num_heads=2,
-            head_width=32, head_depth=2, head_num_heads=2)
+TINY = dict(
+  encoder_variant=None,
+  encoder_width=32,
+  encoder_depth=1,
+  encoder_num_heads=2,
+  head_width=32,
+  head_depth=2,
+  head_num_heads=2,
+)
 
 
-@pytest.mark.parametrize("image_hw,patch", [((32, 128), (4, 4)), ((24, 40), (8, 4)),
-                                            ((16, 16), (2, 8))])
+@pytest.mark.parametrize(
+  "image_hw,patch", [((32, 128), (4, 4)), ((24, 40), (8, 4)), ((16, 16), (2, 8))]
+)
 def test_segmenter_shapes(image_hw, patch):
   model = dense_heads.Segmenter(patch=patch, **TINY)
   images = jax.ShapeDtypeStruct((2, *image_hw, 3), jnp.float32)
@@ -45,20 +54,30 @@ def test_untrained_residual_super_resolver_returns_bicubic():
   lr = jax.random.uniform(jax.random.key(1), (2, 8, 16, 3), minval=-1, maxval=1)
   (sr, aux), _ = jax.jit(model.init_with_output)(jax.random.key(0), lr)
   np.testing.assert_array_equal(sr, aux["upsampled"])  # the zero-initialised output layer
-  np.testing.assert_allclose(aux["upsampled"], jax.image.resize(lr, (2, 16, 32, 3), "bicubic"),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    aux["upsampled"], jax.image.resize(lr, (2, 16, 32, 3), "bicubic"), atol=1e-6
+  )
 
 
 def test_encoder_params_have_the_pretraining_names():
-  pre = mae.MAE(encoder_variant=None, encoder_width=32, encoder_depth=1,
-                encoder_num_heads=2, decoder_width=32, decoder_depth=1,
-                decoder_num_heads=2)
+  pre = mae.MAE(
+    encoder_variant=None,
+    encoder_width=32,
+    encoder_depth=1,
+    encoder_num_heads=2,
+    decoder_width=32,
+    decoder_depth=1,
+    decoder_num_heads=2,
+  )
   images = jnp.zeros((1, 32, 128, 3))
   mask = jnp.zeros((1, 256), bool).at[:, :192].set(True)
-  pre_params = jax.eval_shape(lambda x, m: pre.init(jax.random.key(0), x, m, num_masked=192),
-                              images, mask)["params"]
-  for model, x in ((dense_heads.Segmenter(**TINY), images),
-                   (dense_heads.SuperResolver(**TINY), images[:, :16, :64])):
+  pre_params = jax.eval_shape(
+    lambda x, m: pre.init(jax.random.key(0), x, m, num_masked=192), images, mask
+  )["params"]
+  for model, x in (
+    (dense_heads.Segmenter(**TINY), images),
+    (dense_heads.SuperResolver(**TINY), images[:, :16, :64]),
+  ):
     params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
     assert vit.param_names(params["encoder"]) == vit.param_names(pre_params["encoder"])
 

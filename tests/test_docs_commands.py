@@ -10,6 +10,7 @@ the command passes. Running the training itself is what the program tests do, wi
 tiny variants. A block of commands kept as a historical record is marked with
 `<!-- as run then -->` on the line before its fence.
 """
+
 import dataclasses
 import importlib
 import pathlib
@@ -26,8 +27,16 @@ from mms_jax.programs import PROGRAMS
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 # absl's own flags, accepted by every absl program.
-ABSL_FLAGS = {"help", "helpfull", "helpshort", "verbosity", "v", "logtostderr",
-              "alsologtostderr", "flagfile"}
+ABSL_FLAGS = {
+  "help",
+  "helpfull",
+  "helpshort",
+  "verbosity",
+  "v",
+  "logtostderr",
+  "alsologtostderr",
+  "flagfile",
+}
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$")  # OTHER_WORKDIR, ARGS, PRETRAIN_DIR ...
 # On the line before a fence: a record of a command as it was run, with a variant or
 # flag that no longer exists (docs/results.md's history); not checked.
@@ -36,9 +45,9 @@ HISTORICAL = "<!-- as run then -->"
 
 @dataclasses.dataclass
 class Command:
-  where: str     # file:line
-  module: str    # mms_jax.main, mms_jax.read, benchmarks.x, ...
-  args: list     # the arguments after the module
+  where: str  # file:line
+  module: str  # mms_jax.main, mms_jax.read, benchmarks.x, ...
+  args: list  # the arguments after the module
 
   def __str__(self):
     return f"{self.where}: {self.module} {' '.join(self.args)}"
@@ -62,7 +71,7 @@ def _code_blocks(text):
       fence[1].append(line)
   # Inline spans may wrap across a paragraph's lines.
   for m in re.finditer(r"`([^`]*\bpython[^`]*)`", text):
-    if m.group(1).count("\n") <= 3 and not text[:m.start()].endswith("``"):
+    if m.group(1).count("\n") <= 3 and not text[: m.start()].endswith("``"):
       yield text.count("\n", 0, m.start()) + 1, m.group(1).replace("\n", " ")
 
 
@@ -130,17 +139,29 @@ def documented_commands():
 
 COMMANDS = documented_commands()
 # A mms_jax.main without --config is a mention (`python -m mms_jax.main ARGS`).
-MAIN = [c for c in COMMANDS if c.module == "mms_jax.main"
-        and any(a.startswith("--config=") for a in c.args)]
+MAIN = [
+  c
+  for c in COMMANDS
+  if c.module == "mms_jax.main" and any(a.startswith("--config=") for a in c.args)
+]
 OTHERS = [c for c in COMMANDS if c.module not in ("mms_jax.main", "pytest")]
 
 
 def test_the_docs_show_commands_of_every_program():
-  configs = {a.split("=", 1)[1].split(":")[0] for c in MAIN for a in c.args
-             if a.startswith("--config=")}
-  assert {f"configs/{p}" for p in ("pretrain.py", "finetune_recognition.py",
-                                   "finetune_segmentation.py", "finetune_sr.py",
-                                   "probe.py", "ablation.py")} <= configs
+  configs = {
+    a.split("=", 1)[1].split(":")[0] for c in MAIN for a in c.args if a.startswith("--config=")
+  }
+  assert {
+    f"configs/{p}"
+    for p in (
+      "pretrain.py",
+      "finetune_recognition.py",
+      "finetune_segmentation.py",
+      "finetune_sr.py",
+      "probe.py",
+      "ablation.py",
+    )
+  } <= configs
   assert {"mms_jax.read", "mms_jax.convert"} <= {c.module for c in OTHERS}
 
 
@@ -148,8 +169,9 @@ def _flag_values(args):
   """The parsed --config of a mms_jax.main command (its other flags checked by name)."""
   argv = ["mms_jax.main", *(a for a in args if not PLACEHOLDER.match(a))]
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
-                                  sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "", flag_values=values, lock_config=True, sys_argv=argv
+  )
   flags.DEFINE_string("workdir", None, "", flag_values=values)
   flags.DEFINE_bool("verbose", False, "", flag_values=values)
   values(argv)
@@ -191,8 +213,9 @@ def _defined_flags(module):
     sources += [p.read_text() for p in path.parent.glob("*.py")]
   names = set()
   for source in sources:
-    names |= set(re.findall(
-        r"(?:flags|config_flags)\.DEFINE_\w+\(\s*[\"']([A-Za-z_][\w]*)[\"']", source))
+    names |= set(
+      re.findall(r"(?:flags|config_flags)\.DEFINE_\w+\(\s*[\"']([A-Za-z_][\w]*)[\"']", source)
+    )
   return names
 
 

@@ -1,14 +1,15 @@
 """The segmentation and super-resolution programs end to end on tiny models: the
 pretrained encoder is transferred exactly, freeze_encoder keeps it bit-identical,
 metrics and pictures are written, and eval-only mode reproduces the final evaluation."""
+
 import json
 
+from conftest import load_config
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
 from mms_jax.data import formats
 from mms_jax.train import checkpoints
 from mms_jax.train import common
@@ -30,7 +31,8 @@ def pretrained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def recognizer_workdir(tmp_path_factory):
   """An (untrained) tiny CTC recognition run: config.json + one checkpoint."""
-  from mms_jax.train import recognition  # pylint: disable=g-import-not-at-top
+  from mms_jax.train import recognition
+
   workdir = tmp_path_factory.mktemp("recognition")
   config = load_config("finetune_recognition", "tiny")
   config.model.head = "ctc"
@@ -62,8 +64,7 @@ def _jsonl(workdir):
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_segmentation_with_frozen_encoder_trains_evaluates_and_reevaluates(tmp_path,
-                                                                           pretrained):
+def test_segmentation_with_frozen_encoder_trains_evaluates_and_reevaluates(tmp_path, pretrained):
   workdir = tmp_path / "seg"
   config = _tiny("finetune_segmentation", pretrained, freeze_encoder=True)
   state = segmentation.train_and_evaluate(config, str(workdir))
@@ -77,8 +78,7 @@ def test_segmentation_with_frozen_encoder_trains_evaluates_and_reevaluates(tmp_p
   assert "head" not in loaded
   model = segmentation.build_model(config)
   before = jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, 32, 128, 3)))
-  assert jax.tree.map(np.shape, params["head"]) == jax.tree.map(np.shape,
-                                                                before["params"]["head"])
+  assert jax.tree.map(np.shape, params["head"]) == jax.tree.map(np.shape, before["params"]["head"])
   before = jax.device_get(before["params"]["head"])
   assert not _tree_equal(params["head"], before)
 
@@ -99,8 +99,9 @@ def test_segmentation_with_frozen_encoder_trains_evaluates_and_reevaluates(tmp_p
   assert not (tmp_path / "eval" / "checkpoints").exists()
 
 
-def test_super_resolution_trains_evaluates_and_reevaluates(tmp_path, pretrained,
-                                                          recognizer_workdir):
+def test_super_resolution_trains_evaluates_and_reevaluates(
+  tmp_path, pretrained, recognizer_workdir
+):
   workdir = tmp_path / "sr"
   config = _tiny("finetune_sr", pretrained)
   config.loss.gradient_weight = 0.5
@@ -130,10 +131,18 @@ def test_super_resolution_trains_evaluates_and_reevaluates(tmp_path, pretrained,
   rng = np.random.default_rng(0)
   sizes = {"easy": 3, "medium": 2, "hard": 4}
   for name, n in sizes.items():
-    formats.write_lmdb(str(tmp_path / "textzoom" / "test" / name), [
-        {"image": rng.integers(0, 256, (32, 128, 3), np.uint8),
-         "lr_image": rng.integers(0, 256, (16, 64, 3), np.uint8), "label": "word"}
-        for _ in range(n)], kind="textzoom")
+    formats.write_lmdb(
+      str(tmp_path / "textzoom" / "test" / name),
+      [
+        {
+          "image": rng.integers(0, 256, (32, 128, 3), np.uint8),
+          "lr_image": rng.integers(0, 256, (16, 64, 3), np.uint8),
+          "label": "word",
+        }
+        for _ in range(n)
+      ],
+      kind="textzoom",
+    )
   config = load_config("finetune_sr", "tiny")
   config.eval_only, config.pictures, config.eval_from = True, False, str(workdir)
   config.data.update(source="textzoom", path=str(tmp_path / "textzoom"), reader="direct")
@@ -143,7 +152,8 @@ def test_super_resolution_trains_evaluates_and_reevaluates(tmp_path, pretrained,
     assert zoom[f"eval/test/{name}/psnr"] > 0
   assert zoom["eval/test/all/count"] == 9
   assert zoom["eval/test/all/psnr"] == pytest.approx(
-      sum(zoom[f"eval/test/{k}/psnr"] * n for k, n in sizes.items()) / 9)
+    sum(zoom[f"eval/test/{k}/psnr"] * n for k, n in sizes.items()) / 9
+  )
 
 
 def test_sr_loss_and_its_gradient_term():

@@ -1,4 +1,5 @@
 """IoU / F-score on hand-computed cases; PSNR / SSIM (dm-pix) against scikit-image."""
+
 import numpy as np
 import pytest
 from skimage import metrics as skm
@@ -7,8 +8,12 @@ from mms_jax.evaluate import image_metrics as im
 
 
 def _counts(probs, masks, threshold=0.5):
-  return {k: np.asarray(v) for k, v in im.confusion_counts(
-      np.asarray(probs, np.float32), np.asarray(masks, np.float32), threshold).items()}
+  return {
+    k: np.asarray(v)
+    for k, v in im.confusion_counts(
+      np.asarray(probs, np.float32), np.asarray(masks, np.float32), threshold
+    ).items()
+  }
 
 
 def test_iou_and_fscore_by_hand():
@@ -50,7 +55,8 @@ def _structured(rng, shape):
   y, x = np.mgrid[:h, :w] / np.array([h, w])[:, None, None]
   base = 0.6 + 0.3 * np.sin(3 * x + 2 * y)[None, ..., None] * rng.random((b, 1, 1, c))
   strokes = ((np.arange(w) // 3) % 4 == 0)[None, None, :, None] & (
-      np.abs(np.arange(h) - h / 2) < h / 4)[None, :, None, None]
+    np.abs(np.arange(h) - h / 2) < h / 4
+  )[None, :, None, None]
   return np.clip(np.where(strokes, 0.1, base) + 0.02 * rng.normal(size=shape), 0, 1)
 
 
@@ -63,11 +69,18 @@ def test_psnr_and_ssim_match_scikit_image(kind, shape):
   a, b = a.astype(np.float32), b.astype(np.float32)
   psnr, ssim = np.asarray(im.psnr(a, b)), np.asarray(im.ssim(a, b))
   for i in range(shape[0]):
-    assert psnr[i] == pytest.approx(skm.peak_signal_noise_ratio(a[i], b[i], data_range=1.0),
-                                    abs=1e-3)
-    expected = skm.structural_similarity(a[i], b[i], data_range=1.0, channel_axis=-1,
-                                         gaussian_weights=True, sigma=1.5,
-                                         use_sample_covariance=False)
+    assert psnr[i] == pytest.approx(
+      skm.peak_signal_noise_ratio(a[i], b[i], data_range=1.0), abs=1e-3
+    )
+    expected = skm.structural_similarity(
+      a[i],
+      b[i],
+      data_range=1.0,
+      channel_axis=-1,
+      gaussian_weights=True,
+      sigma=1.5,
+      use_sample_covariance=False,
+    )
     assert ssim[i] == pytest.approx(expected, abs=1e-4)
 
 
@@ -79,10 +92,20 @@ def test_image_quality_maps_minus_one_one_to_unit_range():
   a, b = np.clip((sr + 1) / 2, 0, 1), (hr + 1) / 2
   for i in range(2):
     assert q["psnr"][i] == pytest.approx(
-        skm.peak_signal_noise_ratio(b[i], a[i], data_range=1.0), abs=1e-3)
-    assert q["ssim"][i] == pytest.approx(skm.structural_similarity(
-        b[i], a[i], data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5,
-        use_sample_covariance=False), abs=1e-4)
+      skm.peak_signal_noise_ratio(b[i], a[i], data_range=1.0), abs=1e-3
+    )
+    assert q["ssim"][i] == pytest.approx(
+      skm.structural_similarity(
+        b[i],
+        a[i],
+        data_range=1.0,
+        channel_axis=-1,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+      ),
+      abs=1e-4,
+    )
 
 
 def test_accumulator_drops_padding_rows():

@@ -1,23 +1,23 @@
 """Properties of the masking samplers (METHOD.md §3)."""
+
 import re
 
 import hypothesis
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
-from hypothesis import strategies as st
 from scipy import stats
 
 from mms_jax import masking
 
 GRIDS = [(8, 32), (4, 32), (16, 256), (1, 32), (1, 7), (3, 5)]
 SAMPLERS = {
-    "random_patch": masking.random_patch,
-    "blockwise": masking.blockwise,
-    "span": masking.span,
-    "horizontal_block": masking.horizontal_block,
+  "random_patch": masking.random_patch,
+  "blockwise": masking.blockwise,
+  "span": masking.span,
+  "horizontal_block": masking.horizontal_block,
 }
 # Hypothesis draws many shapes; each new static shape compiles once, so keep few examples.
 settings = hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
@@ -30,8 +30,9 @@ def _sample(name, seed, batch, grid, num_masked, **params):
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
-@hypothesis.given(grid=st.sampled_from(GRIDS), ratio=st.floats(0.05, 0.95),
-                  seed=st.integers(0, 2**31 - 1))
+@hypothesis.given(
+  grid=st.sampled_from(GRIDS), ratio=st.floats(0.05, 0.95), seed=st.integers(0, 2**31 - 1)
+)
 @settings
 def test_exact_count_in_every_row(name, grid, ratio, seed):
   num_cells = grid[0] * grid[1]
@@ -73,8 +74,11 @@ def _fully_hidden_fraction(mask, grid):
   return (full_columns.sum(axis=1) * grid[0]) / mask.sum(axis=1), full_columns
 
 
-@hypothesis.given(grid=st.sampled_from([(8, 32), (4, 32), (2, 64), (1, 32)]),
-                  columns=st.integers(1, 24), seed=st.integers(0, 2**31 - 1))
+@hypothesis.given(
+  grid=st.sampled_from([(8, 32), (4, 32), (2, 64), (1, 32)]),
+  columns=st.integers(1, 24),
+  seed=st.integers(0, 2**31 - 1),
+)
 @settings
 def test_span_hides_whole_columns_when_count_is_a_multiple_of_height(grid, columns, seed):
   columns = min(columns, grid[1] - 1)
@@ -84,8 +88,11 @@ def test_span_hides_whole_columns_when_count_is_a_multiple_of_height(grid, colum
   np.testing.assert_array_equal(full_columns.sum(axis=1), columns)
 
 
-@hypothesis.given(grid=st.sampled_from([(8, 32), (4, 32), (16, 64)]),
-                  ratio=st.floats(0.3, 0.9), seed=st.integers(0, 2**31 - 1))
+@hypothesis.given(
+  grid=st.sampled_from([(8, 32), (4, 32), (16, 64)]),
+  ratio=st.floats(0.3, 0.9),
+  seed=st.integers(0, 2**31 - 1),
+)
 @settings
 def test_span_is_mostly_whole_columns_for_any_count(grid, ratio, seed):
   num_masked = round(ratio * grid[0] * grid[1])
@@ -97,8 +104,11 @@ def test_span_is_mostly_whole_columns_for_any_count(grid, ratio, seed):
 
 @pytest.mark.parametrize("grid, target", [((8, 32), 12), ((16, 256), 150)])
 def test_span_forms_runs_within_the_length_range(grid, target):
-  columns = np.asarray(masking.span_columns(jax.random.key(0), 64, grid, grid[0] * target,
-                                            min_columns=3, max_columns=5))
+  columns = np.asarray(
+    masking.span_columns(
+      jax.random.key(0), 64, grid, grid[0] * target, min_columns=3, max_columns=5
+    )
+  )
   np.testing.assert_array_equal(columns.sum(axis=1), target)
   run_lengths = []
   for row in columns:
@@ -120,8 +130,9 @@ def test_horizontal_block_band_width_is_pixels_over_patch_width(band_pixels, pat
   spec = masking.build_spec(config, (32, 128), (4, patch_width))
   params = dict(spec.params[0])
   assert params["band_columns"] == band_pixels // patch_width
-  columns = np.asarray(masking.horizontal_block_columns(jax.random.key(3), 512, spec.grid,
-                                                        **params))
+  columns = np.asarray(
+    masking.horizontal_block_columns(jax.random.key(3), 512, spec.grid, **params)
+  )
   for row in columns:
     hidden = np.flatnonzero(row)
     assert len(hidden) == band_pixels // patch_width
@@ -135,16 +146,19 @@ def test_horizontal_block_band_width_is_pixels_over_patch_width(band_pixels, pat
 
 
 def test_horizontal_bands_do_not_overlap():
-  columns = np.asarray(masking.horizontal_block_columns(jax.random.key(0), 256, (8, 32),
-                                                        band_columns=4, num_bands=3))
+  columns = np.asarray(
+    masking.horizontal_block_columns(jax.random.key(0), 256, (8, 32), band_columns=4, num_bands=3)
+  )
   np.testing.assert_array_equal(columns.sum(axis=1), 12)
 
 
-@pytest.mark.parametrize("grid, num_masked", [((8, 32), 192), ((4, 32), 96), ((16, 64), 600),
-                                              ((1, 64), 40)])
+@pytest.mark.parametrize(
+  "grid, num_masked", [((8, 32), 192), ((4, 32), 96), ((16, 64), 600), ((1, 64), 40)]
+)
 def test_blockwise_draws_rectangles_within_the_aspect_range(grid, num_masked):
-  hidden, blocks = masking.blockwise_shapes(jax.random.key(1), 64, grid, num_masked,
-                                            min_area=4, min_aspect=0.3, attempts=32)
+  hidden, blocks = masking.blockwise_shapes(
+    jax.random.key(1), 64, grid, num_masked, min_area=4, min_aspect=0.3, attempts=32
+  )
   hidden = np.asarray(hidden).reshape(64, *grid)
   blocks = jax.tree.map(np.asarray, blocks)
   accepted = blocks["accepted"]
@@ -158,7 +172,7 @@ def test_blockwise_draws_rectangles_within_the_aspect_range(grid, num_masked):
   for b, a in zip(*np.nonzero(accepted)):
     top, left = blocks["top"][b, a], blocks["left"][b, a]
     assert top + blocks["height"][b, a] <= grid[0] and left + blocks["width"][b, a] <= grid[1]
-    rebuilt[b, top:top + blocks["height"][b, a], left:left + blocks["width"][b, a]] = True
+    rebuilt[b, top : top + blocks["height"][b, a], left : left + blocks["width"][b, a]] = True
   # The shape set is exactly the union of accepted rectangles, never over the count,
   # and covers most of the count before the top-up.
   np.testing.assert_array_equal(rebuilt, hidden)
@@ -170,9 +184,11 @@ def test_blockwise_draws_rectangles_within_the_aspect_range(grid, num_masked):
 def test_blockwise_stays_contiguous_on_thin_grids(grid, num_masked):
   """On one- or two-row grids blocks are runs; a 0.3 aspect bound alone would allow
   only runs of 1-3 cells there, and the mask would be nearly random."""
+
   def runs_per_row(mask):
     rows = mask.reshape(-1, grid[1]).astype(int)
     return (np.diff(np.pad(rows, ((0, 0), (1, 0))), axis=1) == 1).sum(axis=1).mean()
+
   shapes, _ = masking.blockwise_shapes(jax.random.key(0), 128, grid, num_masked)
   assert np.asarray(shapes).sum(axis=1).mean() > 0.95 * num_masked  # before the top-up
   block = _sample("blockwise", 0, 128, grid, num_masked)
@@ -185,6 +201,7 @@ def test_blockwise_is_spatially_coherent_unlike_random_patch():
     cells = mask.reshape(-1, 8, 32)
     right = cells[:, :, 1:] & cells[:, :, :-1]
     return right.sum() / cells[:, :, 1:].sum()
+
   block = _sample("blockwise", 0, 256, (8, 32), 96)
   patch = _sample("random_patch", 0, 256, (8, 32), 96)
   assert neighbours_hidden(block) > neighbours_hidden(patch) + 0.3
@@ -209,8 +226,11 @@ def _spec(**overrides):
 
 
 def test_per_sample_strategy_frequencies_match_probabilities():
-  spec = _spec(mode="per_sample", strategies=("random_patch", "blockwise", "span"),
-               probabilities=(0.5, 0.3, 0.2))
+  spec = _spec(
+    mode="per_sample",
+    strategies=("random_patch", "blockwise", "span"),
+    probabilities=(0.5, 0.3, 0.2),
+  )
   mask, ids = masking.make_sampler(spec)(jax.random.key(0), 4096, 192)
   counts = np.bincount(np.asarray(ids), minlength=3)
   _, p_value = stats.chisquare(counts, np.array([0.5, 0.3, 0.2]) * 4096)
@@ -224,8 +244,9 @@ def test_per_sample_strategy_frequencies_match_probabilities():
 
 
 def test_union_superimposes_then_ranks_to_the_exact_count():
-  spec = _spec(mode="union", strategies=("horizontal_block", "random_patch"),
-               shares=(0.25, 0.75), ratio=0.5)
+  spec = _spec(
+    mode="union", strategies=("horizontal_block", "random_patch"), shares=(0.25, 0.75), ratio=0.5
+  )
   mask, ids = masking.make_sampler(spec)(jax.random.key(0), 64, spec.num_masked())
   mask = np.asarray(mask)
   np.testing.assert_array_equal(mask.sum(axis=1), 128)
@@ -251,8 +272,9 @@ def test_ids_restore_inverts_the_shuffle():
   tokens = jax.random.normal(jax.random.key(1), (32, 256, 3))
   visible = jnp.take_along_axis(tokens, ids_keep[..., None], axis=1)
   hidden = jnp.take_along_axis(tokens, ids_masked[..., None], axis=1)
-  restored = jnp.take_along_axis(jnp.concatenate([visible, hidden], axis=1),
-                                 ids_restore[..., None], axis=1)
+  restored = jnp.take_along_axis(
+    jnp.concatenate([visible, hidden], axis=1), ids_restore[..., None], axis=1
+  )
   np.testing.assert_array_equal(restored, tokens)
   assert not np.asarray(jnp.take_along_axis(mask, ids_keep, axis=1)).any()
   assert np.asarray(jnp.take_along_axis(mask, ids_masked, axis=1)).all()
@@ -298,7 +320,9 @@ def test_progressive_ratio_is_quantised_into_stages():
   assert masking.ratio_at(10, 100, ratio=0.75) == 0.75
 
 
-@pytest.mark.parametrize("overrides, field", [
+@pytest.mark.parametrize(
+  "overrides, field",
+  [
     (dict(strategies=("random_patch", "bogus")), "strategies[1]"),
     (dict(mode="mixture"), "mode"),
     (dict(ratio=1.0), "ratio"),
@@ -308,7 +332,8 @@ def test_progressive_ratio_is_quantised_into_stages():
     (dict(probabilities=(0.5, 0.5)), "probabilities"),
     (dict(ratio=0.001), "ratio"),
     (dict(mode="single"), "strategies"),
-])
+  ],
+)
 def test_invalid_configs_name_the_field(overrides, field):
   config = masking.default_config()
   config.update(overrides)

@@ -4,14 +4,16 @@ They are executed in the order a user runs them, sharing one workdir: the quicks
 pretrains, the recognition notebook fine-tunes its encoder, the conversion notebook
 exports it to PyTorch. MMS_JAX_NOTEBOOK_TINY=1 selects the `tiny` config variants.
 """
+
 import json
-import os
 import re
 
+from conftest import ROOT
+from conftest import load_config
+from conftest import subprocess_env
 import nbclient
 import nbformat
 
-from conftest import ROOT, load_config, subprocess_env
 from mms_jax.train import checkpoints
 
 NOTEBOOKS = ROOT / "notebooks"
@@ -35,8 +37,9 @@ def _text(nb):
 
 
 def _images(nb):
-  return sum("image/png" in out.get("data", {}) for cell in nb.cells
-             for out in cell.get("outputs", []))
+  return sum(
+    "image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", [])
+  )
 
 
 def test_committed_notebooks_are_clean_and_install_themselves():
@@ -57,8 +60,9 @@ def test_notebooks_run_in_order_on_cpu(tmp_path):
   ran = {}
   for name in ORDER:
     nb = _read(name)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client = nbclient.NotebookClient(
+      nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
     client.execute(env=env)  # raises CellExecutionError (with the traceback) on failure
     ran[name] = nb
 

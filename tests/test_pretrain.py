@@ -1,18 +1,23 @@
 """The pretraining program end to end: runs, resumes exactly, survives preemption,
 stops on NaN, counts epochs, and gives the same result on 1 or 8 devices (several
 processes: tests/test_launch.py)."""
+
 import json
 import math
 import signal
 import subprocess
 import time
 
+from conftest import ROOT
+from conftest import load_config
+from conftest import main_command
+from conftest import run_main
+from conftest import subprocess_env
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_config, main_command, run_main, subprocess_env
 from mms_jax import masking
 from mms_jax.train import checkpoints
 from mms_jax.train import common
@@ -104,8 +109,13 @@ def test_sigkill_after_a_checkpoint_then_restart_is_exact(tmp_path):
   run_main("pretrain.py:tiny", tmp_path / "straight", *QUICK, *steps)
 
   workdir = tmp_path / "killed"
-  process = subprocess.Popen(main_command("pretrain.py:tiny", workdir, *QUICK, *steps),
-                             cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen(
+    main_command("pretrain.py:tiny", workdir, *QUICK, *steps),
+    cwd=ROOT,
+    env=subprocess_env(),
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   manifest = workdir / "checkpoints" / "10" / checkpoints.MANIFEST_NAME
   _wait_for(manifest.exists, process)
   process.send_signal(signal.SIGKILL)
@@ -119,9 +129,18 @@ def test_sigkill_after_a_checkpoint_then_restart_is_exact(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   process = subprocess.Popen(
-      main_command("pretrain.py:tiny", tmp_path, *QUICK, "--config.total_steps=100000",
-                   "--config.checkpoint.every=100000"),
-      cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    main_command(
+      "pretrain.py:tiny",
+      tmp_path,
+      *QUICK,
+      "--config.total_steps=100000",
+      "--config.checkpoint.every=100000",
+    ),
+    cwd=ROOT,
+    env=subprocess_env(),
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   log = []
   while not any("[3/" in line for line in log):  # the [step/total] log line of step 3
     line = process.stderr.readline()
@@ -142,18 +161,35 @@ def test_eight_devices_and_fsdp_match_one_device(tmp_path):
   steps = [*QUICK, "--config.total_steps=3"]
   run_main("pretrain.py:tiny", tmp_path / "one", *steps)
   run_main("pretrain.py:tiny", tmp_path / "eight", *steps, devices=8)
-  run_main("pretrain.py:tiny", tmp_path / "fsdp", *steps, "--config.fsdp=4",
-           "--config.model.encoder_width=64", "--config.model.decoder_width=64", devices=8)
-  run_main("pretrain.py:tiny", tmp_path / "one_wide", *steps,
-           "--config.model.encoder_width=64", "--config.model.decoder_width=64")
+  run_main(
+    "pretrain.py:tiny",
+    tmp_path / "fsdp",
+    *steps,
+    "--config.fsdp=4",
+    "--config.model.encoder_width=64",
+    "--config.model.decoder_width=64",
+    devices=8,
+  )
+  run_main(
+    "pretrain.py:tiny",
+    tmp_path / "one_wide",
+    *steps,
+    "--config.model.encoder_width=64",
+    "--config.model.decoder_width=64",
+  )
   _assert_trees(_params(tmp_path / "one"), _params(tmp_path / "eight"), rtol=1e-4, atol=1e-5)
-  _assert_trees(_params(tmp_path / "one_wide"), _params(tmp_path / "fsdp"), rtol=1e-4,
-                atol=1e-5)
+  _assert_trees(_params(tmp_path / "one_wide"), _params(tmp_path / "fsdp"), rtol=1e-4, atol=1e-5)
 
 
 def test_num_epochs_sets_the_length_from_the_training_set(tmp_path):
-  log = run_main("pretrain.py:tiny", tmp_path, *QUICK, "--config.total_steps=0",
-                 "--config.num_epochs=1.0", "--config.data.size.train=24")
+  log = run_main(
+    "pretrain.py:tiny",
+    tmp_path,
+    *QUICK,
+    "--config.total_steps=0",
+    "--config.num_epochs=1.0",
+    "--config.data.size.train=24",
+  )
   assert "training to step 3." in log  # 24 images / batch 8
   assert (tmp_path / "checkpoints" / "3").is_dir()
 
@@ -165,19 +201,26 @@ def _random_images(seed, batch, hw=(32, 128)):
 def _initial_state(model, spec, optimizer):
   """The train state of a fresh tiny MAE (params from key 0, step rng from key 1)."""
   n = spec.num_masked()
-  params = model.init({'params': jax.random.key(0)}, _random_images(0, 1),
-                      masking.random_patch(jax.random.key(0), 1, spec.grid, n),
-                      num_masked=n)['params']
-  return common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=optimizer.init(params),
-                           rng=jax.random.key_data(jax.random.key(1)))
+  params = model.init(
+    {"params": jax.random.key(0)},
+    _random_images(0, 1),
+    masking.random_patch(jax.random.key(0), 1, spec.grid, n),
+    num_masked=n,
+  )["params"]
+  return common.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=optimizer.init(params),
+    rng=jax.random.key_data(jax.random.key(1)),
+  )
 
 
 def test_cpu_micro_batches_match_one_batch():
   """The automatic CPU micro-batch split of the pretraining step (docs/performance.md)
   gives the same update as one batch, up to float rounding."""
+
   def one_step(micro_batch_bytes):
-    config = load_config('pretrain', 'tiny')
+    config = load_config("pretrain", "tiny")
     config.micro_batch_bytes = micro_batch_bytes
     spec = pretrain.check_config(config)
     mesh, model = common.make_mesh(config), pretrain.build_model(config)
@@ -193,7 +236,7 @@ def test_cpu_micro_batches_match_one_batch():
 
   (one, (params_1, metrics_1)), (split, (params_n, metrics_n)) = one_step(0), one_step(1)
   assert (one, split) == (1, 8)
-  np.testing.assert_allclose(metrics_n['loss'], metrics_1['loss'], rtol=1e-5)
+  np.testing.assert_allclose(metrics_n["loss"], metrics_1["loss"], rtol=1e-5)
   for x, y in zip(jax.tree_util.tree_leaves(params_n), jax.tree_util.tree_leaves(params_1)):
     np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
 
@@ -203,7 +246,7 @@ def test_train_step_on_a_mesh_of_the_devices():
   suite's subprocess tests, the real GPU in benchmarks/accelerator_check.py): the state
   lives on every device of the mesh, the batch is split over them, the loss is finite,
   and a second run from the same seed gives the same parameters."""
-  config = load_config('pretrain', 'tiny')
+  config = load_config("pretrain", "tiny")
   config.batch_size = 8 * jax.device_count()
   spec = pretrain.check_config(config)
   mesh, model = common.make_mesh(config), pretrain.build_model(config)
@@ -221,7 +264,7 @@ def test_train_step_on_a_mesh_of_the_devices():
       images = common.global_batch(np.asarray(_random_images(seed, config.batch_size)), mesh)
       assert images.sharding.mesh.devices.size == jax.device_count()
       state, metrics = step(state, images, n)
-      losses.append(float(metrics['loss']))
+      losses.append(float(metrics["loss"]))
     return state, losses, initial
 
   state, losses, initial = run()
@@ -229,8 +272,10 @@ def test_train_step_on_a_mesh_of_the_devices():
   leaf = jax.tree_util.tree_leaves(state.params)[0]
   assert set(leaf.sharding.device_set) == set(jax.devices())
   assert int(state.step) == 2
-  moved = [not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(state.params),
-                                                 jax.tree_util.tree_leaves(initial))]
+  moved = [
+    not np.allclose(a, b)
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(initial))
+  ]
   assert sum(moved) > len(moved) // 2
   again, losses_again, _ = run()
   assert losses_again == losses
@@ -238,7 +283,8 @@ def test_train_step_on_a_mesh_of_the_devices():
 
 
 def test_console_line_reads_like_progress():
-  line = common.console_line(300, {"loss": 2.889, "images_per_sec": 51.04,
-                                   "eta_hours": 3574 / 3600}, total_steps=6000)
+  line = common.console_line(
+    300, {"loss": 2.889, "images_per_sec": 51.04, "eta_hours": 3574 / 3600}, total_steps=6000
+  )
   assert line == "[300/6000] loss=2.889 | 51.0 img/s, eta 59m34s"
   assert [common.format_duration(s) for s in (42, 372.4, 3725.2)] == ["42s", "6m12s", "1h02m"]

@@ -1,12 +1,14 @@
 """Linear probes on cached features: each head reaches its task with oracle features,
 and the program probes the encoder it was given."""
+
 import json
 
+from conftest import load_config
+from conftest import run_main
 import jax
 import numpy as np
 import pytest
 
-from conftest import load_config, run_main
 from mms_jax.data import tokenizer as tokenizer_lib
 from mms_jax.models import vit
 from mms_jax.train import checkpoints
@@ -27,8 +29,7 @@ def _fit_and_score(task, data, config, tokenizer=None, fit=True, **fields):
   params = head.init(jax.random.PRNGKey(0), np.zeros((1, 1, width), np.float32))["params"]
   train = dict(data)
   if task == "recognition":
-    train["ids"], train["lengths"] = recognition.encode_labels(train.pop("label"),
-                                                               tokenizer, 25)
+    train["ids"], train["lengths"] = recognition.encode_labels(train.pop("label"), tokenizer, 25)
   with config.unlocked():
     for name, value in fields.items():
       parent, _, leaf = name.rpartition(".")
@@ -44,7 +45,7 @@ def _random_masks(rng, n):
   for m in masks:
     for _ in range(12):
       y, x = rng.integers(0, H - 6), rng.integers(0, W - 9)
-      m[y:y + rng.integers(3, 7), x:x + rng.integers(3, 10)] = 1
+      m[y : y + rng.integers(3, 7), x : x + rng.integers(3, 10)] = 1
   return masks
 
 
@@ -54,12 +55,17 @@ def test_segmentation_probe_reads_an_oracle_encoder_exactly():
   config = load_config("probe", "tiny")
   masks = _random_masks(np.random.default_rng(0), 96)
   tokens = np.asarray(vit.patchify(masks[..., None], PATCH)) * 2 - 1  # [N, 256, 16]
-  scores = _fit_and_score("segmentation", {"tokens": tokens, "mask": masks}, config,
-                          **{"segmentation.iterations": 50})
+  scores = _fit_and_score(
+    "segmentation", {"tokens": tokens, "mask": masks}, config, **{"segmentation.iterations": 50}
+  )
   assert scores["iou"] > 0.97
   # Tokens from the wrong images carry no information: the probe cannot fake it.
-  shuffled = _fit_and_score("segmentation", {"tokens": tokens[::-1].copy(), "mask": masks},
-                            config, **{"segmentation.iterations": 50})
+  shuffled = _fit_and_score(
+    "segmentation",
+    {"tokens": tokens[::-1].copy(), "mask": masks},
+    config,
+    **{"segmentation.iterations": 50},
+  )
   assert shuffled["iou"] < 0.5
 
 
@@ -76,8 +82,7 @@ def test_sr_probe_starts_at_bicubic_and_reads_an_oracle_residual():
   assert trained["psnr"] > trained["bicubic_psnr"] + 15
   # Pure noise features: ridge regression can only stay near bicubic.
   noise = dict(data, lr_tokens=rng.normal(size=residual.shape).astype(np.float32))
-  assert abs(_fit_and_score("super_resolution", noise, config)["psnr"]
-             - untrained["psnr"]) < 0.5
+  assert abs(_fit_and_score("super_resolution", noise, config)["psnr"] - untrained["psnr"]) < 0.5
 
 
 def test_ctc_probe_transcribes_columns_that_spell_the_label():
@@ -86,8 +91,10 @@ def test_ctc_probe_transcribes_columns_that_spell_the_label():
   config = load_config("probe", "tiny")
   tokenizer = tokenizer_lib.Tokenizer("0123456789abcdefghijklmnopqrstuvwxyz", "ctc")
   rng = np.random.default_rng(2)
-  words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz0123456789"),
-                              rng.integers(1, 12))) for _ in range(128)]
+  words = [
+    "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz0123456789"), rng.integers(1, 12)))
+    for _ in range(128)
+  ]
   ids, lengths = tokenizer.encode(words, 25)
   columns = np.zeros((len(words), GRID[1], len(tokenizer)), np.float32)
   columns[:, :, tokenizer_lib.BLANK] = 1
@@ -96,12 +103,14 @@ def test_ctc_probe_transcribes_columns_that_spell_the_label():
       columns[i, 2 * j + 1] = 0
       columns[i, 2 * j + 1, row[j]] = 1
   data = {"columns": columns, "label": np.asarray(words, object)}
-  scores = _fit_and_score("recognition", data, config, tokenizer, total_steps=400,
-                          **{"recognition.lr": 5e-2})
+  scores = _fit_and_score(
+    "recognition", data, config, tokenizer, total_steps=400, **{"recognition.lr": 5e-2}
+  )
   assert scores["word_accuracy"] == 1.0 and scores["one_minus_ned"] == 1.0
   columns[:, :, :] = 1.0 / len(tokenizer)  # no information: no word can be read
-  blind = _fit_and_score("recognition", data, config, tokenizer, total_steps=100,
-                         **{"recognition.lr": 5e-2})
+  blind = _fit_and_score(
+    "recognition", data, config, tokenizer, total_steps=100, **{"recognition.lr": 5e-2}
+  )
   assert blind["word_accuracy"] < 0.05
   assert scores["ctc_loss"] < 0.2 and blind["ctc_loss"] > 1.0
 
@@ -115,16 +124,14 @@ def test_probe_program_probes_the_given_encoder(tmp_path):
   log = run_main("probe.py:tiny", tmp_path / "probe", f"--config.init_from={pretrain_dir}")
   assert "loaded" in log
   config = load_config("probe", "tiny")
-  rows = [json.loads(line) for line in (tmp_path / "probe/metrics.jsonl").read_text()
-          .splitlines()]
+  rows = [json.loads(line) for line in (tmp_path / "probe/metrics.jsonl").read_text().splitlines()]
   final = rows[-1]
   assert final["step"] == config.total_steps
   for split in config.eval_splits:
     assert 0 <= final[f"eval/{split}/segmentation/iou"] <= 1
     assert 0 <= final[f"eval/{split}/recognition/one_minus_ned"] <= 1
     assert np.isfinite(final[f"eval/{split}/super_resolution/psnr"])
-  assert json.loads((tmp_path / "probe/probe.json").read_text())["init_from"] == str(
-      pretrain_dir)
+  assert json.loads((tmp_path / "probe/probe.json").read_text())["init_from"] == str(pretrain_dir)
 
   encoder = probe.build_encoder(config)
   with config.unlocked():
@@ -166,17 +173,21 @@ def test_read_depth_cuts_the_encoder_after_that_block():
   with config.unlocked():
     config.read_depth = 0
   scrambled["blocks_0"] = jax.tree.map(lambda x: x * 0.5, params["blocks_0"])
-  np.testing.assert_array_equal(_features(config, scrambled, images),
-                                _features(config, params, images))
+  np.testing.assert_array_equal(
+    _features(config, scrambled, images), _features(config, params, images)
+  )
 
 
-@pytest.mark.parametrize("field,value,message", [
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
     ("tasks", ("recognition", "ocr"), "tasks"),
     ("total_steps", 0, "total_steps"),
     ("segmentation.l2", 0.0, "l2"),
     ("read_depth", 2, "read_depth=2: the encoder depth is 1"),
     ("read_depth", -1, "read_depth"),
-])
+  ],
+)
 def test_bad_probe_config_names_the_field(field, value, message):
   config = load_config("probe", "tiny")
   with config.unlocked():

@@ -1,14 +1,17 @@
 """`python -m mms_jax.read` end to end on a tiny trained recognizer: files of odd sizes
 and modes, a folder, a corrupt file, the CSV, and the errors a user meets."""
+
 import csv
 import subprocess
 import sys
 
+from conftest import ROOT
+from conftest import load_config
+from conftest import subprocess_env
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from conftest import ROOT, load_config, subprocess_env
 from mms_jax import read as read_lib
 from mms_jax.train import pretrain
 from mms_jax.train import recognition
@@ -46,8 +49,14 @@ def images(tmp_path_factory):
 
 
 def run_read(*args):
-  return subprocess.run([sys.executable, "-m", "mms_jax.read", *map(str, args)], cwd=ROOT,
-                        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "mms_jax.read", *map(str, args)],
+    cwd=ROOT,
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_reads_a_folder_skips_the_corrupt_file_and_writes_csv(rec_dir, images, tmp_path):
@@ -56,8 +65,9 @@ def test_reads_a_folder_skips_the_corrupt_file_and_writes_csv(rec_dir, images, t
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().split("\n")
   assert len(lines) == 7  # every image but the corrupt one; notes.txt is not an image
-  for line, name in zip(lines, ["a_rgb", "b_grey", "c_tall", "d_rgba", "e_palette",
-                                "f_16bit", "g_one_pixel"]):
+  for line, name in zip(
+    lines, ["a_rgb", "b_grey", "c_tall", "d_rgba", "e_palette", "f_16bit", "g_one_pixel"]
+  ):
     path, text, confidence = line.split("\t")
     assert name in path and 0.0 <= float(confidence) <= 1.0
     assert set(text) <= set("0123456789abcdefghijklmnopqrstuvwxyz")

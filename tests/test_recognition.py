@@ -1,15 +1,16 @@
 """Recognition: decoding on hand-built logits, losses, encoder transfer from a real
 pretraining checkpoint, the frozen probe, benchmark tables, the program end to end."""
+
 import csv
 import json
 import logging
 
+from conftest import load_config
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
 from mms_jax.data import fonts as fonts_lib
 from mms_jax.data import formats
 from mms_jax.data import pipeline
@@ -32,9 +33,11 @@ def _one_hot_logits(ids, k):
 # ------------------------------------------------------------------------------------
 def test_ctc_greedy_collapses_repeats_and_drops_blanks():
   tok = tok_lib.Tokenizer("abc", "ctc")  # blank 0, a 1, b 2, c 3
-  frames = [[1, 1, 0, 1, 2, 2, 0, 0, 3, 3],   # a a _ a b b _ _ c c -> "aabc"
-            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],   # all blank -> ""
-            [3, 0, 3, 3, 0, 3, 2, 1, 1, 1]]   # -> "cccba"
+  frames = [
+    [1, 1, 0, 1, 2, 2, 0, 0, 3, 3],  # a a _ a b b _ _ c c -> "aabc"
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # all blank -> ""
+    [3, 0, 3, 3, 0, 3, 2, 1, 1, 1],
+  ]  # -> "cccba"
   ids, lengths = jax.jit(rec.ctc_greedy)(_one_hot_logits(frames, 4))
   assert ids.shape == (3, 10)
   np.testing.assert_array_equal(lengths, [4, 0, 5])
@@ -43,8 +46,13 @@ def test_ctc_greedy_collapses_repeats_and_drops_blanks():
 
 def test_ar_greedy_feeds_back_and_stops_at_eos():
   tok = tok_lib.Tokenizer("abc", "ar")  # eos 0, a 1, b 2, c 3, bos 4
-  fixed = np.array([[1, 2, 3, 0, 1, 1],   # a b c EOS (then ignored)
-                    [3, 3, 3, 3, 3, 3]])  # never stops: all 6 positions
+  fixed = np.array(
+    [
+      [1, 2, 3, 0, 1, 1],  # a b c EOS (then ignored)
+      [3, 3, 3, 3, 3, 3],
+    ]
+  )  # never stops: all 6 positions
+
   def fixed_step(tokens):
     del tokens
     return jnp.broadcast_to(_one_hot_logits(fixed, 5), (2, 6, 5))
@@ -71,8 +79,9 @@ def test_ar_loss_ignores_padding_and_smooths():
   picks = [(0, 0, 1), (0, 1, 2), (0, 2, 0), (1, 0, 3), (1, 1, 0)]
   assert loss == pytest.approx(-np.mean([logp[b, t, c] for b, t, c in picks]), rel=1e-5)
   smooth, _ = rec.ar_loss(logits, targets, pad_id=7, label_smoothing=0.1)
-  expected = np.mean([-0.92 * logp[b, t, c] - 0.02 * (logp[b, t].sum() - logp[b, t, c])
-                      for b, t, c in picks])
+  expected = np.mean(
+    [-0.92 * logp[b, t, c] - 0.02 * (logp[b, t].sum() - logp[b, t, c]) for b, t, c in picks]
+  )
   assert smooth == pytest.approx(expected, rel=1e-5)
 
 
@@ -84,9 +93,19 @@ def test_ctc_loss_prefers_the_right_alignment():
 
 
 def test_ar_decoder_is_causal():
-  m = rec.Recognizer(num_classes=5, head="ar", vocab_size=7, bos=5, max_length=5,
-                     encoder_width=32, encoder_depth=1, encoder_num_heads=2,
-                     decoder_width=32, decoder_depth=1, decoder_num_heads=2)
+  m = rec.Recognizer(
+    num_classes=5,
+    head="ar",
+    vocab_size=7,
+    bos=5,
+    max_length=5,
+    encoder_width=32,
+    encoder_depth=1,
+    encoder_num_heads=2,
+    decoder_width=32,
+    decoder_depth=1,
+    decoder_num_heads=2,
+  )
   images = jax.random.normal(jax.random.key(0), (1, 8, 32, 3))
   tokens = jnp.array([[5, 1, 2, 3, 4, 0]])
   v = jax.jit(m.init)(jax.random.key(1), images, tokens)
@@ -97,17 +116,24 @@ def test_ar_decoder_is_causal():
 
 
 def test_layer_decay_scales():
-  params = {"encoder": {"patch_embed": {"kernel": np.zeros(2)}, "cls_token": np.zeros(2),
-                        "blocks_0": {"w": np.zeros(2)}, "blocks_1": {"w": np.zeros(2)},
-                        "norm": {"scale": np.zeros(2)}},
-            "head": {"w": np.zeros(2)}}
+  params = {
+    "encoder": {
+      "patch_embed": {"kernel": np.zeros(2)},
+      "cls_token": np.zeros(2),
+      "blocks_0": {"w": np.zeros(2)},
+      "blocks_1": {"w": np.zeros(2)},
+      "norm": {"scale": np.zeros(2)},
+    },
+    "head": {"w": np.zeros(2)},
+  }
   s = finetune.layer_lr_scales(params, 0.5)
   assert s["encoder"]["patch_embed"]["kernel"] == s["encoder"]["cls_token"] == 0.125
   assert (s["encoder"]["blocks_0"]["w"], s["encoder"]["blocks_1"]["w"]) == (0.25, 0.5)
   assert s["encoder"]["norm"]["scale"] == s["head"]["w"] == 1.0
   scanned = {"encoder": {"blocks": {"w": np.zeros((3, 4, 4))}}, "head": {}}
-  np.testing.assert_allclose(finetune.layer_lr_scales(scanned, 0.5)["encoder"]["blocks"]["w"]
-                             .ravel(), [0.125, 0.25, 0.5])
+  np.testing.assert_allclose(
+    finetune.layer_lr_scales(scanned, 0.5)["encoder"]["blocks"]["w"].ravel(), [0.125, 0.25, 0.5]
+  )
 
 
 # ------------------------------------------------------------------------------------
@@ -170,8 +196,10 @@ def test_frozen_probe_leaves_the_encoder_bit_identical(pretrain_dir, tmp_path):
   for a, b in zip(jax.tree.leaves(trained["encoder"]), jax.tree.leaves(saved["encoder"])):
     assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
   fresh = _model_params(config)
-  assert any(not np.array_equal(a, b) for a, b in
-             zip(jax.tree.leaves(trained["head"]), jax.tree.leaves(fresh["head"])))
+  assert any(
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(trained["head"]), jax.tree.leaves(fresh["head"]))
+  )
 
 
 # ------------------------------------------------------------------------------------
@@ -180,15 +208,19 @@ def test_frozen_probe_leaves_the_encoder_bit_identical(pretrain_dir, tmp_path):
 def test_benchmark_tree_tables(tmp_path):
   rng = np.random.default_rng(0)
   image = lambda: rng.integers(0, 255, (16, 48, 3), np.uint8)
-  formats.write_lmdb(str(tmp_path / "test" / "IIIT5k"),
-                     [{"image": image(), "label": t} for t in ("Hello", "world", "abc")])
-  formats.write_lmdb(str(tmp_path / "test" / "SVT"),
-                     [{"image": image(), "label": t} for t in ("one", "two")])
+  formats.write_lmdb(
+    str(tmp_path / "test" / "IIIT5k"),
+    [{"image": image(), "label": t} for t in ("Hello", "world", "abc")],
+  )
+  formats.write_lmdb(
+    str(tmp_path / "test" / "SVT"), [{"image": image(), "label": t} for t in ("one", "two")]
+  )
   data = pipeline.default_config()
   data.update(source="str_lmdb", path=str(tmp_path), reader="direct", charset="36")
   answers = iter(["hello", "word", "abc", "one", "too"])
-  rows = str_benchmarks.evaluate(lambda x: [next(answers) for _ in x], data, "test",
-                                 batch_size=2, image_size=(32, 128))
+  rows = str_benchmarks.evaluate(
+    lambda x: [next(answers) for _ in x], data, "test", batch_size=2, image_size=(32, 128)
+  )
   names = [r["benchmark"] for r in rows]
   assert names == ["test/IIIT5k", "test/SVT", "average"]
   assert [r["num"] for r in rows] == [3, 2, 5]
@@ -229,6 +261,7 @@ def test_program_runs_writes_tables_and_eval_only_matches(pretrain_dir, tmp_path
 def test_gradient_accumulation_matches_the_full_batch(head):
   """grad_accum_steps=4 gives the one-batch update (CTC: exactly the batch mean; AR: the
   mean of micro-batch token means, equal here because every label has the same length)."""
+
   def one_step(accumulation):
     config = _tiny_config()
     config.model.head, config.grad_accum_steps = head, accumulation
@@ -237,17 +270,20 @@ def test_gradient_accumulation_matches_the_full_batch(head):
     mesh = common.make_mesh(config)
     params = _model_params(config)
     optimizer, schedule = finetune.make_finetune_optimizer(config, 10, params)
-    state = common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=optimizer.init(params),
-                              rng=jax.random.key_data(jax.random.key(1)))
+    state = common.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      rng=jax.random.key_data(jax.random.key(1)),
+    )
     shardings = common.state_shardings(state, mesh)
-    step = recognition.make_train_step(model, config, tok, optimizer, schedule, mesh,
-                                       shardings)
+    step = recognition.make_train_step(model, config, tok, optimizer, schedule, mesh, shardings)
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (8, *config.image_size, 3)).astype(np.float32)
     labels = ["".join(rng.choice(list("abcdef0123"), 5)) for _ in range(8)]
-    batch = recognition.host_batch({"image": images, "label": np.array(labels)}, tok,
-                                   config.model.max_length)
+    batch = recognition.host_batch(
+      {"image": images, "label": np.array(labels)}, tok, config.model.max_length
+    )
     h, w = config.image_size
     micro = f"tensor<{8 // accumulation}x{h}x{w}x3xf32>"  # the model's input
     runs_on_micro_batches = micro in step.lower(state, batch).as_text()

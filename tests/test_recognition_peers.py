@@ -1,4 +1,5 @@
 """benchmarks/recognition_peers.py: the images it scores and the per-font table."""
+
 import os
 
 import numpy as np
@@ -27,5 +28,8 @@ def test_font_table_sorts_by_the_first_readers_accuracy():
   preds = {"ours": ["ab", "xx", "ef", "xx", "ij"], "peer": ["xx", "cd", "ef", "gh", "xx"]}
   table = recognition_peers.font_table("test", fonts, gts, preds).splitlines()
   assert table[1] == "| font | n | ours | peer |"
-  assert table[3:] == ["| B.ttf | 2 | 0 | 100 |", "| A.ttf | 2 | 100 | 50 |",
-                       "| C.ttf | 1 | 100 | 0 |"]
+  assert table[3:] == [
+    "| B.ttf | 2 | 0 | 100 |",
+    "| A.ttf | 2 | 100 | 50 |",
+    "| C.ttf | 1 | 100 | 0 |",
+  ]

@@ -1,4 +1,5 @@
 """The ablation plot shows every seed's value and their mean, per arm."""
+
 import json
 
 import numpy as np
@@ -13,13 +14,19 @@ def _write_runs(workdir, rows):
   workdir.mkdir(parents=True, exist_ok=True)
   with open(workdir / "runs.jsonl", "w") as f:
     for seed, arm, stage, iou in rows:
-      f.write(json.dumps({"seed": seed, "arm": arm, "stage": stage,
-                          "metrics": {IOU: iou}}) + "\n")
+      f.write(json.dumps({"seed": seed, "arm": arm, "stage": stage, "metrics": {IOU: iou}}) + "\n")
 
 
 def test_plot_has_a_dot_per_seed_and_a_bar_at_the_mean(tmp_path):
-  _write_runs(tmp_path / "a", [(0, "none", "probe", 0.4), (1, "none", "probe", 0.2),
-                               (0, "span", "probe", 0.1), (0, "span", "segmentation", 0.9)])
+  _write_runs(
+    tmp_path / "a",
+    [
+      (0, "none", "probe", 0.4),
+      (1, "none", "probe", 0.2),
+      (0, "span", "probe", 0.1),
+      (0, "span", "segmentation", 0.9),
+    ],
+  )
   _write_runs(tmp_path / "b", [(0, "span", "probe", 0.3)])
   arms = show_ablation.read_runs(str(tmp_path / "a"), "probe")
   arms.update(show_ablation.read_runs(f"long={tmp_path / 'b'}", "probe"))

@@ -3,13 +3,14 @@ and the 2-D ALiBi bias (model.attention_bias='alibi_2d'): strides, no leak of hi
 pixels in either encoder mode, the bias against a direct computation, and both options
 through pretraining, every fine-tuning program, layer decay and the PyTorch converter
 (a clear refusal)."""
+
+from conftest import load_config
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
 from mms_jax import convert as cv
 from mms_jax.masking import ids_from_mask
 from mms_jax.models import mae
@@ -38,10 +39,15 @@ def pixel_mask(mask, patch, grid):
   return jnp.broadcast_to(m, (m.shape[0], gh, ph, gw, pw)).reshape(-1, gh * ph, gw * pw, 1)
 
 
-@pytest.mark.parametrize("patch,strides", [((4, 4), ((2, 2), (2, 2))),
-                                           ((8, 4), ((2, 2), (2, 2), (2, 1))),
-                                           ((4, 8), ((2, 2), (2, 2), (1, 2))),
-                                           ((2, 1), ((2, 1),))])
+@pytest.mark.parametrize(
+  "patch,strides",
+  [
+    ((4, 4), ((2, 2), (2, 2))),
+    ((8, 4), ((2, 2), (2, 2), (2, 1))),
+    ((4, 8), ((2, 2), (2, 2), (1, 2))),
+    ((2, 1), ((2, 1),)),
+  ],
+)
 def test_stem_strides_multiply_out_to_the_patch(patch, strides):
   assert vit.stem_strides(patch) == strides
   assert tuple(int(np.prod([s[i] for s in strides])) for i in (0, 1)) == patch
@@ -76,8 +82,15 @@ def test_hidden_pixels_never_reach_the_encoder(patch):
   changed = jnp.where(hidden, noise, images)
   changed_visible = jnp.where(hidden, images, noise)
 
-  enc = vit.Encoder(variant=None, width=32, depth=2, num_heads=2, patch=patch, stem="conv",
-                    attention_bias="alibi_2d")
+  enc = vit.Encoder(
+    variant=None,
+    width=32,
+    depth=2,
+    num_heads=2,
+    patch=patch,
+    stem="conv",
+    attention_bias="alibi_2d",
+  )
   ids_keep = ids_from_mask(mask, num_masked)[0]
   params = enc.init(jax.random.key(3), images, ids_keep)
   apply = jax.jit(lambda x: enc.apply(params, x, ids_keep)[0])
@@ -91,25 +104,41 @@ def test_hidden_pixels_never_reach_the_encoder(patch):
 
   # The whole MAE (encoder + decoder) in both modes.
   for mode in ("mae", "simmim"):
-    model = mae.MAE(encoder_variant=None, encoder_width=32, encoder_depth=1,
-                    encoder_num_heads=2, patch=patch, decoder_width=32, decoder_depth=1,
-                    decoder_num_heads=2, encoder_mode=mode, stem="conv",
-                    attention_bias="alibi_2d")
+    model = mae.MAE(
+      encoder_variant=None,
+      encoder_width=32,
+      encoder_depth=1,
+      encoder_num_heads=2,
+      patch=patch,
+      decoder_width=32,
+      decoder_depth=1,
+      decoder_num_heads=2,
+      encoder_mode=mode,
+      stem="conv",
+      attention_bias="alibi_2d",
+    )
     v = model.init(jax.random.key(4), images, mask, num_masked=num_masked)
-    run = jax.jit(lambda x, v=v, model=model: model.apply(v, x, mask,
-                                                          num_masked=num_masked)[0])
+    run = jax.jit(lambda x, v=v, model=model: model.apply(v, x, mask, num_masked=num_masked)[0])
     np.testing.assert_array_equal(run(images), run(changed))
 
 
 def test_full_image_pass_matches_all_visible_tokens():
   """Fine-tuning (no mask) equals the masked path with every patch visible."""
-  enc = vit.Encoder(variant=None, width=32, depth=1, num_heads=2, patch=(8, 4), stem="conv",
-                    attention_bias="alibi_2d")
+  enc = vit.Encoder(
+    variant=None,
+    width=32,
+    depth=1,
+    num_heads=2,
+    patch=(8, 4),
+    stem="conv",
+    attention_bias="alibi_2d",
+  )
   images = jax.random.uniform(jax.random.key(0), (1, *IMAGE, 3), minval=-1, maxval=1)
   params = enc.init(jax.random.key(1), images)
   all_ids = jnp.arange(128)[None]
-  np.testing.assert_allclose(enc.apply(params, images)[0],
-                             enc.apply(params, images, all_ids)[0], atol=1e-6)
+  np.testing.assert_allclose(
+    enc.apply(params, images)[0], enc.apply(params, images, all_ids)[0], atol=1e-6
+  )
 
 
 @pytest.fixture(scope="module")
@@ -126,13 +155,14 @@ def _encoder_leaves(path):
   return jax.tree.map(np.asarray, checkpoints.load_params(path))["encoder"]
 
 
-@pytest.mark.parametrize("program", ["recognition", "segmentation", "super_resolution",
-                                     "probe"])
+@pytest.mark.parametrize("program", ["recognition", "segmentation", "super_resolution", "probe"])
 def test_every_program_fine_tunes_a_conv_stem_encoder(conv_pretrain_dir, tmp_path, program):
-  module, name = {"recognition": (recognition, "finetune_recognition"),
-                  "segmentation": (segmentation, "finetune_segmentation"),
-                  "super_resolution": (super_resolution, "finetune_sr"),
-                  "probe": (probe, "probe")}[program]
+  module, name = {
+    "recognition": (recognition, "finetune_recognition"),
+    "segmentation": (segmentation, "finetune_segmentation"),
+    "super_resolution": (super_resolution, "finetune_sr"),
+    "probe": (probe, "probe"),
+  }[program]
   config = load_config(name, "tiny")
   config.model.update(stem="conv", patch=(8, 4), attention_bias="alibi_2d")
   config.data.size = dict(train=32, val=8, test_heldout_fonts=8, test_hard=8)
@@ -158,16 +188,22 @@ def test_layer_decay_puts_the_stem_with_the_patch_embedding():
   flat = flax.traverse_util.flatten_dict(scales["encoder"], sep="/")
   stem = [v for k, v in flat.items() if k.startswith("stem/")]
   assert len(stem) == 10  # 2 stages x (conv, norm) x 2 + proj x 2
-  assert all(float(np.max(v)) == pytest.approx(0.5 ** 3) for v in stem)
+  assert all(float(np.max(v)) == pytest.approx(0.5**3) for v in stem)
 
 
 def test_converter_refuses_a_conv_stem_with_the_reason(tmp_path):
-  model = mae.MAE(encoder_variant=None, encoder_width=32, encoder_depth=1,
-                  encoder_num_heads=2, decoder_width=32, decoder_depth=1,
-                  decoder_num_heads=2, stem="conv")
+  model = mae.MAE(
+    encoder_variant=None,
+    encoder_width=32,
+    encoder_depth=1,
+    encoder_num_heads=2,
+    decoder_width=32,
+    decoder_depth=1,
+    decoder_num_heads=2,
+    stem="conv",
+  )
   mask = exact_masks(0, 1, 256, 192)
-  params = model.init(jax.random.key(0), jnp.zeros((1, *IMAGE, 3)), mask,
-                      num_masked=192)["params"]
+  params = model.init(jax.random.key(0), jnp.zeros((1, *IMAGE, 3)), mask, num_masked=192)["params"]
   config = cv.ModelConfig(image_size=IMAGE, num_heads=2, decoder_num_heads=2)
   for export in (cv.to_timm_state_dict, cv.to_mae_state_dict):
     with pytest.raises(cv.ConversionError, match="convolutional stem.*stem='patch'"):
@@ -194,8 +230,9 @@ def test_alibi_bias_is_the_distance_penalty_of_the_kept_tokens():
         distance = np.hypot(2 * (ri - rj), ci - cj)  # 8x4 patches: rows 2 units apart
         np.testing.assert_allclose(bias[:, b, i + 1, j + 1], -slopes * distance, rtol=1e-6)
   full = np.asarray(vit.alibi_2d_bias(grid, patch, heads))
-  np.testing.assert_allclose(full[:, 0][:, 1:, 1:][:, [0, 5]][:, :, [0, 5]],
-                             bias[:, 0, 1:3, 1:3], rtol=1e-6)
+  np.testing.assert_allclose(
+    full[:, 0][:, 1:, 1:][:, [0, 5]][:, :, [0, 5]], bias[:, 0, 1:3, 1:3], rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize("impl", ["plain", "chunked"])
@@ -208,18 +245,22 @@ def test_attention_with_bias_matches_a_direct_softmax(impl):
   p = np.exp(logits - logits.max(-1, keepdims=True))
   want = np.einsum("hbqk,hbkd->hbqd", p / p.sum(-1, keepdims=True), v)
   if impl == "plain":
-    got = vit.plain_attention(*(jnp.asarray(x).transpose(1, 0, 2, 3) for x in (q, k, v)),
-                              jnp.asarray(bias).transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+    got = vit.plain_attention(
+      *(jnp.asarray(x).transpose(1, 0, 2, 3) for x in (q, k, v)),
+      jnp.asarray(bias).transpose(1, 0, 2, 3),
+    ).transpose(1, 0, 2, 3)
   else:
     got = vit.chunked_attention(q, k, v, 4 * t * t * b, bias)  # one head per chunk
   np.testing.assert_allclose(got, want, atol=1e-5)
   # Gradients agree between the two formulations (the chunked one is hand-written).
   g = rng.normal(size=(h, b, t, hd)).astype(np.float32)
   swap = lambda x: x.transpose(1, 0, 2, 3)
-  plain = jax.grad(lambda *a: jnp.sum(swap(vit.plain_attention(*map(swap, a), swap(bias)))
-                                      * g), (0, 1, 2))(q, k, v)
-  chunked = jax.grad(lambda *a: jnp.sum(vit.chunked_attention(*a, 4 * t * t * b, bias) * g),
-                     (0, 1, 2))(q, k, v)
+  plain = jax.grad(
+    lambda *a: jnp.sum(swap(vit.plain_attention(*map(swap, a), swap(bias))) * g), (0, 1, 2)
+  )(q, k, v)
+  chunked = jax.grad(
+    lambda *a: jnp.sum(vit.chunked_attention(*a, 4 * t * t * b, bias) * g), (0, 1, 2)
+  )(q, k, v)
   for x, y in zip(plain, chunked):
     np.testing.assert_allclose(x, y, atol=1e-4)
 
@@ -227,8 +268,15 @@ def test_attention_with_bias_matches_a_direct_softmax(impl):
 def test_scanned_layers_and_attention_formulations_agree_with_both_options():
   """The exactness checks of the plain ViT (scan vs unscanned, chunked vs plain attention)
   hold with the conv stem and the ALiBi bias, with and without token dropping."""
-  kw = dict(variant=None, width=32, depth=2, num_heads=4, patch=(8, 4), stem="conv",
-            attention_bias="alibi_2d")
+  kw = dict(
+    variant=None,
+    width=32,
+    depth=2,
+    num_heads=4,
+    patch=(8, 4),
+    stem="conv",
+    attention_bias="alibi_2d",
+  )
   images = jax.random.uniform(jax.random.key(0), (2, *IMAGE, 3), minval=-1, maxval=1)
   ids_keep = ids_from_mask(exact_masks(1, 2, 128, 96), 96)[0]
   base = vit.Encoder(attention="chunked", **kw)
@@ -237,10 +285,12 @@ def test_scanned_layers_and_attention_formulations_agree_with_both_options():
     want = base.apply({"params": params}, images, ids)[0]
     plain = vit.Encoder(attention="plain", **kw).apply({"params": params}, images, ids)[0]
     scanned = vit.Encoder(attention="chunked", scan_layers=True, **kw).apply(
-        {"params": vit.scan_params(params)}, images, ids)[0]
+      {"params": vit.scan_params(params)}, images, ids
+    )[0]
     np.testing.assert_allclose(plain, want, atol=2e-5)
     np.testing.assert_allclose(scanned, want, atol=2e-5)
   full = base.apply({"params": params}, images)[0]
   bf16 = vit.Encoder(attention="chunked", dtype=jnp.bfloat16, **kw).apply(
-      {"params": params}, images)[0]
+    {"params": params}, images
+  )[0]
   np.testing.assert_allclose(bf16.astype(jnp.float32), full, atol=0.1)

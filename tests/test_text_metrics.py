@@ -1,5 +1,6 @@
 """Word accuracy and 1 - NED: hand-computed cases, the normalisation protocol, and the
 edit distance against a plain dynamic programme and the editdistance library."""
+
 import random
 
 import pytest
@@ -41,8 +42,8 @@ def test_normalisation_protocol():
 
 
 def test_counts_add_up_to_a_sample_weighted_average():
-  a = tm.counts(["a", "b"], ["a", "x"])            # 1 of 2
-  b = tm.counts(["c"] * 8, ["c"] * 8)              # 8 of 8
+  a = tm.counts(["a", "b"], ["a", "x"])  # 1 of 2
+  b = tm.counts(["c"] * 8, ["c"] * 8)  # 8 of 8
   total = tm.summarize(tm.add_counts(a, b))
   assert total["num"] == 10 and total["word_accuracy"] == pytest.approx(0.9)
   assert tm.summarize(tm.add_counts())["word_accuracy"] == 0.0

@@ -1,8 +1,10 @@
 """Tokenizer: ids layout, round trips, EOS stop, errors."""
+
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from mms_jax.data import labels
 from mms_jax.data import tokenizer as tok_lib
@@ -12,8 +14,9 @@ def test_ar_layout_and_decode_stops_at_eos():
   t = tok_lib.Tokenizer("36", "ar")
   assert (t.num_classes, t.vocab_size, t.bos, t.pad) == (37, 39, 37, 38)
   ids, lengths = t.encode(["ab", "", "z9"], max_length=3)
-  np.testing.assert_array_equal(ids, [[37, 11, 12, 0, 38], [37, 0, 38, 38, 38],
-                                      [37, 36, 10, 0, 38]])
+  np.testing.assert_array_equal(
+    ids, [[37, 11, 12, 0, 38], [37, 0, 38, 38, 38], [37, 36, 10, 0, 38]]
+  )
   np.testing.assert_array_equal(lengths, [2, 0, 2])
   assert t.decode(ids[:, 1:]) == ["ab", "", "z9"]
   # Everything after the first EOS is ignored, BOS / PAD are skipped.
@@ -30,8 +33,7 @@ def test_ctc_layout():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.sampled_from(["36", "62", "94", "90"]), st.sampled_from(["ar", "ctc"]),
-       st.data())
+@given(st.sampled_from(["36", "62", "94", "90"]), st.sampled_from(["ar", "ctc"]), st.data())
 def test_round_trip(name, kind, data):
   charset = labels.get_charset(name)
   texts = data.draw(st.lists(st.text(alphabet=charset, max_size=7), min_size=1, max_size=5))

@@ -19,6 +19,7 @@ Exported dicts hold numpy float32 arrays (`{k: torch.from_numpy(v)}` for torch).
 torch is imported only where a .pth file or a transformers model is involved;
 safetensors files are read and written with numpy.
 """
+
 import contextlib
 import dataclasses
 import json
@@ -26,24 +27,38 @@ import logging
 import math
 import pathlib
 import pickle
+from typing import Any
+from typing import Dict
+from typing import Optional
+from typing import Tuple
 import warnings
-from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from mms_jax.convert import torch_layouts as tl
-from mms_jax.convert.torch_layouts import ConversionError, ModelConfig
+from mms_jax.convert.torch_layouts import ConversionError
+from mms_jax.convert.torch_layouts import ModelConfig
 
 __all__ = [
-    'ConversionError', 'ModelConfig', 'to_hf_vitmae', 'to_timm_state_dict',
-    'to_mae_state_dict', 'save_state_dict', 'load_torch_file', 'from_torch_state_dict',
-    'read_torch_checkpoint', 'load_mms_checkpoint', 'save_mms_checkpoint', 'convert',
-    'load_hf_vitmae', 'FORMATS',
+  "ConversionError",
+  "ModelConfig",
+  "to_hf_vitmae",
+  "to_timm_state_dict",
+  "to_mae_state_dict",
+  "save_state_dict",
+  "load_torch_file",
+  "from_torch_state_dict",
+  "read_torch_checkpoint",
+  "load_mms_checkpoint",
+  "save_mms_checkpoint",
+  "convert",
+  "load_hf_vitmae",
+  "FORMATS",
 ]
 
-FORMATS = ('hf', 'timm', 'mae', 'mms')
-SIDECAR = 'config.json'  # next to a timm / mae state dict: layout, kwargs, run config
-_TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt')
+FORMATS = ("hf", "timm", "mae", "mms")
+SIDECAR = "config.json"  # next to a timm / mae state dict: layout, kwargs, run config
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 # ---------------------------------------------------------------------------
@@ -57,17 +72,19 @@ def to_timm_state_dict(params, config: ModelConfig) -> tl.StateDict:
   (or `timm.create_model('vit_small_patch16_224', pretrained=False, **kwargs)`) and
   `load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})` (strict).
   """
-  return tl.to_state_dict(params, config, 'timm')
+  return tl.to_state_dict(params, config, "timm")
 
 
-def to_mae_state_dict(params, config: ModelConfig, *,
-                      with_decoder: Optional[bool] = None) -> tl.StateDict:
+def to_mae_state_dict(
+  params, config: ModelConfig, *, with_decoder: Optional[bool] = None
+) -> tl.StateDict:
   """Params -> original MAE layout (decoder included when present)."""
-  return tl.to_state_dict(params, config, 'mae', with_decoder=with_decoder)
+  return tl.to_state_dict(params, config, "mae", with_decoder=with_decoder)
 
 
-def to_hf_vitmae(params, config: ModelConfig, out_dir, *,
-                 with_decoder: Optional[bool] = None) -> pathlib.Path:
+def to_hf_vitmae(
+  params, config: ModelConfig, out_dir, *, with_decoder: Optional[bool] = None
+) -> pathlib.Path:
   """Writes a transformers ViTMAE directory: config.json, model.safetensors,
   preprocessor_config.json (uint8 RGB -> [-1, 1], the mms_jax input range).
 
@@ -82,23 +99,28 @@ def to_hf_vitmae(params, config: ModelConfig, out_dir, *,
   params = tl.normalize_params(params)
   config = config.with_shapes_of(params)
   if with_decoder is None:
-    with_decoder = 'decoder' in params
+    with_decoder = "decoder" in params
   (config if with_decoder else dataclasses.replace(config, decoder_width=None)).check_heads()
   hf_cfg = tl.hf_config(config, with_decoder)  # raises for non-square patches + decoder
   gh, gw = config.grid
   if with_decoder and not _is_square(gh * gw):
     logging.warning(
-        'The %dx%d token grid (%d tokens) is not a square number: transformers cannot '
-        'construct its ViTMAEDecoder, so load %s with mms_jax.convert.load_hf_vitmae '
-        '(ViTMAEForPreTraining.from_pretrained fails; ViTMAEModel.from_pretrained works).',
-        gh, gw, gh * gw, out_dir)
-  sd = tl.to_state_dict(params, config, 'hf', with_decoder=with_decoder)
+      "The %dx%d token grid (%d tokens) is not a square number: transformers cannot "
+      "construct its ViTMAEDecoder, so load %s with mms_jax.convert.load_hf_vitmae "
+      "(ViTMAEForPreTraining.from_pretrained fails; ViTMAEModel.from_pretrained works).",
+      gh,
+      gw,
+      gh * gw,
+      out_dir,
+    )
+  sd = tl.to_state_dict(params, config, "hf", with_decoder=with_decoder)
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  _save_safetensors(sd, out / 'model.safetensors')
-  (out / 'config.json').write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
-  (out / 'preprocessor_config.json').write_text(
-      json.dumps(tl.hf_preprocessor_config(config), indent=2, sort_keys=True))
+  _save_safetensors(sd, out / "model.safetensors")
+  (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+  (out / "preprocessor_config.json").write_text(
+    json.dumps(tl.hf_preprocessor_config(config), indent=2, sort_keys=True)
+  )
   return out
 
 
@@ -108,7 +130,8 @@ def save_state_dict(sd: tl.StateDict, path, metadata: Optional[Dict[str, str]] =
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   if path.suffix in _TORCH_SUFFIXES:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
+
     torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()}, path)
   else:
     _save_safetensors(sd, path, metadata)
@@ -116,8 +139,9 @@ def save_state_dict(sd: tl.StateDict, path, metadata: Optional[Dict[str, str]] =
 
 
 def _save_safetensors(sd, path, metadata=None):
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  meta = {'format': 'pt', **(metadata or {})}
+  from safetensors.numpy import save_file
+
+  meta = {"format": "pt", **(metadata or {})}
   save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path), metadata=meta)
 
 
@@ -127,7 +151,7 @@ def _save_safetensors(sd, path, metadata=None):
 
 def _to_numpy(value):
   """torch.Tensor or array -> numpy (floating tensors as float32)."""
-  if hasattr(value, 'detach'):
+  if hasattr(value, "detach"):
     value = value.detach().cpu()
     return value.float().numpy() if value.is_floating_point() else value.numpy()
   return np.asarray(value)
@@ -144,45 +168,55 @@ def load_torch_file(path) -> tl.StateDict:
   """
   path = pathlib.Path(path)
   if path.is_dir():
-    for name in ('model.safetensors', 'pytorch_model.bin'):
+    for name in ("model.safetensors", "pytorch_model.bin"):
       if (path / name).exists():
         return load_torch_file(path / name)
-    raise ConversionError(f'{path} holds neither model.safetensors nor pytorch_model.bin')
+    raise ConversionError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
   if not path.exists():
-    raise ConversionError(f'{path} does not exist')
+    raise ConversionError(f"{path} does not exist")
   if path.suffix in _TORCH_SUFFIXES:
     return tl.unwrap_state_dict(_torch_load_weights_only(path))
   try:
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    from safetensors.numpy import load_file
+
     return tl.unwrap_state_dict(load_file(str(path)))
   except (TypeError, ValueError):  # e.g. bfloat16, which numpy lacks: read with torch
-    from safetensors.torch import load_file as load_torch  # pylint: disable=g-import-not-at-top
+    from safetensors.torch import load_file as load_torch
+
     return tl.unwrap_state_dict({k: _to_numpy(v) for k, v in load_torch(str(path)).items()})
 
 
 def _torch_load_weights_only(path):
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
+
   try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     raise ConversionError(
-        f'refusing to load {path}: it contains pickled Python objects, not only tensors, and '
-        'mms_jax reads .pth files with torch.load(weights_only=True) only. If you trust the '
-        'file, re-save just its weights elsewhere: torch.save(torch.load(f, weights_only='
-        f'False)["model"], "weights.pth"). Details: {str(e).splitlines()[0]}') from e
+      f"refusing to load {path}: it contains pickled Python objects, not only tensors, and "
+      "mms_jax reads .pth files with torch.load(weights_only=True) only. If you trust the "
+      "file, re-save just its weights elsewhere: torch.save(torch.load(f, weights_only="
+      f'False)["model"], "weights.pth"). Details: {str(e).splitlines()[0]}'
+    ) from e
   return _tensors_to_numpy(obj)
 
 
 def _tensors_to_numpy(obj):
   if isinstance(obj, dict):
     return {k: _tensors_to_numpy(v) for k, v in obj.items()}
-  return _to_numpy(obj) if hasattr(obj, 'detach') else obj
+  return _to_numpy(obj) if hasattr(obj, "detach") else obj
 
 
-def from_torch_state_dict(state_dict, layout: str = 'auto', *,
-                          image_size: Optional[Tuple[int, int]] = None,
-                          pos_embed: str = 'warn', strict: bool = True,
-                          with_decoder: Optional[bool] = None, scan_layers: bool = False):
+def from_torch_state_dict(
+  state_dict,
+  layout: str = "auto",
+  *,
+  image_size: Optional[Tuple[int, int]] = None,
+  pos_embed: str = "warn",
+  strict: bool = True,
+  with_decoder: Optional[bool] = None,
+  scan_layers: bool = False,
+):
   """PyTorch state dict (torch tensors or numpy) -> mms_jax params.
 
   Args:
@@ -208,15 +242,23 @@ def from_torch_state_dict(state_dict, layout: str = 'auto', *,
 
 def _import(state_dict, layout, image_size, pos_embed, strict, with_decoder):
   sd = tl.unwrap_state_dict(_tensors_to_numpy(dict(state_dict)))
-  return tl.from_state_dict(sd, layout, image_size=image_size, pos_embed_policy=pos_embed,
-                            strict=strict, with_decoder=with_decoder)
+  return tl.from_state_dict(
+    sd,
+    layout,
+    image_size=image_size,
+    pos_embed_policy=pos_embed,
+    strict=strict,
+    with_decoder=with_decoder,
+  )
 
 
 def _maybe_scan(params, scan_layers):
   if not scan_layers:
     return params
-  from mms_jax.models import vit  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
+
+  from mms_jax.models import vit
+
   return jax.tree.map(np.asarray, vit.scan_params(params))
 
 
@@ -227,30 +269,37 @@ def _sidecar(path):
   return json.loads(cfg.read_text()) if cfg.exists() else {}
 
 
-_HF_ACT = {'gelu': 'erf', 'gelu_pytorch_tanh': 'tanh', 'gelu_new': 'tanh',
-           'gelu_fast': 'tanh'}
+_HF_ACT = {"gelu": "erf", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
 
 
 def _config_hints(side: Dict[str, Any]) -> Dict[str, Any]:
   """Fields of a sidecar config (HF config.json or ours) useful for ModelConfig."""
-  if side.get('model_type') == 'vit_mae':  # a transformers config
-    act = side.get('hidden_act', 'gelu')
+  if side.get("model_type") == "vit_mae":  # a transformers config
+    act = side.get("hidden_act", "gelu")
     if act not in _HF_ACT:
-      raise ConversionError(f'HF hidden_act={act!r} has no mms_jax equivalent '
-                            "(mms_jax has exact 'gelu' and tanh-approximate GELU)")
-    eps = side.get('layer_norm_eps', 1e-12)
+      raise ConversionError(
+        f"HF hidden_act={act!r} has no mms_jax equivalent "
+        "(mms_jax has exact 'gelu' and tanh-approximate GELU)"
+      )
+    eps = side.get("layer_norm_eps", 1e-12)
     if abs(eps - 1e-6) > 1e-12:
-      warnings.warn(f'HF layer_norm_eps={eps}; mms_jax uses 1e-6, so outputs differ slightly',
-                    stacklevel=3)
-    if not side.get('qkv_bias', True):
-      raise ConversionError('HF qkv_bias=False: mms_jax attention always has a qkv bias')
-    size, patch = side.get('image_size', 224), side.get('patch_size', 16)
-    return dict(image_size=_pair(size), num_heads=side.get('num_attention_heads'),
-                decoder_num_heads=side.get('decoder_num_attention_heads'),
-                gelu=_HF_ACT[act], norm_pix_loss=side.get('norm_pix_loss'),
-                mask_ratio=side.get('mask_ratio'), patch=_pair(patch))
-  if 'mms_jax' in side:  # written by this module for timm / mae dicts
-    return dict(ModelConfig.from_run_config(side['mms_jax']).__dict__)
+      warnings.warn(
+        f"HF layer_norm_eps={eps}; mms_jax uses 1e-6, so outputs differ slightly", stacklevel=3
+      )
+    if not side.get("qkv_bias", True):
+      raise ConversionError("HF qkv_bias=False: mms_jax attention always has a qkv bias")
+    size, patch = side.get("image_size", 224), side.get("patch_size", 16)
+    return dict(
+      image_size=_pair(size),
+      num_heads=side.get("num_attention_heads"),
+      decoder_num_heads=side.get("decoder_num_attention_heads"),
+      gelu=_HF_ACT[act],
+      norm_pix_loss=side.get("norm_pix_loss"),
+      mask_ratio=side.get("mask_ratio"),
+      patch=_pair(patch),
+    )
+  if "mms_jax" in side:  # written by this module for timm / mae dicts
+    return dict(ModelConfig.from_run_config(side["mms_jax"]).__dict__)
   return {}
 
 
@@ -258,10 +307,18 @@ def _pair(v):
   return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else (int(v), int(v))
 
 
-def read_torch_checkpoint(path, layout: str = 'auto', *, image_size=None, num_heads=None,
-                          decoder_num_heads=None, gelu=None, pos_embed: str = 'warn',
-                          strict: bool = True, with_decoder: Optional[bool] = None
-                          ) -> Tuple[Dict[str, Any], ModelConfig]:
+def read_torch_checkpoint(
+  path,
+  layout: str = "auto",
+  *,
+  image_size=None,
+  num_heads=None,
+  decoder_num_heads=None,
+  gelu=None,
+  pos_embed: str = "warn",
+  strict: bool = True,
+  with_decoder: Optional[bool] = None,
+) -> Tuple[Dict[str, Any], ModelConfig]:
   """A PyTorch checkpoint file or transformers directory -> (params, ModelConfig).
 
   A config.json beside the weights (HF's, or the one `convert` writes for timm and
@@ -269,20 +326,23 @@ def read_torch_checkpoint(path, layout: str = 'auto', *, image_size=None, num_he
   not None override it.
   """
   hints = _config_hints(_sidecar(path))
-  for k, v in dict(image_size=image_size, num_heads=num_heads,
-                   decoder_num_heads=decoder_num_heads, gelu=gelu).items():
+  for k, v in dict(
+    image_size=image_size, num_heads=num_heads, decoder_num_heads=decoder_num_heads, gelu=gelu
+  ).items():
     if v is not None:
       hints[k] = v
-  size = tuple(hints['image_size']) if hints.get('image_size') else None
-  params, found, notes = _import(load_torch_file(path), layout, size, pos_embed, strict,
-                                 with_decoder)
+  size = tuple(hints["image_size"]) if hints.get("image_size") else None
+  params, found, notes = _import(
+    load_torch_file(path), layout, size, pos_embed, strict, with_decoder
+  )
   for note in notes:
     warnings.warn(note, stacklevel=2)
-  if hints.get('patch') and tuple(hints['patch']) != found.patch:
-    raise ConversionError(f'config.json says patch {hints["patch"]} but the patch '
-                          f'embedding weight has {found.patch}')
-  for k in ('num_heads', 'decoder_num_heads', 'gelu', 'norm_pix_loss', 'mask_ratio'):
-    if hints.get(k) is not None and (k != 'decoder_num_heads' or found.has_decoder):
+  if hints.get("patch") and tuple(hints["patch"]) != found.patch:
+    raise ConversionError(
+      f"config.json says patch {hints['patch']} but the patch embedding weight has {found.patch}"
+    )
+  for k in ("num_heads", "decoder_num_heads", "gelu", "norm_pix_loss", "mask_ratio"):
+    if hints.get(k) is not None and (k != "decoder_num_heads" or found.has_decoder):
       setattr(found, k, hints[k])
   return params, found
 
@@ -297,15 +357,16 @@ def load_mms_checkpoint(path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   The run config is the one stored in the checkpoint's meta, else the workdir's
   config.json, else {}.
   """
-  from mms_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
-  step_dir = checkpoints.resolve_checkpoint(path, what='src')
-  params = checkpoints.load_params(step_dir, what='src')
+  from mms_jax.train import checkpoints
+
+  step_dir = checkpoints.resolve_checkpoint(path, what="src")
+  params = checkpoints.load_params(step_dir, what="src")
   config = {}
-  meta = step_dir / 'meta' / 'metadata'
+  meta = step_dir / "meta" / "metadata"
   if meta.exists():
-    config = json.loads(meta.read_text()).get('config') or {}
+    config = json.loads(meta.read_text()).get("config") or {}
   if not config:
-    for cand in (step_dir.parent.parent / 'config.json', step_dir.parent / 'config.json'):
+    for cand in (step_dir.parent.parent / "config.json", step_dir.parent / "config.json"):
       if cand.exists():
         config = json.loads(cand.read_text())
         break
@@ -319,19 +380,23 @@ def save_mms_checkpoint(params, config: Optional[ModelConfig], workdir, *, step:
   `<workdir>/checkpoints/<step>`, so that `init_from=<workdir>` and
   `load_mms_checkpoint` read it. Returns the step directory. A workdir that already
   has a checkpoint at `step` is refused (ConversionError), never overwritten."""
-  from mms_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  from mms_jax.train import checkpoints
+
   if config is not None:
     config = config.with_shapes_of(tl.normalize_params(params))  # decoder fields from tensors
     if config.has_decoder and config.decoder_num_heads is None:
-      raise ConversionError('the params have a decoder but the ModelConfig has no '
-                            'decoder_num_heads (head counts are not in the tensors); set it')
+      raise ConversionError(
+        "the params have a decoder but the ModelConfig has no "
+        "decoder_num_heads (head counts are not in the tensors); set it"
+      )
   run_config = config.to_run_config() if config is not None else {}
-  run_config['program'] = 'convert'
-  with checkpoints.Checkpointer(workdir, keep=1, async_save=False, program='convert') as ckpt:
+  run_config["program"] = "convert"
+  with checkpoints.Checkpointer(workdir, keep=1, async_save=False, program="convert") as ckpt:
     if step in ckpt.all_steps():
-      raise ConversionError(f'{ckpt.step_dir(step)} already holds a checkpoint; choose '
-                            'another destination or delete it')
-    ckpt.save(step, {'params': params}, config=run_config, force=True)
+      raise ConversionError(
+        f"{ckpt.step_dir(step)} already holds a checkpoint; choose another destination or delete it"
+      )
+    ckpt.save(step, {"params": params}, config=run_config, force=True)
   return ckpt.step_dir(step)
 
 
@@ -339,10 +404,21 @@ def save_mms_checkpoint(params, config: Optional[ModelConfig], workdir, *, step:
 # One-call conversion (the CLI).
 
 
-def convert(src, dst, fmt: str, *, layout: str = 'auto', image_size=None, num_heads=None,
-            decoder_num_heads=None, gelu=None, encoder_only: bool = False,
-            pos_embed: str = 'warn', strict: bool = True, file_format: str = 'safetensors'
-            ) -> pathlib.Path:
+def convert(
+  src,
+  dst,
+  fmt: str,
+  *,
+  layout: str = "auto",
+  image_size=None,
+  num_heads=None,
+  decoder_num_heads=None,
+  gelu=None,
+  encoder_only: bool = False,
+  pos_embed: str = "warn",
+  strict: bool = True,
+  file_format: str = "safetensors",
+) -> pathlib.Path:
   """Converts a checkpoint; returns the written path.
 
   fmt 'hf' | 'timm' | 'mae': src is an mms_jax checkpoint (workdir or step dir;
@@ -354,35 +430,49 @@ def convert(src, dst, fmt: str, *, layout: str = 'auto', image_size=None, num_he
   writes an mms_jax checkpoint at `<dst>/checkpoints/0` (use init_from=<dst>).
   """
   if fmt not in FORMATS:
-    raise ConversionError(f'unknown format {fmt!r}; use one of {FORMATS}')
-  if fmt == 'mms':
+    raise ConversionError(f"unknown format {fmt!r}; use one of {FORMATS}")
+  if fmt == "mms":
     params, config = read_torch_checkpoint(
-        src, layout, image_size=image_size, num_heads=num_heads,
-        decoder_num_heads=decoder_num_heads, gelu=gelu, pos_embed=pos_embed, strict=strict,
-        with_decoder=False if encoder_only else None)
+      src,
+      layout,
+      image_size=image_size,
+      num_heads=num_heads,
+      decoder_num_heads=decoder_num_heads,
+      gelu=gelu,
+      pos_embed=pos_embed,
+      strict=strict,
+      with_decoder=False if encoder_only else None,
+    )
     if config.num_heads is None:
-      logging.warning('num_heads is unknown (pass --num_heads): the written run config '
-                      'leaves it unset; the weights do not depend on it.')
+      logging.warning(
+        "num_heads is unknown (pass --num_heads): the written run config "
+        "leaves it unset; the weights do not depend on it."
+      )
     return save_mms_checkpoint(params, config, dst)
 
   params, run_config = load_mms_checkpoint(src)
-  config = ModelConfig.from_run_config(run_config, image_size=image_size, num_heads=num_heads,
-                                       decoder_num_heads=decoder_num_heads, gelu=gelu)
+  config = ModelConfig.from_run_config(
+    run_config,
+    image_size=image_size,
+    num_heads=num_heads,
+    decoder_num_heads=decoder_num_heads,
+    gelu=gelu,
+  )
   params = tl.normalize_params(params)
-  if encoder_only or fmt == 'timm':
-    params = {'encoder': params['encoder']}
+  if encoder_only or fmt == "timm":
+    params = {"encoder": params["encoder"]}
   config = config.with_shapes_of(params)
-  if fmt == 'hf':
+  if fmt == "hf":
     return to_hf_vitmae(params, config, dst)
   config.check_heads()
-  sd = to_timm_state_dict(params, config) if fmt == 'timm' else to_mae_state_dict(params, config)
+  sd = to_timm_state_dict(params, config) if fmt == "timm" else to_mae_state_dict(params, config)
   out = pathlib.Path(dst)
-  suffix = {'safetensors': '.safetensors', 'pth': '.pth'}.get(file_format)
+  suffix = {"safetensors": ".safetensors", "pth": ".pth"}.get(file_format)
   if suffix is None:
     raise ConversionError(f"file_format must be 'safetensors' or 'pth', got {file_format!r}")
-  path = save_state_dict(sd, out / f'model{suffix}')
-  kwargs = tl.timm_kwargs(config) if fmt == 'timm' else tl.mae_kwargs(config)
-  side = {'layout': fmt, 'kwargs': kwargs, 'mms_jax': config.to_run_config()}
+  path = save_state_dict(sd, out / f"model{suffix}")
+  kwargs = tl.timm_kwargs(config) if fmt == "timm" else tl.mae_kwargs(config)
+  side = {"layout": fmt, "kwargs": kwargs, "mms_jax": config.to_run_config()}
   (out / SIDECAR).write_text(json.dumps(side, indent=2, sort_keys=True))
   return path
 
@@ -408,29 +498,33 @@ def load_hf_vitmae(path, model_class=None, **kwargs):
      forward and loss work on e.g. 32x128 inputs.
   Returns the model in eval mode.
   """
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+  import torch
+  import transformers
+
   cfg = transformers.ViTMAEConfig.from_pretrained(path)
   if model_class is None:
-    pretraining = 'ViTMAEForPreTraining' in (cfg.architectures or [])
+    pretraining = "ViTMAEForPreTraining" in (cfg.architectures or [])
     model_class = transformers.ViTMAEForPreTraining if pretraining else transformers.ViTMAEModel
   size, patch = _pair(cfg.image_size), _pair(cfg.patch_size)
   grid = (size[0] // patch[0], size[1] // patch[1])
   with _decoder_table_for_any_token_count():
     model = model_class.from_pretrained(path, **kwargs)
-  vit_model = getattr(model, 'vit', model)
+  vit_model = getattr(model, "vit", model)
   targets = [(vit_model.embeddings.position_embeddings, cfg.hidden_size)]
-  if hasattr(model, 'decoder'):
+  if hasattr(model, "decoder"):
     targets.append((model.decoder.decoder_pos_embed, cfg.decoder_hidden_size))
   for param, width in targets:
     want = torch.from_numpy(tl.pos_embed(width, grid)).to(param.dtype)
     if not torch.allclose(param.data, want, atol=1e-6):
-      warnings.warn('transformers re-initialised a position embedding for a square grid; '
-                    f'restoring the {grid[0]}x{grid[1]} sin-cos', stacklevel=2)
+      warnings.warn(
+        "transformers re-initialised a position embedding for a square grid; "
+        f"restoring the {grid[0]}x{grid[1]} sin-cos",
+        stacklevel=2,
+      )
       with torch.no_grad():
         param.copy_(want)
     param.requires_grad_(False)
-  if size[0] != size[1] and hasattr(model, 'patchify'):
+  if size[0] != size[1] and hasattr(model, "patchify"):
     model.patchify = _GridPatchify(patch, cfg.num_channels)
     model.unpatchify = _GridUnpatchify(patch, grid, cfg.num_channels)
   return model.eval()
@@ -451,14 +545,16 @@ def _decoder_table_for_any_token_count():
   the table is left as allocated (the mask token still gets its initialisation); the
   checkpoint's real-grid table is loaded into it and checked by `load_hf_vitmae`.
   """
-  from transformers.models.vit_mae import modeling_vit_mae  # pylint: disable=g-import-not-at-top
+  from transformers.models.vit_mae import modeling_vit_mae
+
   decoder = modeling_vit_mae.ViTMAEDecoder
   square_init = decoder.initialize_weights
 
   def initialize_weights(self, num_patches):
     if _is_square(num_patches):
       return square_init(self, num_patches)
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
+
     with torch.no_grad():
       torch.nn.init.normal_(self.mask_token, std=self.config.initializer_range)
     return None

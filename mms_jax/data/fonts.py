@@ -31,41 +31,53 @@ import logging
 import os
 import re
 import string
-from typing import Iterable, Sequence
+from typing import Iterable
+from typing import Sequence
 
 from PIL import ImageFont
 
 ALNUM = string.ascii_letters + string.digits
-FONT_EXTENSIONS = ('.ttf', '.otf')
-SYSTEM_FONT_DIRS = ('/usr/share/fonts', '/usr/local/share/fonts')
-FONT_SPLITS = ('train', 'heldout', 'all')
+FONT_EXTENSIONS = (".ttf", ".otf")
+SYSTEM_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts")
+FONT_SPLITS = ("train", "heldout", "all")
 
 # Lower-cased substrings of file names that are never text fonts.
 EXCLUDED_FONT_NAMES = (
-    'standardsymbol', 'd050000l', 'dingbat', 'wingding', 'webdings',
-    'opensymbol', 'symbol', 'lastresort', 'emoji', 'cmex', 'cmsy',
-    'stixsiz', 'stixnonuni', 'marlett', 'musical',
-    'linbiolinum_k',  # Linux Biolinum Keyboard: letters drawn inside key caps
+  "standardsymbol",
+  "d050000l",
+  "dingbat",
+  "wingding",
+  "webdings",
+  "opensymbol",
+  "symbol",
+  "lastresort",
+  "emoji",
+  "cmex",
+  "cmsy",
+  "stixsiz",
+  "stixnonuni",
+  "marlett",
+  "musical",
+  "linbiolinum_k",  # Linux Biolinum Keyboard: letters drawn inside key caps
 )
 
 # Fingerprints of the default split (heldout_fraction 0.1, no salt) over the fonts
 # launch/install.sh installs on Debian 12; figures in docs/results.md are on these.
-REFERENCE_FINGERPRINTS = {'train': '27bff209f8cb', 'heldout': '2d796740ecd7'}
+REFERENCE_FINGERPRINTS = {"train": "27bff209f8cb", "heldout": "2d796740ecd7"}
 
-_DIGIT_NAMES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven',
-                'eight', 'nine')
+_DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Glyph names that carry no information (post table format 3, CID fonts).
-_GENERIC_GLYPH_NAME = re.compile(r'^(glyph|cid|gid|g|index|afii)?\d+$', re.I)
+_GENERIC_GLYPH_NAME = re.compile(r"^(glyph|cid|gid|g|index|afii)?\d+$", re.I)
 _CACHE_VERSION = 1
 
 
 def matplotlib_font_dir() -> str | None:
   """Returns matplotlib's bundled TrueType directory, or None."""
   try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
+    import matplotlib
   except ImportError:
     return None
-  path = os.path.join(matplotlib.get_data_path(), 'fonts', 'ttf')
+  path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
   return path if os.path.isdir(path) else None
 
 
@@ -91,19 +103,19 @@ def list_font_files(font_dirs: Iterable[str]) -> list[str]:
 
 def is_excluded_name(path: str) -> bool:
   """True if the file name marks a symbol/dingbat/fallback font."""
-  name = os.path.basename(path).lower().replace(' ', '').replace('-', '')
+  name = os.path.basename(path).lower().replace(" ", "").replace("-", "")
   return any(bad in name for bad in EXCLUDED_FONT_NAMES)
 
 
 def _glyph_name_matches(char: str, glyph: str) -> bool:
   """Whether `glyph` is a plausible glyph name for `char`."""
   code = ord(char)
-  base = re.split(r'[._]', glyph, maxsplit=1)[0] or glyph
+  base = re.split(r"[._]", glyph, maxsplit=1)[0] or glyph
   if base == char:
     return True
   if char.isdigit() and base.lower() == _DIGIT_NAMES[int(char)]:
     return True
-  if base.lower() in (f'uni{code:04x}', f'u{code:04x}', f'u{code:05x}'):
+  if base.lower() in (f"uni{code:04x}", f"u{code:04x}", f"u{code:05x}"):
     return True
   # Names that say nothing about the glyph cannot be judged; accept them.
   return bool(_GENERIC_GLYPH_NAME.match(glyph))
@@ -114,7 +126,7 @@ def _rendered_ok(path: str, chars: str) -> bool:
   font = ImageFont.truetype(path, 28)
   bitmaps = set()
   for char in chars:
-    mask = font.getmask(char, mode='L')
+    mask = font.getmask(char, mode="L")
     data = bytes(mask)
     if mask.size[0] == 0 or mask.size[1] == 0 or not any(data):
       return False
@@ -123,8 +135,7 @@ def _rendered_ok(path: str, chars: str) -> bool:
   return len(bitmaps) >= len(set(chars)) - 4
 
 
-def check_font(path: str, chars: str = ALNUM,
-               use_name_list: bool = True) -> tuple[bool, str]:
+def check_font(path: str, chars: str = ALNUM, use_name_list: bool = True) -> tuple[bool, str]:
   """Checks that `path` draws every character of `chars` as itself.
 
   Args:
@@ -136,45 +147,48 @@ def check_font(path: str, chars: str = ALNUM,
   Returns:
     (ok, reason) where reason explains a rejection ('' when ok).
   """
-  from fontTools.ttLib import TTFont  # pylint: disable=g-import-not-at-top
+  from fontTools.ttLib import TTFont
+
   if use_name_list and is_excluded_name(path):
-    return False, 'excluded name'
+    return False, "excluded name"
   try:
-    logging.getLogger('fontTools').setLevel(logging.ERROR)
+    logging.getLogger("fontTools").setLevel(logging.ERROR)
     font = TTFont(path, lazy=True, fontNumber=0)
     cmap = font.getBestCmap() or {}
-  except Exception as e:  # pylint: disable=broad-except
-    return False, f'unreadable: {type(e).__name__}'
-  chars = ''.join(sorted(set(chars)))
+  except Exception as e:
+    return False, f"unreadable: {type(e).__name__}"
+  chars = "".join(sorted(set(chars)))
   missing = [c for c in chars if ord(c) not in cmap]
   if missing:
-    return False, f'cmap lacks {"".join(missing)!r}'
+    return False, f"cmap lacks {''.join(missing)!r}"
   glyphs = [cmap[ord(c)] for c in chars]
   if len(set(glyphs)) < len(chars):
-    return False, 'characters share glyphs'
-  foreign = [c for c, g in zip(chars, glyphs)
-             if (c.isalnum() and c.isascii()) and not _glyph_name_matches(c, g)]
+    return False, "characters share glyphs"
+  foreign = [
+    c
+    for c, g in zip(chars, glyphs)
+    if (c.isalnum() and c.isascii()) and not _glyph_name_matches(c, g)
+  ]
   if foreign:
-    return False, f'non-Latin glyph names for {"".join(foreign)!r}'
+    return False, f"non-Latin glyph names for {''.join(foreign)!r}"
   try:
     if not _rendered_ok(path, chars):
-      return False, 'draws empty or duplicate glyphs'
-  except Exception as e:  # pylint: disable=broad-except
-    return False, f'cannot render: {type(e).__name__}'
-  return True, ''
+      return False, "draws empty or duplicate glyphs"
+  except Exception as e:
+    return False, f"cannot render: {type(e).__name__}"
+  return True, ""
 
 
 def _disk_cache_path() -> str | None:
-  if os.environ.get('MMS_JAX_FONT_CACHE', '1') == '0':
+  if os.environ.get("MMS_JAX_FONT_CACHE", "1") == "0":
     return None
-  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(
-      os.path.expanduser('~'), '.cache')
-  return os.path.join(root, 'mms_jax', f'font_check_v{_CACHE_VERSION}.json')
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "mms_jax", f"font_check_v{_CACHE_VERSION}.json")
 
 
 def _file_key(path: str, chars: str) -> str:
   st = os.stat(path)
-  return f'{path}|{st.st_size}|{int(st.st_mtime)}|{chars}'
+  return f"{path}|{st.st_size}|{int(st.st_mtime)}|{chars}"
 
 
 def _check_fonts_cached(paths: Sequence[str], chars: str) -> list[str]:
@@ -201,8 +215,8 @@ def _check_fonts_cached(paths: Sequence[str], chars: str) -> list[str]:
   if cache_file and changed:
     try:
       os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-      tmp = f'{cache_file}.{os.getpid()}.tmp'
-      with open(tmp, 'w') as f:
+      tmp = f"{cache_file}.{os.getpid()}.tmp"
+      with open(tmp, "w") as f:
         json.dump(cache, f)
       os.replace(tmp, cache_file)
     except OSError:
@@ -212,15 +226,14 @@ def _check_fonts_cached(paths: Sequence[str], chars: str) -> list[str]:
 
 def default_font_dirs() -> tuple[str, ...]:
   """`MMS_JAX_FONT_DIRS` (os.pathsep-separated) or `SYSTEM_FONT_DIRS`."""
-  env = os.environ.get('MMS_JAX_FONT_DIRS')
+  env = os.environ.get("MMS_JAX_FONT_DIRS")
   if env:
     return tuple(d for d in env.split(os.pathsep) if d)
   return SYSTEM_FONT_DIRS
 
 
 @functools.lru_cache(maxsize=32)
-def discover_fonts(font_dirs: tuple[str, ...] | None = None,
-                   chars: str = ALNUM) -> tuple[str, ...]:
+def discover_fonts(font_dirs: tuple[str, ...] | None = None, chars: str = ALNUM) -> tuple[str, ...]:
   """Returns usable font paths, sorted by file name (stable across machines).
 
   Args:
@@ -232,7 +245,7 @@ def discover_fonts(font_dirs: tuple[str, ...] | None = None,
   Raises:
     RuntimeError: if no usable font exists at all.
   """
-  chars = ''.join(sorted(set(chars) | set(ALNUM)))
+  chars = "".join(sorted(set(chars) | set(ALNUM)))
   dirs = default_font_dirs() if font_dirs is None else tuple(font_dirs)
   fonts = _check_fonts_cached(list_font_files(dirs), chars)
   if not fonts:
@@ -241,28 +254,28 @@ def discover_fonts(font_dirs: tuple[str, ...] | None = None,
       fonts = _check_fonts_cached(list_font_files([mpl_dir]), chars)
   if not fonts:
     raise RuntimeError(
-        f'No usable font drawing {chars!r} in {dirs} nor in matplotlib\'s '
-        'bundled fonts; install fonts (launch/install.sh) or set '
-        'MMS_JAX_FONT_DIRS.')
+      f"No usable font drawing {chars!r} in {dirs} nor in matplotlib's "
+      "bundled fonts; install fonts (launch/install.sh) or set "
+      "MMS_JAX_FONT_DIRS."
+    )
   return tuple(sorted(fonts, key=lambda p: (os.path.basename(p), p)))
 
 
 def fingerprint(paths: Sequence[str]) -> str:
   """12 hex digits from the sorted file names: equal font sets, equal fingerprints."""
   names = sorted(os.path.basename(p) for p in paths)
-  return hashlib.sha256('\n'.join(names).encode('utf-8')).hexdigest()[:12]
+  return hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()[:12]
 
 
-def font_hash(path: str, salt: str = '') -> float:
+def font_hash(path: str, salt: str = "") -> float:
   """Deterministic value in [0, 1) from the font's file name."""
-  digest = hashlib.sha256(
-      f'{salt}/{os.path.basename(path)}'.encode('utf-8')).digest()
-  return int.from_bytes(digest[:8], 'big') / 2.0**64
+  digest = hashlib.sha256(f"{salt}/{os.path.basename(path)}".encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def split_fonts(fonts: Sequence[str], split: str = 'train',
-                heldout_fraction: float = 0.1,
-                salt: str = '') -> tuple[str, ...]:
+def split_fonts(
+  fonts: Sequence[str], split: str = "train", heldout_fraction: float = 0.1, salt: str = ""
+) -> tuple[str, ...]:
   """Deterministic train/held-out split of `fonts` by hashed file name.
 
   A font is held out when `font_hash(path, salt) < heldout_fraction`, so its
@@ -281,24 +294,24 @@ def split_fonts(fonts: Sequence[str], split: str = 'train',
     The selected paths, in the input order.
   """
   if split not in FONT_SPLITS:
-    raise ValueError(f'split must be one of {FONT_SPLITS}, got {split!r}')
+    raise ValueError(f"split must be one of {FONT_SPLITS}, got {split!r}")
   if not 0.0 <= heldout_fraction < 1.0:
-    raise ValueError(
-        f'heldout_fraction must be in [0, 1), got {heldout_fraction!r}')
-  if split == 'all':
+    raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction!r}")
+  if split == "all":
     return tuple(fonts)
   ranked = sorted(fonts, key=lambda p: (font_hash(p, salt), p))
   n_held = sum(font_hash(p, salt) < heldout_fraction for p in fonts)
   if heldout_fraction > 0 and len(fonts) >= 2:
     n_held = min(max(n_held, 1), len(fonts) - 1)
   heldout = set(ranked[:n_held])
-  if split == 'heldout':
+  if split == "heldout":
     chosen = tuple(p for p in fonts if p in heldout)
   else:
     chosen = tuple(p for p in fonts if p not in heldout)
   if not chosen:
     raise ValueError(
-        f'font split {split!r} is empty ({len(fonts)} fonts, '
-        f'heldout_fraction={heldout_fraction}); install more fonts or change '
-        'heldout_fraction.')
+      f"font split {split!r} is empty ({len(fonts)} fonts, "
+      f"heldout_fraction={heldout_fraction}); install more fonts or change "
+      "heldout_fraction."
+    )
   return chosen

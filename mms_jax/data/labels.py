@@ -6,8 +6,8 @@ A case-sensitive mode keeps the 94 printable ASCII characters.
 """
 
 import string
-import unicodedata
 from typing import Optional
+import unicodedata
 
 # 0-9a-z: the standard case-insensitive evaluation charset.
 CHARSET_36 = string.digits + string.ascii_lowercase
@@ -19,9 +19,8 @@ CHARSET_94 = CHARSET_62 + string.punctuation
 # 32 ASCII punctuation marks minus the five that almost never occur in scene text:
 # backquote, caret, and the curly braces / vertical bar ` ^ { | }.
 # That is 62 + 1 + 27 = 90 symbols.
-_RARE_PUNCTUATION = '`^{|}'
-CHARSET_90 = (CHARSET_62 + ' ' +
-              ''.join(c for c in string.punctuation if c not in _RARE_PUNCTUATION))
+_RARE_PUNCTUATION = "`^{|}"
+CHARSET_90 = CHARSET_62 + " " + "".join(c for c in string.punctuation if c not in _RARE_PUNCTUATION)
 
 DIGITS_LOWER_36 = CHARSET_36
 ALNUM_62 = CHARSET_62
@@ -29,15 +28,15 @@ PRINTABLE_94 = CHARSET_94
 STR_90 = CHARSET_90
 
 CHARSETS = {
-    '36': CHARSET_36,
-    '62': CHARSET_62,
-    '90': CHARSET_90,
-    '94': CHARSET_94,
+  "36": CHARSET_36,
+  "62": CHARSET_62,
+  "90": CHARSET_90,
+  "94": CHARSET_94,
 }
 
 # Reasons returned by `check_label`, also used as skip-count keys.
-LABEL_EMPTY = 'label_empty'
-LABEL_TOO_LONG = 'label_too_long'
+LABEL_EMPTY = "label_empty"
+LABEL_TOO_LONG = "label_too_long"
 
 
 def get_charset(name_or_chars: str) -> str:
@@ -56,14 +55,15 @@ def to_ascii(text: str) -> str:
   'é' -> 'e' (base letter + dropped combining accent), 'ﬁ' -> 'fi',
   fullwidth 'Ａ' -> 'A'; characters with no ASCII decomposition vanish.
   """
-  return unicodedata.normalize('NFKD', text).encode('ascii', 'ignore').decode('ascii')
+  return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
 
 
-def check_label(label: str,
-                charset: Optional[str] = CHARSET_36,
-                max_length: Optional[int] = 25,
-                case_sensitive: Optional[bool] = None
-                ) -> tuple[Optional[str], Optional[str]]:
+def check_label(
+  label: str,
+  charset: Optional[str] = CHARSET_36,
+  max_length: Optional[int] = 25,
+  case_sensitive: Optional[bool] = None,
+) -> tuple[Optional[str], Optional[str]]:
   """Normalises a label and says why it was rejected.
 
   Args:
@@ -87,7 +87,7 @@ def check_label(label: str,
     if not case_sensitive:
       text = text.lower()
     allowed = set(charset)
-    text = ''.join(c for c in text if c in allowed).strip()
+    text = "".join(c for c in text if c in allowed).strip()
   if not text:
     return None, LABEL_EMPTY
   if max_length is not None and len(text) > max_length:
@@ -95,10 +95,12 @@ def check_label(label: str,
   return text, None
 
 
-def normalize_label(label: str,
-                    charset: Optional[str] = CHARSET_36,
-                    max_length: Optional[int] = 25,
-                    case_sensitive: Optional[bool] = None) -> Optional[str]:
+def normalize_label(
+  label: str,
+  charset: Optional[str] = CHARSET_36,
+  max_length: Optional[int] = 25,
+  case_sensitive: Optional[bool] = None,
+) -> Optional[str]:
   """Community normalisation; None when the result is empty or too long.
 
   With the 36-character charset: strip, NFKD to ASCII, lowercase, keep 0-9a-z.

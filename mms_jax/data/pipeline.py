@@ -36,19 +36,24 @@ Batches:
   keep_aspect, augment: preprocessing; worker_count, read_threads, prefetch: grain.
 """
 
+from collections.abc import Mapping
+from collections.abc import Sequence
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import Any
+from typing import Optional
+from typing import Union
 
 import grain.python as grain
 import ml_collections
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image
+from PIL import ImageEnhance
+from PIL import ImageFilter
 
 from mms_jax import errors
 from mms_jax.data import builders
@@ -56,18 +61,18 @@ from mms_jax.data import fonts as fonts_lib
 from mms_jax.data import formats
 
 SOURCES = formats.SOURCES
-READERS = ('tfds', 'direct')
+READERS = ("tfds", "direct")
 # Fields each source yields (besides 'image').
 SOURCE_FIELDS = {
-    'synthetic': ('label', 'mask', 'lr_image'),
-    'str_lmdb': ('label',),
-    'unlabeled': (),
-    'textzoom': ('label', 'lr_image'),
-    'textseg': ('label', 'mask'),
-    'folder': ('label',),
+  "synthetic": ("label", "mask", "lr_image"),
+  "str_lmdb": ("label",),
+  "unlabeled": (),
+  "textzoom": ("label", "lr_image"),
+  "textseg": ("label", "mask"),
+  "folder": ("label",),
 }
 # Default split -> tree sub-path, when data_config.splits does not say.
-DEFAULT_SPLITS = {'textzoom': {'train': 'train1+train2'}}
+DEFAULT_SPLITS = {"textzoom": {"train": "train1+train2"}}
 # Padding value (uint8) of keep-aspect resizing: 128 is ~0 after normalisation.
 PAD_VALUE = 128
 
@@ -75,20 +80,22 @@ PAD_VALUE = 128
 def default_config() -> ml_collections.ConfigDict:
   """The data config every program embeds (synthetic data by default)."""
   c = ml_collections.ConfigDict()
-  c.source = 'synthetic'
-  c.path = ''
-  c.data_dir = os.environ.get('MMS_DATA_DIR', '~/.cache/mms_jax/tfds')
-  c.reader = 'tfds'
+  c.source = "synthetic"
+  c.path = ""
+  c.data_dir = os.environ.get("MMS_DATA_DIR", "~/.cache/mms_jax/tfds")
+  c.reader = "tfds"
   c.size = dict(builders.DEFAULT_SYNTHETIC_SIZES)
   c.synthetic = ml_collections.ConfigDict(dict(seed=0))  # seed: every split's data
   c.synthetic_train = ml_collections.ConfigDict()
   c.curriculum = ml_collections.ConfigDict(
-      dict(clean_until_step=0, hard_start_step=0, hard_end_step=0))
+    dict(clean_until_step=0, hard_start_step=0, hard_end_step=0)
+  )
   # Tree sub-path(s) per split; None: the split's own name. Set one on the command
   # line with --config.data.splits.train=train/real (other names: the dict form).
   c.splits = ml_collections.ConfigDict(
-      {name: ml_collections.config_dict.placeholder(str) for name in ('train', 'val', 'test')})
-  c.charset = ''  # '' keeps labels as stored (stripped); '36', '94', ...
+    {name: ml_collections.config_dict.placeholder(str) for name in ("train", "val", "test")}
+  )
+  c.charset = ""  # '' keeps labels as stored (stripped); '36', '94', ...
   c.max_label_length = 25
   c.case_sensitive = ml_collections.config_dict.placeholder(bool)
   c.max_aspect = 25.0
@@ -102,7 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
-  if isinstance(cfg, Mapping) or hasattr(cfg, 'get'):
+  if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
     value = cfg.get(name, default)
   else:
     value = getattr(cfg, name, default)
@@ -112,64 +119,73 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
 def _to_dict(value: Any) -> dict[str, Any]:
   if value is None:
     return {}
-  if hasattr(value, 'to_dict'):
+  if hasattr(value, "to_dict"):
     return value.to_dict()
   return dict(value)
 
 
 def read_options(data_config) -> formats.ReadOptions:
-  charset = _get(data_config, 'charset', '') or None
-  source = _get(data_config, 'source', 'synthetic')
+  charset = _get(data_config, "charset", "") or None
+  source = _get(data_config, "source", "synthetic")
   return formats.ReadOptions(
-      max_aspect=float(_get(data_config, 'max_aspect', 25.0)),
-      max_pixels=int(_get(data_config, 'max_pixels', 4096 * 4096)),
-      charset=charset,
-      max_label_length=_get(data_config, 'max_label_length', 25),
-      case_sensitive=_get(data_config, 'case_sensitive', None),
-      # Super-resolution does not need labels: keep pairs with bad labels.
-      require_label=source != 'textzoom')
+    max_aspect=float(_get(data_config, "max_aspect", 25.0)),
+    max_pixels=int(_get(data_config, "max_pixels", 4096 * 4096)),
+    charset=charset,
+    max_label_length=_get(data_config, "max_label_length", 25),
+    case_sensitive=_get(data_config, "case_sensitive", None),
+    # Super-resolution does not need labels: keep pairs with bad labels.
+    require_label=source != "textzoom",
+  )
 
 
 def synthetic_sizes(data_config) -> dict[str, int]:
-  size = _get(data_config, 'size', None)
+  size = _get(data_config, "size", None)
   if size is None:
     return dict(builders.DEFAULT_SYNTHETIC_SIZES)
   if isinstance(size, int):
-    return {**builders.DEFAULT_SYNTHETIC_SIZES, 'train': size}
+    return {**builders.DEFAULT_SYNTHETIC_SIZES, "train": size}
   return {k: int(v) for k, v in _to_dict(size).items()}
 
 
 def validate(data_config) -> None:
   """Raises ValueError / formats.DataError with the fix, before any work."""
-  source = _get(data_config, 'source', None)
+  source = _get(data_config, "source", None)
   if source not in SOURCES:
-    raise errors.ConfigError(f'data_config.source={source!r}; expected one of {SOURCES}.')
-  reader = _get(data_config, 'reader', 'tfds')
+    raise errors.ConfigError(f"data_config.source={source!r}; expected one of {SOURCES}.")
+  reader = _get(data_config, "reader", "tfds")
   if reader not in READERS:
-    raise errors.ConfigError(f'data_config.reader={reader!r}; expected one of {READERS}.')
-  if reader == 'tfds' and not _get(data_config, 'data_dir', ''):
-    raise errors.ConfigError('data_config.data_dir is empty: set it to a writable folder '
-                             'where the TFDS array_record files are built.')
-  if source != 'synthetic':
-    path = _get(data_config, 'path', '')
+    raise errors.ConfigError(f"data_config.reader={reader!r}; expected one of {READERS}.")
+  if reader == "tfds" and not _get(data_config, "data_dir", ""):
+    raise errors.ConfigError(
+      "data_config.data_dir is empty: set it to a writable folder "
+      "where the TFDS array_record files are built."
+    )
+  if source != "synthetic":
+    path = _get(data_config, "path", "")
     if not path:
       raise formats.DataError(
-          f'data_config.path is empty for source {source!r}: set it to the data root '
-          '(see docs/data.md for the expected layout).')
-    formats.check_path(os.path.expanduser(path), f'{source} data root',
-                       'Set data_config.path to an existing folder (see docs/data.md).')
+        f"data_config.path is empty for source {source!r}: set it to the data root "
+        "(see docs/data.md for the expected layout)."
+      )
+    formats.check_path(
+      os.path.expanduser(path),
+      f"{source} data root",
+      "Set data_config.path to an existing folder (see docs/data.md).",
+    )
   curriculum = Curriculum.from_config(data_config)
-  if curriculum.active and (source != 'synthetic' or reader != 'direct'):
+  if curriculum.active and (source != "synthetic" or reader != "direct"):
     raise errors.ConfigError(
-        f'data_config.curriculum={curriculum} needs generated training images '
-        f'(data.source=synthetic, data.reader=direct), not source={source!r}, '
-        f'reader={reader!r}: built data sets are fixed. Set the curriculum steps to 0 '
-        'or use the direct reader.')
-  charset = _get(data_config, 'charset', '')
+      f"data_config.curriculum={curriculum} needs generated training images "
+      f"(data.source=synthetic, data.reader=direct), not source={source!r}, "
+      f"reader={reader!r}: built data sets are fixed. Set the curriculum steps to 0 "
+      "or use the direct reader."
+    )
+  charset = _get(data_config, "charset", "")
   if charset:
-    from mms_jax.data import labels  # pylint: disable=g-import-not-at-top
+    from mms_jax.data import labels
+
     if len(labels.get_charset(charset)) < 2:
-      raise errors.ConfigError(f'data_config.charset={charset!r} is not a charset.')
+      raise errors.ConfigError(f"data_config.charset={charset!r} is not a charset.")
 
 
 # -------------------------------------------------------------- curriculum ----
@@ -178,36 +194,42 @@ def validate(data_config) -> None:
 @dataclasses.dataclass(frozen=True)
 class Curriculum:
   """The training mixture as a function of the step (see `default_config`)."""
+
   clean_until_step: int = 0
   hard_start_step: int = 0
   hard_end_step: int = 0
 
   def __post_init__(self):
-    for name in ('clean_until_step', 'hard_start_step', 'hard_end_step'):
+    for name in ("clean_until_step", "hard_start_step", "hard_end_step"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise errors.ConfigError(f'data.curriculum.{name}={value!r}: expected an '
-                                 'integer step >= 0 (0: no ramp).')
+        raise errors.ConfigError(
+          f"data.curriculum.{name}={value!r}: expected an integer step >= 0 (0: no ramp)."
+        )
     if self.hard_end_step and self.hard_end_step <= self.hard_start_step:
       raise errors.ConfigError(
-          f'data.curriculum.hard_end_step={self.hard_end_step} must be after '
-          f'hard_start_step={self.hard_start_step} (or 0: a constant hard_fraction).')
+        f"data.curriculum.hard_end_step={self.hard_end_step} must be after "
+        f"hard_start_step={self.hard_start_step} (or 0: a constant hard_fraction)."
+      )
 
   @classmethod
-  def from_config(cls, data_config) -> 'Curriculum':
-    fields = _to_dict(_get(data_config, 'curriculum', None))
+  def from_config(cls, data_config) -> "Curriculum":
+    fields = _to_dict(_get(data_config, "curriculum", None))
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-      raise errors.ConfigError(f'data.curriculum has no field(s) {unknown}: use '
-                               'clean_until_step, hard_start_step, hard_end_step.')
+      raise errors.ConfigError(
+        f"data.curriculum has no field(s) {unknown}: use "
+        "clean_until_step, hard_start_step, hard_end_step."
+      )
     return cls(**fields)
 
   @property
   def active(self) -> bool:
     return bool(self.clean_until_step or self.hard_end_step)
 
-  def fractions(self, step: int, clean_fraction: float,
-                hard_fraction: float) -> tuple[float, float]:
+  def fractions(
+    self, step: int, clean_fraction: float, hard_fraction: float
+  ) -> tuple[float, float]:
     """(clean, hard) fractions of training step `step`."""
     clean, hard = clean_fraction, hard_fraction
     if self.clean_until_step:
@@ -223,13 +245,14 @@ def check_curriculum_fits(data_config, total_steps: int, global_batch_size: int)
   data.size.train generated images."""
   if not Curriculum.from_config(data_config).active:
     return
-  train_size = synthetic_sizes(data_config)['train']
+  train_size = synthetic_sizes(data_config)["train"]
   needed = int(total_steps) * int(global_batch_size)
   if needed > train_size:
     raise errors.ConfigError(
-        f'data.curriculum needs {total_steps} steps x {global_batch_size} images = '
-        f'{needed:,} generated training images in one pass, but data.size.train is '
-        f'{train_size:,}: raise data.size.train (generated on the fly, it costs nothing).')
+      f"data.curriculum needs {total_steps} steps x {global_batch_size} images = "
+      f"{needed:,} generated training images in one pass, but data.size.train is "
+      f"{train_size:,}: raise data.size.train (generated on the fly, it costs nothing)."
+    )
 
 
 # ----------------------------------------------------------------- sources ----
@@ -253,7 +276,7 @@ class NamedSource(grain.RandomAccessDataSource):
     return self._source[index]
 
   def __repr__(self) -> str:
-    return f'NamedSource({self._name})'
+    return f"NamedSource({self._name})"
 
 
 class SyntheticSource(grain.RandomAccessDataSource):
@@ -265,10 +288,16 @@ class SyntheticSource(grain.RandomAccessDataSource):
   nothing a shuffle would give). Elsewhere (evaluation) the config's fractions hold.
   """
 
-  def __init__(self, synthetic: Mapping[str, Any], split: str, size: int,
-               train_overrides: Optional[Mapping[str, Any]] = None):
+  def __init__(
+    self,
+    synthetic: Mapping[str, Any],
+    split: str,
+    size: int,
+    train_overrides: Optional[Mapping[str, Any]] = None,
+  ):
     self.config = builders.synthetic_split_config(dict(synthetic), split, train_overrides)
-    from mms_jax.data import synthetic as synthetic_lib  # pylint: disable=g-import-not-at-top
+    from mms_jax.data import synthetic as synthetic_lib
+
     # Names a bad field now, not in a reader thread.
     generator_config = synthetic_lib.SyntheticConfig.from_dict(self.config)
     self._fractions = (generator_config.clean_fraction, generator_config.hard_fraction)
@@ -283,14 +312,12 @@ class SyntheticSource(grain.RandomAccessDataSource):
     """True: read without a shuffle (record index = training position)."""
     return self.curriculum is not None
 
-  def with_curriculum(self, curriculum: Curriculum,
-                      images_per_step: int) -> 'SyntheticSource':
+  def with_curriculum(self, curriculum: Curriculum, images_per_step: int) -> "SyntheticSource":
     """A copy whose record i has the mixture of step i // images_per_step."""
-    if self.split != 'train':
-      raise errors.ConfigError(f'A curriculum applies to the train split, not '
-                               f'{self.split!r}.')
+    if self.split != "train":
+      raise errors.ConfigError(f"A curriculum applies to the train split, not {self.split!r}.")
     if images_per_step <= 0:
-      raise ValueError(f'images_per_step must be positive, got {images_per_step}')
+      raise ValueError(f"images_per_step must be positive, got {images_per_step}")
     source = SyntheticSource.__new__(SyntheticSource)
     source.__dict__.update(self.__getstate__())
     source.curriculum, source.images_per_step = curriculum, int(images_per_step)
@@ -301,26 +328,33 @@ class SyntheticSource(grain.RandomAccessDataSource):
 
   def __getitem__(self, index):
     if self._generator is None:
-      from mms_jax.data import synthetic as synthetic_lib  # pylint: disable=g-import-not-at-top
+      from mms_jax.data import synthetic as synthetic_lib
+
       self._generator = synthetic_lib.SyntheticGenerator(
-          synthetic_lib.SyntheticConfig.from_dict(self.config))
+        synthetic_lib.SyntheticConfig.from_dict(self.config)
+      )
     fractions = (None, None)
     if self.curriculum is not None:
-      fractions = self.curriculum.fractions(int(index) // self.images_per_step,
-                                            *self._fractions)
+      fractions = self.curriculum.fractions(int(index) // self.images_per_step, *self._fractions)
     s = self._generator.sample(int(index), *fractions)
-    return {'image': s['image'], 'label': s['label'],
-            'mask': builders.binarize_alpha(s['mask']), 'lr_image': s['lr_image']}
+    return {
+      "image": s["image"],
+      "label": s["label"],
+      "mask": builders.binarize_alpha(s["mask"]),
+      "lr_image": s["lr_image"],
+    }
 
   def __getstate__(self):
-    return {**self.__dict__, '_generator': None}
+    return {**self.__dict__, "_generator": None}
 
   def __repr__(self) -> str:
-    curriculum = ''
+    curriculum = ""
     if self.curriculum is not None:
-      curriculum = f', {self.curriculum}, images_per_step={self.images_per_step}'
-    return (f'SyntheticSource({self.split}, {self.size}, '
-            f'{json.dumps(self.config, sort_keys=True, default=str)}{curriculum})')
+      curriculum = f", {self.curriculum}, images_per_step={self.images_per_step}"
+    return (
+      f"SyntheticSource({self.split}, {self.size}, "
+      f"{json.dumps(self.config, sort_keys=True, default=str)}{curriculum})"
+    )
 
 
 def synthetic_fonts(data_config, splits: Sequence[str]) -> dict[str, Any]:
@@ -328,20 +362,31 @@ def synthetic_fonts(data_config, splits: Sequence[str]) -> dict[str, Any]:
   depend on the fonts installed (launch/install.sh), so results on a split compare
   across machines only where the fingerprints agree. `reference_fingerprint` is the
   one docs/results.md was measured with (None for a non-default font split)."""
-  from mms_jax.data import synthetic as synthetic_lib  # pylint: disable=g-import-not-at-top
+  from mms_jax.data import synthetic as synthetic_lib
+
   out = {}
   for split in splits:
     config = builders.synthetic_split_config(
-        _to_dict(_get(data_config, 'synthetic', None)), split,
-        _to_dict(_get(data_config, 'synthetic_train', None)))
+      _to_dict(_get(data_config, "synthetic", None)),
+      split,
+      _to_dict(_get(data_config, "synthetic_train", None)),
+    )
     synthetic_config = synthetic_lib.SyntheticConfig.from_dict(config)
     names = synthetic_lib.SyntheticGenerator(synthetic_config).font_names
-    default_split = (synthetic_config.font_dirs is None and not synthetic_config.font_split_salt
-                     and synthetic_config.heldout_fraction == 0.1)
-    reference = (fonts_lib.REFERENCE_FINGERPRINTS.get(synthetic_config.font_split)
-                 if default_split else None)
-    out[split] = {'count': len(names), 'fingerprint': fonts_lib.fingerprint(names),
-                  'reference_fingerprint': reference, 'fonts': sorted(names)}
+    default_split = (
+      synthetic_config.font_dirs is None
+      and not synthetic_config.font_split_salt
+      and synthetic_config.heldout_fraction == 0.1
+    )
+    reference = (
+      fonts_lib.REFERENCE_FINGERPRINTS.get(synthetic_config.font_split) if default_split else None
+    )
+    out[split] = {
+      "count": len(names),
+      "fingerprint": fonts_lib.fingerprint(names),
+      "reference_fingerprint": reference,
+      "fonts": sorted(names),
+    }
   return out
 
 
@@ -349,14 +394,14 @@ def _resolve_subpath(data_config, split: str) -> str:
   """The tree sub-path of a split: config.data.splits, else the source's default,
   else the split's own name. Unlabeled data without a `train/` folder (the Union14M-U
   release: book32_lmdb/, cc_lmdb/, ... under one root) trains on the whole tree."""
-  source = _get(data_config, 'source')
-  mapped = _to_dict(_get(data_config, 'splits', None)).get(split)
+  source = _get(data_config, "source")
+  mapped = _to_dict(_get(data_config, "splits", None)).get(split)
   if mapped is not None:
     return mapped
-  if source == 'unlabeled' and split == 'train':
-    root = os.path.expanduser(_get(data_config, 'path', '') or '')
-    if not os.path.isdir(os.path.join(root, 'train')):
-      return '.'
+  if source == "unlabeled" and split == "train":
+    root = os.path.expanduser(_get(data_config, "path", "") or "")
+    if not os.path.isdir(os.path.join(root, "train")):
+      return "."
   return DEFAULT_SPLITS.get(source, {}).get(split, split)
 
 
@@ -366,75 +411,88 @@ def list_benchmarks(data_config, split: str) -> list[str]:
   Pass each back to make_pipeline (as `split`) to score benchmarks one by one.
   """
   validate(data_config)
-  source = _get(data_config, 'source')
-  if source in ('synthetic', 'textseg'):
+  source = _get(data_config, "source")
+  if source in ("synthetic", "textseg"):
     return [split]
-  return formats.list_datasets(source, os.path.expanduser(_get(data_config, 'path')),
-                               _resolve_subpath(data_config, split))
+  return formats.list_datasets(
+    source, os.path.expanduser(_get(data_config, "path")), _resolve_subpath(data_config, split)
+  )
 
 
 def make_source(data_config, split: str):
   """A random-access source of example dicts for one split (validated)."""
   validate(data_config)
-  source = _get(data_config, 'source')
-  reader = _get(data_config, 'reader', 'tfds')
-  path = os.path.expanduser(_get(data_config, 'path', ''))
+  source = _get(data_config, "source")
+  reader = _get(data_config, "reader", "tfds")
+  path = os.path.expanduser(_get(data_config, "path", ""))
   options = read_options(data_config)
-  if source == 'synthetic':
+  if source == "synthetic":
     sizes = synthetic_sizes(data_config)
     if split not in sizes:
-      raise ValueError(f'Synthetic split {split!r} has no size; data_config.size '
-                       f'has {sorted(sizes)}.')
-  elif source == 'textseg' and split not in builders.TEXTSEG_SPLITS:
-    raise ValueError(f'TextSeg split {split!r}; expected one of '
-                     f'{builders.TEXTSEG_SPLITS}.')
+      raise ValueError(
+        f"Synthetic split {split!r} has no size; data_config.size has {sorted(sizes)}."
+      )
+  elif source == "textseg" and split not in builders.TEXTSEG_SPLITS:
+    raise ValueError(f"TextSeg split {split!r}; expected one of {builders.TEXTSEG_SPLITS}.")
 
-  if reader == 'direct':
-    if source == 'synthetic':
-      return SyntheticSource(_to_dict(_get(data_config, 'synthetic', None)), split,
-                             sizes[split],
-                             _to_dict(_get(data_config, 'synthetic_train', None)))
-    if source == 'textseg':
+  if reader == "direct":
+    if source == "synthetic":
+      return SyntheticSource(
+        _to_dict(_get(data_config, "synthetic", None)),
+        split,
+        sizes[split],
+        _to_dict(_get(data_config, "synthetic_train", None)),
+      )
+    if source == "textseg":
       ids = formats.textseg_split_ids(path)[split]
       src = formats.TextSegReader(path, options, name=split, image_ids=ids)
     else:
-      src = formats.open_source(source, path, _resolve_subpath(data_config, split),
-                                options)
+      src = formats.open_source(source, path, _resolve_subpath(data_config, split), options)
     if src.skips.total:
-      src.skips.log(f'{source}:{split} (scan)')
+      src.skips.log(f"{source}:{split} (scan)")
     if len(src) == 0:
-      raise formats.DataError(f'{source} split {split!r} under {path!r} is empty.')
+      raise formats.DataError(f"{source} split {split!r} under {path!r} is empty.")
     return src
 
   builder = builders.make_builder(
-      source, _get(data_config, 'data_dir'), path=path, options=options,
-      synthetic=_to_dict(_get(data_config, 'synthetic', None)),
-      sizes=synthetic_sizes(data_config) if source == 'synthetic' else None,
-      synthetic_train=_to_dict(_get(data_config, 'synthetic_train', None)))
+    source,
+    _get(data_config, "data_dir"),
+    path=path,
+    options=options,
+    synthetic=_to_dict(_get(data_config, "synthetic", None)),
+    sizes=synthetic_sizes(data_config) if source == "synthetic" else None,
+    synthetic_train=_to_dict(_get(data_config, "synthetic_train", None)),
+  )
   builders.prepare(builder)
-  if source in ('synthetic', 'textseg'):
+  if source in ("synthetic", "textseg"):
     names = [split]
   else:
-    names = [formats.split_name(rel) for rel in
-             formats.list_datasets(source, path, _resolve_subpath(data_config, split))]
+    names = [
+      formats.split_name(rel)
+      for rel in formats.list_datasets(source, path, _resolve_subpath(data_config, split))
+    ]
   missing = [n for n in names if n not in builder.info.splits]
   if missing:
     raise formats.DataError(
-        f'Split(s) {missing} are not in the built data set {builder.data_path} '
-        f'(it has {builders.split_names(builder)}); the data may have no good records '
-        'there.')
+      f"Split(s) {missing} are not in the built data set {builder.data_path} "
+      f"(it has {builders.split_names(builder)}); the data may have no good records "
+      "there."
+    )
   builders.log_skip_counts(builder, names)
-  spec = '+'.join(names)
-  return NamedSource(builder.as_data_source(split=spec),
-                     f'{builder.name}/{builder.builder_config.name}:{spec}',
-                     skips=builders.skip_counts(builder, names))
+  spec = "+".join(names)
+  return NamedSource(
+    builder.as_data_source(split=spec),
+    f"{builder.name}/{builder.builder_config.name}:{spec}",
+    skips=builders.skip_counts(builder, names),
+  )
 
 
 # -------------------------------------------------------------- transforms ----
 
 
-def _resize(array: np.ndarray, size: tuple[int, int], keep_aspect: bool,
-            resample: int, pad_value: int) -> np.ndarray:
+def _resize(
+  array: np.ndarray, size: tuple[int, int], keep_aspect: bool, resample: int, pad_value: int
+) -> np.ndarray:
   """uint8[h, w(, c)] -> uint8[H, W(, c)]; keep_aspect scales to height H, then
   pads (right) or squeezes the width to W."""
   height, width = size
@@ -453,44 +511,47 @@ def _resize(array: np.ndarray, size: tuple[int, int], keep_aspect: bool,
 @dataclasses.dataclass
 class ParseRecord(grain.MapTransform):
   """TFDS / reader record -> {image, label, mask, lr_image} with fixed types."""
+
   fields: tuple[str, ...]
 
   def map(self, record):
-    out = {'image': np.asarray(record['image'], np.uint8)}
-    if 'label' in self.fields:
-      label = record.get('label', '')
+    out = {"image": np.asarray(record["image"], np.uint8)}
+    if "label" in self.fields:
+      label = record.get("label", "")
       if isinstance(label, (bytes, np.bytes_)):
-        label = label.decode('utf-8')
-      out['label'] = np.asarray(str(label), dtype=object)
-    if 'mask' in self.fields:
-      mask = np.asarray(record['mask'], np.uint8)
-      out['mask'] = (mask.reshape(mask.shape[:2]) > 0).astype(np.uint8)
-    if 'lr_image' in self.fields:
-      out['lr_image'] = np.asarray(record['lr_image'], np.uint8)
+        label = label.decode("utf-8")
+      out["label"] = np.asarray(str(label), dtype=object)
+    if "mask" in self.fields:
+      mask = np.asarray(record["mask"], np.uint8)
+      out["mask"] = (mask.reshape(mask.shape[:2]) > 0).astype(np.uint8)
+    if "lr_image" in self.fields:
+      out["lr_image"] = np.asarray(record["lr_image"], np.uint8)
     return out
 
 
 @dataclasses.dataclass
 class Resize(grain.MapTransform):
   """Resizes image and mask to image_size, lr_image to half of it."""
+
   image_size: tuple[int, int]
   keep_aspect: bool = False
 
   def map(self, ex):
     h, w = self.image_size
-    ex['image'] = _resize(ex['image'], (h, w), self.keep_aspect, Image.BILINEAR,
-                          PAD_VALUE)
-    if 'mask' in ex:
-      ex['mask'] = _resize(ex['mask'], (h, w), self.keep_aspect, Image.NEAREST, 0)
-    if 'lr_image' in ex:
-      ex['lr_image'] = _resize(ex['lr_image'], (h // 2, w // 2), self.keep_aspect,
-                               Image.BICUBIC, PAD_VALUE)
+    ex["image"] = _resize(ex["image"], (h, w), self.keep_aspect, Image.BILINEAR, PAD_VALUE)
+    if "mask" in ex:
+      ex["mask"] = _resize(ex["mask"], (h, w), self.keep_aspect, Image.NEAREST, 0)
+    if "lr_image" in ex:
+      ex["lr_image"] = _resize(
+        ex["lr_image"], (h // 2, w // 2), self.keep_aspect, Image.BICUBIC, PAD_VALUE
+      )
     return ex
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   """Mild fine-tuning augmentation; never a horizontal (or vertical) flip."""
+
   p_affine: float = 0.5
   max_rotation: float = 5.0  # degrees
   max_shear: float = 0.15
@@ -504,8 +565,9 @@ class AugmentConfig:
   noise_std: tuple[float, float] = (2.0, 8.0)
 
 
-def _affine_coefficients(rng: np.random.Generator, h: int, w: int,
-                         cfg: AugmentConfig) -> tuple[float, ...]:
+def _affine_coefficients(
+  rng: np.random.Generator, h: int, w: int, cfg: AugmentConfig
+) -> tuple[float, ...]:
   """PIL AFFINE coefficients (output -> input map) of a random small warp."""
   angle = math.radians(rng.uniform(-cfg.max_rotation, cfg.max_rotation))
   shear = rng.uniform(-cfg.max_shear, cfg.max_shear)
@@ -519,29 +581,30 @@ def _affine_coefficients(rng: np.random.Generator, h: int, w: int,
   inverse = np.linalg.inv(forward)
   centre = np.array([w / 2, h / 2])
   offset = centre - inverse @ (centre + np.array([tx, ty]))
-  return (inverse[0, 0], inverse[0, 1], offset[0], inverse[1, 0], inverse[1, 1],
-          offset[1])
+  return (inverse[0, 0], inverse[0, 1], offset[0], inverse[1, 0], inverse[1, 1], offset[1])
 
 
-def augment_example(ex: dict[str, Any], rng: np.random.Generator,
-                    cfg: AugmentConfig = AugmentConfig()) -> dict[str, Any]:
+def augment_example(
+  ex: dict[str, Any], rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()
+) -> dict[str, Any]:
   """Augments uint8 image (and mask consistently). lr_image pairs are left alone."""
-  if 'lr_image' in ex:
+  if "lr_image" in ex:
     return ex
-  image = Image.fromarray(ex['image'])
+  image = Image.fromarray(ex["image"])
   if rng.random() < cfg.p_affine:
-    h, w = ex['image'].shape[:2]
+    h, w = ex["image"].shape[:2]
     coeffs = _affine_coefficients(rng, h, w, cfg)
-    border = np.concatenate([ex['image'][0], ex['image'][-1]], axis=0)
+    border = np.concatenate([ex["image"][0], ex["image"][-1]], axis=0)
     fill = tuple(int(v) for v in np.median(border, axis=0))
-    image = image.transform(image.size, Image.AFFINE, coeffs, Image.BILINEAR,
-                            fillcolor=fill)
-    if 'mask' in ex:
-      ex['mask'] = np.asarray(Image.fromarray(ex['mask']).transform(
-          image.size, Image.AFFINE, coeffs, Image.NEAREST, fillcolor=0))
+    image = image.transform(image.size, Image.AFFINE, coeffs, Image.BILINEAR, fillcolor=fill)
+    if "mask" in ex:
+      ex["mask"] = np.asarray(
+        Image.fromarray(ex["mask"]).transform(
+          image.size, Image.AFFINE, coeffs, Image.NEAREST, fillcolor=0
+        )
+      )
   if rng.random() < cfg.p_color:
-    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast,
-                    ImageEnhance.Color):
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
       image = enhance(image).enhance(rng.uniform(*cfg.color_range))
   if rng.random() < cfg.p_blur:
     image = image.filter(ImageFilter.GaussianBlur(rng.uniform(*cfg.blur_radius)))
@@ -549,7 +612,7 @@ def augment_example(ex: dict[str, Any], rng: np.random.Generator,
   if rng.random() < cfg.p_noise:
     noise = rng.normal(0, rng.uniform(*cfg.noise_std), out.shape)
     out = np.clip(out + noise, 0, 255).astype(np.uint8)
-  ex['image'] = np.asarray(out, np.uint8)
+  ex["image"] = np.asarray(out, np.uint8)
   return ex
 
 
@@ -565,11 +628,11 @@ class Normalize(grain.MapTransform):
   """uint8 images -> float32 in [-1, 1]; mask -> float32 {0, 1}."""
 
   def map(self, ex):
-    for k in ('image', 'lr_image'):
+    for k in ("image", "lr_image"):
       if k in ex:
         ex[k] = ex[k].astype(np.float32) / 127.5 - 1.0
-    if 'mask' in ex:
-      ex['mask'] = ex['mask'].astype(np.float32)
+    if "mask" in ex:
+      ex["mask"] = ex["mask"].astype(np.float32)
     return ex
 
 
@@ -585,48 +648,54 @@ class DropInvalid(grain.FilterTransform):
 
 def _mark_flags_parsed() -> None:
   """grain worker processes read absl flags; outside app.run they are unparsed."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
 def _check_image_size(image_size: Sequence[int]) -> tuple[int, int]:
   if len(tuple(image_size)) != 2 or min(image_size) < 2:
-    raise ValueError(f'image_size={image_size}: expected (height, width).')
+    raise ValueError(f"image_size={image_size}: expected (height, width).")
   return int(image_size[0]), int(image_size[1])
 
 
 def _check_batch_size(global_batch_size: int, shard_count: int) -> int:
   """The per-host batch global_batch_size / shard_count."""
   if global_batch_size <= 0 or global_batch_size % shard_count:
-    raise ValueError(f'global_batch_size={global_batch_size} must be a positive '
-                     f'multiple of the shard count {shard_count}.')
+    raise ValueError(
+      f"global_batch_size={global_batch_size} must be a positive "
+      f"multiple of the shard count {shard_count}."
+    )
   return global_batch_size // shard_count
 
 
-def resolve_shard(shard_index: Optional[int] = None,
-                  shard_count: Optional[int] = None) -> tuple[int, int]:
+def resolve_shard(
+  shard_index: Optional[int] = None, shard_count: Optional[int] = None
+) -> tuple[int, int]:
   """(shard_index, shard_count): explicit, else this JAX process of all of them."""
   if shard_index is None and shard_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax
+
     return jax.process_index(), jax.process_count()
   if shard_index is None or shard_count is None or not 0 <= shard_index < shard_count:
-    raise ValueError(f'shard_index={shard_index}, shard_count={shard_count}: give both, '
-                     'with 0 <= shard_index < shard_count.')
+    raise ValueError(
+      f"shard_index={shard_index}, shard_count={shard_count}: give both, "
+      "with 0 <= shard_index < shard_count."
+    )
   return int(shard_index), int(shard_count)
 
 
 def _derive_seed(seed: int, purpose: str) -> int:
   """A 32-bit seed per purpose ('shuffle', 'augment'), so streams never overlap."""
-  tag = int.from_bytes(hashlib.sha256(purpose.encode()).digest()[:4], 'little')
+  tag = int.from_bytes(hashlib.sha256(purpose.encode()).digest()[:4], "little")
   return int(np.random.SeedSequence([int(seed) % 2**32, tag]).generate_state(1)[0])
 
 
 def _preprocess_ops(data_config, image_size: tuple[int, int]) -> list[Any]:
   """ParseRecord and Resize, the deterministic per-record transforms."""
-  fields = SOURCE_FIELDS[_get(data_config, 'source')]
-  return [ParseRecord(fields),
-          Resize(image_size, bool(_get(data_config, 'keep_aspect', False)))]
+  fields = SOURCE_FIELDS[_get(data_config, "source")]
+  return [ParseRecord(fields), Resize(image_size, bool(_get(data_config, "keep_aspect", False)))]
 
 
 # ------------------------------------------------------ training pipeline ----
@@ -659,7 +728,7 @@ class SubstituteInvalid(grain.RandomAccessDataSource):
       record = self._source[(int(index) + offset) % n]
       if record is not None:
         return record
-    raise formats.DataError(f'{self._source!r} has no readable record.')
+    raise formats.DataError(f"{self._source!r} has no readable record.")
 
   def __repr__(self) -> str:
     return repr(self._source)
@@ -674,13 +743,14 @@ def global_records(source, *, seed: int, num_epochs: Optional[int]) -> grain.Map
   if isinstance(source, formats.Reader):
     source = SubstituteInvalid(source)
   ds = grain.MapDataset.source(source)
-  if not getattr(source, 'in_order', False):
-    ds = ds.shuffle(seed=_derive_seed(seed, 'shuffle'))
+  if not getattr(source, "in_order", False):
+    ds = ds.shuffle(seed=_derive_seed(seed, "shuffle"))
   return ds.repeat(num_epochs)
 
 
-def host_batches(records: grain.MapDataset, global_batch_size: int, shard_index: int,
-                 shard_count: int) -> grain.MapDataset:
+def host_batches(
+  records: grain.MapDataset, global_batch_size: int, shard_index: int, shard_count: int
+) -> grain.MapDataset:
   """Step s -> this host's rows [i*b, (i+1)*b) of global batch s (b = B / n).
 
   Positions are cut into mini-batches of b; global batch s is mini-batches
@@ -690,13 +760,22 @@ def host_batches(records: grain.MapDataset, global_batch_size: int, shard_index:
   local = _check_batch_size(global_batch_size, shard_count)
   minibatches = records.batch(local, drop_remainder=True)
   if len(records) < sys.maxsize:  # finite epochs: drop the partial global batch
-    minibatches = minibatches[:len(records) // global_batch_size * shard_count]
+    minibatches = minibatches[: len(records) // global_batch_size * shard_count]
   return minibatches[shard_index::shard_count]
 
 
-def make_train_dataset(data_config, source, global_batch_size: int, *, seed: int,
-                       image_size: tuple[int, int], shard_index: int, shard_count: int,
-                       num_epochs: Optional[int], augment: bool) -> grain.MapDataset:
+def make_train_dataset(
+  data_config,
+  source,
+  global_batch_size: int,
+  *,
+  seed: int,
+  image_size: tuple[int, int],
+  shard_index: int,
+  shard_count: int,
+  num_epochs: Optional[int],
+  augment: bool,
+) -> grain.MapDataset:
   """The random-access dataset of this host's training batches (index = step).
 
   Transforms run per global position p before batching: augmentation draws its
@@ -707,7 +786,7 @@ def make_train_dataset(data_config, source, global_batch_size: int, *, seed: int
   for op in _preprocess_ops(data_config, image_size):
     ds = ds.map(op)
   if augment:
-    ds = ds.random_map(Augment(), seed=_derive_seed(seed, 'augment'))
+    ds = ds.random_map(Augment(), seed=_derive_seed(seed, "augment"))
   ds = ds.map(Normalize())
   return host_batches(ds, global_batch_size, shard_index, shard_count)
 
@@ -727,14 +806,20 @@ class TrainIterator(grain.DatasetIterator):
   at the first next() and restarts at the restored step after set_state().
   """
 
-  STATE_KIND = 'mms_jax.train_pipeline/1'
+  STATE_KIND = "mms_jax.train_pipeline/1"
 
-  def __init__(self, batches: grain.MapDataset, *, identity: Mapping[str, Any],
-               read_options: grain.ReadOptions, worker_count: int,
-               worker_buffer_size: int = 2):
+  def __init__(
+    self,
+    batches: grain.MapDataset,
+    *,
+    identity: Mapping[str, Any],
+    read_options: grain.ReadOptions,
+    worker_count: int,
+    worker_buffer_size: int = 2,
+  ):
     super().__init__()
     self._batches = batches
-    self._identity = {'kind': self.STATE_KIND, **identity}
+    self._identity = {"kind": self.STATE_KIND, **identity}
     self._read_options = read_options
     self._worker_count = worker_count
     self._worker_buffer_size = worker_buffer_size
@@ -742,12 +827,14 @@ class TrainIterator(grain.DatasetIterator):
     self._iterator = None
 
   def _start(self) -> None:
-    ds = self._batches[self._step:].to_iter_dataset(self._read_options)
+    ds = self._batches[self._step :].to_iter_dataset(self._read_options)
     if self._worker_count:
       _mark_flags_parsed()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self._worker_count,
-          per_worker_buffer_size=self._worker_buffer_size))
+      ds = ds.mp_prefetch(
+        grain.MultiprocessingOptions(
+          num_workers=self._worker_count, per_worker_buffer_size=self._worker_buffer_size
+        )
+      )
     self._iterator = iter(ds)
 
   def _stop(self) -> None:
@@ -764,21 +851,21 @@ class TrainIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self) -> dict[str, Any]:
-    return {**self._identity, 'step': self._step}
+    return {**self._identity, "step": self._step}
 
   def set_state(self, state) -> None:
     if isinstance(state, (bytes, bytearray, str)):
       state = json.loads(state)
-    if not isinstance(state, Mapping) or state.get('kind') != self.STATE_KIND:
-      raise ValueError('Not a training-pipeline state (an older per-host loader '
-                       f'state cannot be resumed exactly): {str(state)[:200]!r}.')
-    changed = {k: (state.get(k), v) for k, v in self._identity.items()
-               if state.get(k) != v}
+    if not isinstance(state, Mapping) or state.get("kind") != self.STATE_KIND:
+      raise ValueError(
+        "Not a training-pipeline state (an older per-host loader "
+        f"state cannot be resumed exactly): {str(state)[:200]!r}."
+      )
+    changed = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
     if changed:
-      raise ValueError('The data state belongs to another stream; (saved, now): '
-                       f'{changed}.')
+      raise ValueError(f"The data state belongs to another stream; (saved, now): {changed}.")
     self._stop()
-    self._step = int(state['step'])
+    self._step = int(state["step"])
 
   def start_prefetch(self) -> None:
     if self._iterator is None:
@@ -790,17 +877,23 @@ class TrainIterator(grain.DatasetIterator):
     super().close()
 
   def __str__(self) -> str:
-    return f'TrainIterator(step={self._step}, workers={self._worker_count})'
+    return f"TrainIterator(step={self._step}, workers={self._worker_count})"
 
 
-def make_train_iterator(data_config, split: str, global_batch_size: int, *,
-                        seed: int = 0, image_size: Sequence[int] = (32, 128),
-                        worker_count: Optional[int] = None,
-                        shard_index: Optional[int] = None,
-                        shard_count: Optional[int] = None,
-                        num_epochs: Union[int, None, str] = 'auto',
-                        augment: Optional[bool] = None,
-                        source=None) -> TrainIterator:
+def make_train_iterator(
+  data_config,
+  split: str,
+  global_batch_size: int,
+  *,
+  seed: int = 0,
+  image_size: Sequence[int] = (32, 128),
+  worker_count: Optional[int] = None,
+  shard_index: Optional[int] = None,
+  shard_count: Optional[int] = None,
+  num_epochs: Union[int, None, str] = "auto",
+  augment: Optional[bool] = None,
+  source=None,
+) -> TrainIterator:
   """The training iterator of a split; see `make_pipeline` (train=True)."""
   image_size = _check_image_size(image_size)
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
@@ -811,32 +904,46 @@ def make_train_iterator(data_config, split: str, global_batch_size: int, *,
   if curriculum.active and isinstance(source, SyntheticSource):
     source = source.with_curriculum(curriculum, global_batch_size)
   if len(source) == 0:
-    raise formats.DataError(f'{source!r} has no records.')
-  if num_epochs == 'auto':
+    raise formats.DataError(f"{source!r} has no records.")
+  if num_epochs == "auto":
     num_epochs = None
   if augment is None:
-    augment = bool(_get(data_config, 'augment', False))
+    augment = bool(_get(data_config, "augment", False))
   batches = make_train_dataset(
-      data_config, source, global_batch_size, seed=seed, image_size=image_size,
-      shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
-      augment=augment)
+    data_config,
+    source,
+    global_batch_size,
+    seed=seed,
+    image_size=image_size,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    num_epochs=num_epochs,
+    augment=augment,
+  )
   if worker_count is None:
-    worker_count = int(_get(data_config, 'worker_count', 0))
-  threads = int(_get(data_config, 'read_threads', 8))
-  prefetch = int(_get(data_config, 'prefetch', 64))  # records
+    worker_count = int(_get(data_config, "worker_count", 0))
+  threads = int(_get(data_config, "read_threads", 8))
+  prefetch = int(_get(data_config, "prefetch", 64))  # records
   read_options = grain.ReadOptions(
-      num_threads=threads, prefetch_buffer_size=max(threads, -(-prefetch // local)))
-  identity = {'source': _fingerprint(source), 'records': len(source), 'seed': int(seed),
-              'global_batch_size': int(global_batch_size)}
-  return TrainIterator(batches, identity=identity, read_options=read_options,
-                       worker_count=worker_count)
+    num_threads=threads, prefetch_buffer_size=max(threads, -(-prefetch // local))
+  )
+  identity = {
+    "source": _fingerprint(source),
+    "records": len(source),
+    "seed": int(seed),
+    "global_batch_size": int(global_batch_size),
+  }
+  return TrainIterator(
+    batches, identity=identity, read_options=read_options, worker_count=worker_count
+  )
 
 
 # ---------------------------------------------------- evaluation pipeline ----
 
 
-def shard_options(train: bool, shard_index: Optional[int] = None,
-                  shard_count: Optional[int] = None) -> grain.ShardOptions:
+def shard_options(
+  train: bool, shard_index: Optional[int] = None, shard_count: Optional[int] = None
+) -> grain.ShardOptions:
   """Explicit shards, else one shard per JAX process (evaluation loader)."""
   if shard_index is None and shard_count is None:
     return grain.ShardByJaxProcess(drop_remainder=train)
@@ -870,17 +977,22 @@ class ShardSlice(grain.RandomAccessDataSource):
     return self._source[self._start + int(index)]
 
   def __repr__(self) -> str:
-    return f'{self._source!r}[{self._start}:{self._stop}]'
+    return f"{self._source!r}[{self._start}:{self._stop}]"
 
 
-def make_loader(data_config, split: str, global_batch_size: int, *,
-                image_size: Sequence[int] = (32, 128),
-                worker_count: Optional[int] = None,
-                shard_index: Optional[int] = None,
-                shard_count: Optional[int] = None,
-                num_epochs: Union[int, None, str] = 'auto',
-                augment: bool = False,
-                source=None) -> grain.DataLoader:
+def make_loader(
+  data_config,
+  split: str,
+  global_batch_size: int,
+  *,
+  image_size: Sequence[int] = (32, 128),
+  worker_count: Optional[int] = None,
+  shard_index: Optional[int] = None,
+  shard_count: Optional[int] = None,
+  num_epochs: Union[int, None, str] = "auto",
+  augment: bool = False,
+  source=None,
+) -> grain.DataLoader:
   """The evaluation DataLoader of a split: sequential, each host a contiguous slice
   (together all records), the last partial batch kept; see `make_pipeline`."""
   image_size = _check_image_size(image_size)
@@ -888,11 +1000,12 @@ def make_loader(data_config, split: str, global_batch_size: int, *,
     source = make_source(data_config, split)
   shard = shard_options(False, shard_index, shard_count)
   batch_size = _check_batch_size(global_batch_size, shard.shard_count)
-  if num_epochs == 'auto':
+  if num_epochs == "auto":
     num_epochs = 1
   if len(source) < shard.shard_count:
-    raise formats.DataError(f'{source!r} has {len(source)} records, fewer than the '
-                            f'{shard.shard_count} shards.')
+    raise formats.DataError(
+      f"{source!r} has {len(source)} records, fewer than the {shard.shard_count} shards."
+    )
   operations = [DropInvalid()] if isinstance(source, formats.Reader) else []
   start, stop = shard_bounds(len(source), shard)
   sharded = ShardSlice(source, start, stop)
@@ -900,26 +1013,43 @@ def make_loader(data_config, split: str, global_batch_size: int, *,
   if augment:
     operations.append(Augment())
   operations += [Normalize(), grain.Batch(batch_size, drop_remainder=False)]
-  sampler = grain.IndexSampler(num_records=len(sharded), shard_options=grain.NoSharding(),
-                               shuffle=False, num_epochs=num_epochs, seed=0)
+  sampler = grain.IndexSampler(
+    num_records=len(sharded),
+    shard_options=grain.NoSharding(),
+    shuffle=False,
+    num_epochs=num_epochs,
+    seed=0,
+  )
   if worker_count is None:
-    worker_count = int(_get(data_config, 'worker_count', 0))
+    worker_count = int(_get(data_config, "worker_count", 0))
   if worker_count:
     _mark_flags_parsed()
   return grain.DataLoader(
-      data_source=sharded, sampler=sampler, operations=operations,
-      worker_count=worker_count,
-      read_options=grain.ReadOptions(num_threads=int(_get(data_config, 'read_threads', 8)),
-                                     prefetch_buffer_size=int(_get(data_config, 'prefetch', 64))))
+    data_source=sharded,
+    sampler=sampler,
+    operations=operations,
+    worker_count=worker_count,
+    read_options=grain.ReadOptions(
+      num_threads=int(_get(data_config, "read_threads", 8)),
+      prefetch_buffer_size=int(_get(data_config, "prefetch", 64)),
+    ),
+  )
 
 
-def make_pipeline(data_config, split: str, global_batch_size: int, *, train: bool,
-                  seed: int = 0, image_size: Sequence[int] = (32, 128),
-                  worker_count: Optional[int] = None,
-                  shard_index: Optional[int] = None,
-                  shard_count: Optional[int] = None,
-                  num_epochs: Union[int, None, str] = 'auto',
-                  augment: Optional[bool] = None):
+def make_pipeline(
+  data_config,
+  split: str,
+  global_batch_size: int,
+  *,
+  train: bool,
+  seed: int = 0,
+  image_size: Sequence[int] = (32, 128),
+  worker_count: Optional[int] = None,
+  shard_index: Optional[int] = None,
+  shard_count: Optional[int] = None,
+  num_epochs: Union[int, None, str] = "auto",
+  augment: Optional[bool] = None,
+):
   """A checkpointable iterator of per-host batches (see the module docstring).
 
   Training (train=True): every host draws the same global shuffled order
@@ -954,20 +1084,41 @@ def make_pipeline(data_config, split: str, global_batch_size: int, *, train: boo
   """
   if train:
     return make_train_iterator(
-        data_config, split, global_batch_size, seed=seed, image_size=image_size,
-        worker_count=worker_count, shard_index=shard_index, shard_count=shard_count,
-        num_epochs=num_epochs, augment=augment)
-  loader = make_loader(data_config, split, global_batch_size, image_size=image_size,
-                       worker_count=worker_count, shard_index=shard_index,
-                       shard_count=shard_count, num_epochs=num_epochs,
-                       augment=bool(augment))
+      data_config,
+      split,
+      global_batch_size,
+      seed=seed,
+      image_size=image_size,
+      worker_count=worker_count,
+      shard_index=shard_index,
+      shard_count=shard_count,
+      num_epochs=num_epochs,
+      augment=augment,
+    )
+  loader = make_loader(
+    data_config,
+    split,
+    global_batch_size,
+    image_size=image_size,
+    worker_count=worker_count,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    num_epochs=num_epochs,
+    augment=bool(augment),
+  )
   return iter(loader)
 
 
-def padded_eval_batches(data_config, split: str, global_batch_size: int,
-                        fields: Mapping[str, Sequence[int]], *,
-                        image_size: Sequence[int] = (32, 128),
-                        worker_count: Optional[int] = None, with_labels: bool = False):
+def padded_eval_batches(
+  data_config,
+  split: str,
+  global_batch_size: int,
+  fields: Mapping[str, Sequence[int]],
+  *,
+  image_size: Sequence[int] = (32, 128),
+  worker_count: Optional[int] = None,
+  with_labels: bool = False,
+):
   """Yields this host's evaluation batches of `fields`, zero-padded to a fixed size.
 
   fields: {batch key: per-example shape}, e.g. {'image': (32, 128, 3), 'mask': (32, 128)}.
@@ -979,18 +1130,24 @@ def padded_eval_batches(data_config, split: str, global_batch_size: int,
   source = make_source(data_config, split)
   shard = shard_options(False)
   local = _check_batch_size(global_batch_size, shard.shard_count)
-  loader = make_loader(data_config, split, global_batch_size, image_size=image_size,
-                       source=source, worker_count=worker_count)
+  loader = make_loader(
+    data_config,
+    split,
+    global_batch_size,
+    image_size=image_size,
+    source=source,
+    worker_count=worker_count,
+  )
   iterator = iter(loader)
   largest_slice = -(-len(source) // shard.shard_count)
   for _ in range(-(-largest_slice // local)):
     batch = next(iterator, None)
-    n = 0 if batch is None else len(batch['image'])
-    out = {'valid': np.arange(local) < n}
+    n = 0 if batch is None else len(batch["image"])
+    out = {"valid": np.arange(local) < n}
     if with_labels:
-      out['label'] = np.full(local, '', object)
-      if n and 'label' in batch:
-        out['label'][:n] = batch['label']
+      out["label"] = np.full(local, "", object)
+      if n and "label" in batch:
+        out["label"][:n] = batch["label"]
     for key, shape in fields.items():
       out[key] = np.zeros((local, *shape), np.float32)
       if n:

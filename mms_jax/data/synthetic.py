@@ -31,19 +31,24 @@ import io
 import math
 import os
 import string
-from typing import Any, Mapping, Sequence
+from typing import Any
+from typing import Mapping
+from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFilter
+from PIL import ImageFont
 
 from mms_jax.data import fonts as fonts_lib
 
 DEFAULT_CHARSET = string.digits + string.ascii_lowercase + string.ascii_uppercase
-SYSTEM_WORD_LIST = '/usr/share/dict/words'
-BUNDLED_WORD_LIST = 'bundled'
-DIFFICULTIES = ('normal', 'hard')
+SYSTEM_WORD_LIST = "/usr/share/dict/words"
+BUNDLED_WORD_LIST = "bundled"
+DIFFICULTIES = ("normal", "hard")
 # Order of `SyntheticConfig.case_probs`.
-CASE_MODES = ('as_is', 'lower', 'upper', 'title')
+CASE_MODES = ("as_is", "lower", "upper", "title")
 
 _MIN_STEM = 0.05
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -93,6 +98,7 @@ class SyntheticConfig:
       letters (`vary_glyphs`). Its own random stream too, so 0 leaves every sample
       as it is; a training augmentation for fonts never seen in training.
   """
+
   image_size: tuple[int, int] = (32, 128)
   seed: int = 0
   num_samples: int = 1_000_000
@@ -103,10 +109,10 @@ class SyntheticConfig:
   case_probs: tuple[float, float, float, float] = (0.4, 0.2, 0.2, 0.2)
   word_list: str | None = None
   font_dirs: tuple[str, ...] | None = None
-  font_split: str = 'train'
+  font_split: str = "train"
   heldout_fraction: float = 0.1
-  font_split_salt: str = ''
-  difficulty: str = 'normal'
+  font_split_salt: str = ""
+  difficulty: str = "normal"
   lr_scale: int = 2
   render_scale: float = 2.0
   appearance: bool = True
@@ -119,75 +125,102 @@ class SyntheticConfig:
 
   def __post_init__(self):
     # Accept lists (e.g. from a ConfigDict) but store hashable tuples.
-    object.__setattr__(self, 'image_size', tuple(self.image_size))
-    object.__setattr__(self, 'case_probs', tuple(self.case_probs))
+    object.__setattr__(self, "image_size", tuple(self.image_size))
+    object.__setattr__(self, "case_probs", tuple(self.case_probs))
     if self.font_dirs is not None:
       if isinstance(self.font_dirs, str):
-        object.__setattr__(self, 'font_dirs', (self.font_dirs,))
-      object.__setattr__(self, 'font_dirs', tuple(self.font_dirs))
+        object.__setattr__(self, "font_dirs", (self.font_dirs,))
+      object.__setattr__(self, "font_dirs", tuple(self.font_dirs))
     self.validate()
 
   def validate(self):
     """Raises ValueError naming the first invalid field."""
+
     def check(ok, field, allowed):
       if not ok:
-        raise ValueError(f'SyntheticConfig.{field} must be {allowed}; got '
-                         f'{getattr(self, field)!r}')
+        raise ValueError(f"SyntheticConfig.{field} must be {allowed}; got {getattr(self, field)!r}")
+
     h_w = self.image_size
-    check(len(h_w) == 2 and all(isinstance(v, (int, np.integer)) for v in h_w)
-          and h_w[0] >= 8 and h_w[1] >= 8, 'image_size',
-          'a pair of integers (H, W), each >= 8')
-    check(isinstance(self.seed, (int, np.integer)) and self.seed >= 0, 'seed',
-          'a non-negative integer')
-    check(isinstance(self.num_samples, (int, np.integer))
-          and self.num_samples > 0, 'num_samples', 'a positive integer')
-    check(isinstance(self.min_label_length, (int, np.integer))
-          and self.min_label_length >= 1, 'min_label_length',
-          'an integer >= 1')
-    check(isinstance(self.max_label_length, (int, np.integer))
-          and self.max_label_length >= self.min_label_length,
-          'max_label_length', f'an integer >= min_label_length '
-          f'({self.min_label_length})')
-    check(isinstance(self.charset, str) and self.charset
-          and all(c.isprintable() and not c.isspace() for c in self.charset),
-          'charset', 'a non-empty string of printable, non-space characters')
-    for field in ('clean_fraction', 'hard_fraction', 'glyph_augment'):
+    check(
+      len(h_w) == 2
+      and all(isinstance(v, (int, np.integer)) for v in h_w)
+      and h_w[0] >= 8
+      and h_w[1] >= 8,
+      "image_size",
+      "a pair of integers (H, W), each >= 8",
+    )
+    check(
+      isinstance(self.seed, (int, np.integer)) and self.seed >= 0, "seed", "a non-negative integer"
+    )
+    check(
+      isinstance(self.num_samples, (int, np.integer)) and self.num_samples > 0,
+      "num_samples",
+      "a positive integer",
+    )
+    check(
+      isinstance(self.min_label_length, (int, np.integer)) and self.min_label_length >= 1,
+      "min_label_length",
+      "an integer >= 1",
+    )
+    check(
+      isinstance(self.max_label_length, (int, np.integer))
+      and self.max_label_length >= self.min_label_length,
+      "max_label_length",
+      f"an integer >= min_label_length ({self.min_label_length})",
+    )
+    check(
+      isinstance(self.charset, str)
+      and self.charset
+      and all(c.isprintable() and not c.isspace() for c in self.charset),
+      "charset",
+      "a non-empty string of printable, non-space characters",
+    )
+    for field in ("clean_fraction", "hard_fraction", "glyph_augment"):
       value = getattr(self, field)
-      check(isinstance(value, (int, float)) and 0.0 <= value <= 1.0, field,
-            'a probability in [0, 1]')
-    check(0.0 <= self.fraction_random_strings <= 1.0,
-          'fraction_random_strings', 'in [0, 1]')
-    check(len(self.case_probs) == len(CASE_MODES)
-          and all(p >= 0 for p in self.case_probs) and sum(self.case_probs) > 0,
-          'case_probs', f'{len(CASE_MODES)} non-negative weights for '
-          f'{CASE_MODES} with a positive sum')
-    check(self.word_list is None or isinstance(self.word_list, str),
-          'word_list', f'None, {BUNDLED_WORD_LIST!r} or a file path')
-    check(self.font_dirs is None
-          or all(isinstance(d, str) for d in self.font_dirs), 'font_dirs',
-          'None or a sequence of directory paths')
-    check(self.font_split in fonts_lib.FONT_SPLITS, 'font_split',
-          f'one of {fonts_lib.FONT_SPLITS}')
-    check(0.0 <= self.heldout_fraction < 1.0, 'heldout_fraction',
-          'in [0, 1)')
-    check(self.difficulty in DIFFICULTIES, 'difficulty',
-          f'one of {DIFFICULTIES}')
-    check(isinstance(self.lr_scale, (int, np.integer)) and self.lr_scale >= 1
-          and h_w[0] // self.lr_scale >= 1 and h_w[1] // self.lr_scale >= 1,
-          'lr_scale', 'an integer >= 1 not larger than H or W')
-    check(1.0 <= self.render_scale <= 8.0, 'render_scale', 'in [1, 8]')
+      check(
+        isinstance(value, (int, float)) and 0.0 <= value <= 1.0, field, "a probability in [0, 1]"
+      )
+    check(0.0 <= self.fraction_random_strings <= 1.0, "fraction_random_strings", "in [0, 1]")
+    check(
+      len(self.case_probs) == len(CASE_MODES)
+      and all(p >= 0 for p in self.case_probs)
+      and sum(self.case_probs) > 0,
+      "case_probs",
+      f"{len(CASE_MODES)} non-negative weights for {CASE_MODES} with a positive sum",
+    )
+    check(
+      self.word_list is None or isinstance(self.word_list, str),
+      "word_list",
+      f"None, {BUNDLED_WORD_LIST!r} or a file path",
+    )
+    check(
+      self.font_dirs is None or all(isinstance(d, str) for d in self.font_dirs),
+      "font_dirs",
+      "None or a sequence of directory paths",
+    )
+    check(self.font_split in fonts_lib.FONT_SPLITS, "font_split", f"one of {fonts_lib.FONT_SPLITS}")
+    check(0.0 <= self.heldout_fraction < 1.0, "heldout_fraction", "in [0, 1)")
+    check(self.difficulty in DIFFICULTIES, "difficulty", f"one of {DIFFICULTIES}")
+    check(
+      isinstance(self.lr_scale, (int, np.integer))
+      and self.lr_scale >= 1
+      and h_w[0] // self.lr_scale >= 1
+      and h_w[1] // self.lr_scale >= 1,
+      "lr_scale",
+      "an integer >= 1 not larger than H or W",
+    )
+    check(1.0 <= self.render_scale <= 8.0, "render_scale", "in [1, 8]")
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any] | Any) -> 'SyntheticConfig':
+  def from_dict(cls, d: Mapping[str, Any] | Any) -> "SyntheticConfig":
     """Builds a config from a dict or an ml_collections.ConfigDict."""
-    if hasattr(d, 'to_dict'):
+    if hasattr(d, "to_dict"):
       d = d.to_dict()
     d = dict(d)
     allowed = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(d) - set(allowed))
     if unknown:
-      raise ValueError(f'Unknown SyntheticConfig field(s) {unknown}; allowed '
-                       f'fields: {allowed}')
+      raise ValueError(f"Unknown SyntheticConfig field(s) {unknown}; allowed fields: {allowed}")
     return cls(**d)
 
   def to_dict(self) -> dict[str, Any]:
@@ -197,49 +230,80 @@ class SyntheticConfig:
 @dataclasses.dataclass(frozen=True)
 class _Style:
   """Probabilities and ranges of the random appearance, per difficulty."""
-  contrast: tuple[float, float]      # |luma(text) - luma(background)|, 0..1
-  text_height: tuple[float, float]   # fraction of H taken by the text box
+
+  contrast: tuple[float, float]  # |luma(text) - luma(background)|, 0..1
+  text_height: tuple[float, float]  # fraction of H taken by the text box
   p_rotate: float
-  max_angle: float                   # degrees
+  max_angle: float  # degrees
   p_perspective: float
-  perspective: float                 # max corner shift, fraction of size
+  perspective: float  # max corner shift, fraction of size
   p_curve: float
-  curve: float                       # max baseline bend, fraction of height
+  curve: float  # max baseline bend, fraction of height
   p_blur: float
-  blur: tuple[float, float]          # Gaussian radius at output resolution
+  blur: tuple[float, float]  # Gaussian radius at output resolution
   p_noise: float
-  noise: tuple[float, float]         # sigma, 0..255
+  noise: tuple[float, float]  # sigma, 0..255
   p_jpeg: float
-  jpeg: tuple[int, int]              # quality
+  jpeg: tuple[int, int]  # quality
   p_low_contrast: float
   low_contrast: tuple[float, float]  # factor applied around the mean
   p_occlude: float
-  occluders: tuple[int, int]         # number of strokes
+  occluders: tuple[int, int]  # number of strokes
   occluder_width: tuple[float, float]  # fraction of H
-  lr_blur: tuple[float, float]       # extra blur before down-sampling (x s)
+  lr_blur: tuple[float, float]  # extra blur before down-sampling (x s)
   lr_noise: tuple[float, float]
   lr_jpeg: tuple[int, int]
 
 
 _STYLES = {
-    'normal': _Style(
-        contrast=(0.35, 0.95), text_height=(0.55, 0.9),
-        p_rotate=0.3, max_angle=4.0, p_perspective=0.2, perspective=0.08,
-        p_curve=0.15, curve=0.12,
-        p_blur=0.25, blur=(0.3, 0.9), p_noise=0.3, noise=(2.0, 8.0),
-        p_jpeg=0.3, jpeg=(40, 95), p_low_contrast=0.1,
-        low_contrast=(0.65, 0.9), p_occlude=0.15, occluders=(1, 1),
-        occluder_width=(0.03, 0.07),
-        lr_blur=(0.2, 0.6), lr_noise=(1.0, 5.0), lr_jpeg=(50, 95)),
-    'hard': _Style(
-        contrast=(0.25, 0.5), text_height=(0.45, 0.95),
-        p_rotate=0.5, max_angle=8.0, p_perspective=0.4, perspective=0.15,
-        p_curve=0.3, curve=0.2,
-        p_blur=0.9, blur=(0.8, 1.5), p_noise=0.7, noise=(6.0, 18.0),
-        p_jpeg=0.5, jpeg=(20, 60), p_low_contrast=0.6,
-        low_contrast=(0.6, 0.85), p_occlude=0.9, occluders=(2, 4),
-        occluder_width=(0.05, 0.12),
-        lr_blur=(0.4, 1.0), lr_noise=(3.0, 10.0), lr_jpeg=(20, 70)),
+  "normal": _Style(
+    contrast=(0.35, 0.95),
+    text_height=(0.55, 0.9),
+    p_rotate=0.3,
+    max_angle=4.0,
+    p_perspective=0.2,
+    perspective=0.08,
+    p_curve=0.15,
+    curve=0.12,
+    p_blur=0.25,
+    blur=(0.3, 0.9),
+    p_noise=0.3,
+    noise=(2.0, 8.0),
+    p_jpeg=0.3,
+    jpeg=(40, 95),
+    p_low_contrast=0.1,
+    low_contrast=(0.65, 0.9),
+    p_occlude=0.15,
+    occluders=(1, 1),
+    occluder_width=(0.03, 0.07),
+    lr_blur=(0.2, 0.6),
+    lr_noise=(1.0, 5.0),
+    lr_jpeg=(50, 95),
+  ),
+  "hard": _Style(
+    contrast=(0.25, 0.5),
+    text_height=(0.45, 0.95),
+    p_rotate=0.5,
+    max_angle=8.0,
+    p_perspective=0.4,
+    perspective=0.15,
+    p_curve=0.3,
+    curve=0.2,
+    p_blur=0.9,
+    blur=(0.8, 1.5),
+    p_noise=0.7,
+    noise=(6.0, 18.0),
+    p_jpeg=0.5,
+    jpeg=(20, 60),
+    p_low_contrast=0.6,
+    low_contrast=(0.6, 0.85),
+    p_occlude=0.9,
+    occluders=(2, 4),
+    occluder_width=(0.05, 0.12),
+    lr_blur=(0.4, 1.0),
+    lr_noise=(3.0, 10.0),
+    lr_jpeg=(20, 70),
+  ),
 }
 
 
@@ -248,12 +312,11 @@ _STYLES = {
 
 
 def bundled_word_list_path() -> str:
-  return str(importlib.resources.files('mms_jax') / 'assets' / 'words.txt')
+  return str(importlib.resources.files("mms_jax") / "assets" / "words.txt")
 
 
 @functools.lru_cache(maxsize=8)
-def load_words(path: str | None = None, min_len: int = 2,
-               max_len: int = 25) -> tuple[str, ...]:
+def load_words(path: str | None = None, min_len: int = 2, max_len: int = 25) -> tuple[str, ...]:
   """Reads a word list: plain ASCII alphabetic words, min_len..max_len chars.
 
   Args:
@@ -264,29 +327,28 @@ def load_words(path: str | None = None, min_len: int = 2,
     Words in file order, duplicates removed.
   """
   if path is None:
-    path = SYSTEM_WORD_LIST if os.path.exists(SYSTEM_WORD_LIST) else (
-        BUNDLED_WORD_LIST)
+    path = SYSTEM_WORD_LIST if os.path.exists(SYSTEM_WORD_LIST) else (BUNDLED_WORD_LIST)
   if path == BUNDLED_WORD_LIST:
     path = bundled_word_list_path()
-  with open(path, encoding='utf-8', errors='ignore') as f:
+  with open(path, encoding="utf-8", errors="ignore") as f:
     words = (line.strip() for line in f)
-    keep = (w for w in words if w.isascii() and w.isalpha()
-            and max(2, min_len) <= len(w) <= max_len)
+    keep = (
+      w for w in words if w.isascii() and w.isalpha() and max(2, min_len) <= len(w) <= max_len
+    )
     return tuple(dict.fromkeys(keep))
 
 
 @functools.lru_cache(maxsize=1024)
-def _load_font(path: str,
-               size: int) -> tuple[ImageFont.FreeTypeFont, int, int]:
+def _load_font(path: str, size: int) -> tuple[ImageFont.FreeTypeFont, int, int]:
   """Returns (font, cap height in pixels, stroke width for thin fonts).
 
   Hairline fonts vanish at 32 pixels; they get a faux-bold stroke so that
   their mean stem is at least `_MIN_STEM` of the font size.
   """
   font = ImageFont.truetype(path, size)
-  cap = max(int(-font.getbbox('H', anchor='ls')[1]), 1)
-  canvas = Image.new('L', (size * 2, size * 2), 0)
-  ImageDraw.Draw(canvas).text((size // 2, size // 2), 'l', fill=255, font=font)
+  cap = max(int(-font.getbbox("H", anchor="ls")[1]), 1)
+  canvas = Image.new("L", (size * 2, size * 2), 0)
+  ImageDraw.Draw(canvas).text((size // 2, size // 2), "l", fill=255, font=font)
   glyph = np.asarray(canvas, np.float32)
   ink_rows = max(int((glyph > 0).any(axis=1).sum()), 1)
   stem = glyph.sum() / 255.0 / ink_rows
@@ -307,8 +369,7 @@ def vary_glyphs(rng: np.random.Generator, text: Image.Image) -> Image.Image:
     extra = int(math.ceil(abs(slant) * h))
     # Output (x, y) reads input (x + slant * y + offset, y); PIL's AFFINE maps that way.
     offset = -slant * h if slant > 0 else 0.0
-    text = text.transform((w + extra, h), Image.AFFINE, (1, slant, offset, 0, 1, 0),
-                          Image.BILINEAR)
+    text = text.transform((w + extra, h), Image.AFFINE, (1, slant, offset, 0, 1, 0), Image.BILINEAR)
   if rng.random() < 0.5:
     if rng.random() < 0.5:
       text = text.filter(ImageFilter.MaxFilter(3))
@@ -319,8 +380,7 @@ def vary_glyphs(rng: np.random.Generator, text: Image.Image) -> Image.Image:
         text = thinner
   if rng.random() < 0.5:
     w, h = text.size
-    text = text.resize((max(1, int(round(w * rng.uniform(0.75, 1.3)))), h),
-                       Image.BILINEAR)
+    text = text.resize((max(1, int(round(w * rng.uniform(0.75, 1.3)))), h), Image.BILINEAR)
   return text
 
 
@@ -377,13 +437,11 @@ def _perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 # Procedural textures.
 
 
-def _smooth_noise(rng, shape: tuple[int, int], cell: int,
-                  cell_x: int | None = None) -> np.ndarray:
+def _smooth_noise(rng, shape: tuple[int, int], cell: int, cell_x: int | None = None) -> np.ndarray:
   """Value noise in [-1, 1] with features about `cell` pixels wide."""
   h, w = shape
   cell_x = cell_x or cell
-  small = rng.standard_normal((max(h // cell, 1) + 2, max(w // cell_x, 1) + 2),
-                              dtype=np.float32)
+  small = rng.standard_normal((max(h // cell, 1) + 2, max(w // cell_x, 1) + 2), dtype=np.float32)
   img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
   arr = np.asarray(img, np.float32)
   return arr / (np.abs(arr).max() + 1e-6)
@@ -395,8 +453,7 @@ def _make_texture(rng, shape: tuple[int, int]) -> np.ndarray:
   kind = rng.integers(5)
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
   if kind == 0:  # Clouds: octaves of value noise.
-    tex = sum(_smooth_noise(rng, shape, c) / k for k, c in
-              enumerate((64, 24, 8, 3), start=1))
+    tex = sum(_smooth_noise(rng, shape, c) / k for k, c in enumerate((64, 24, 8, 3), start=1))
   elif kind == 1:  # Wood / marble: warped stripes.
     warp = _smooth_noise(rng, shape, 48) * rng.uniform(4, 12)
     angle = rng.uniform(0, np.pi)
@@ -412,15 +469,13 @@ def _make_texture(rng, shape: tuple[int, int]) -> np.ndarray:
       tex = np.maximum(tex, (xx % period) < 1)
     tex = tex * 2 - 0.3 + 0.2 * _smooth_noise(rng, shape, 16)
   else:  # Blotches: thresholded noise, like stains or worn paint.
-    tex = np.tanh(3 * _smooth_noise(rng, shape, 32)) + 0.3 * _smooth_noise(
-        rng, shape, 6)
+    tex = np.tanh(3 * _smooth_noise(rng, shape, 32)) + 0.3 * _smooth_noise(rng, shape, 6)
   tex = tex - tex.mean()
   return (tex / (np.abs(tex).max() + 1e-6)).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=8)
-def _texture_bank(seed: int, shape: tuple[int, int],
-                  count: int = 12) -> tuple[np.ndarray, ...]:
+def _texture_bank(seed: int, shape: tuple[int, int], count: int = 12) -> tuple[np.ndarray, ...]:
   """Textures to crop backgrounds from; a pure function of (seed, shape)."""
   rng = np.random.default_rng([seed, 0x7E7])
   return tuple(_make_texture(rng, shape) for _ in range(count))
@@ -451,24 +506,26 @@ class SyntheticGenerator:
       config = SyntheticConfig.from_dict(config)
     self.config = config
     self._base_style = _STYLES[config.difficulty]
-    all_fonts = fonts_lib.discover_fonts(
-        config.font_dirs, ''.join(sorted(set(config.charset))))
+    all_fonts = fonts_lib.discover_fonts(config.font_dirs, "".join(sorted(set(config.charset))))
     self.fonts = fonts_lib.split_fonts(
-        all_fonts, config.font_split, config.heldout_fraction,
-        config.font_split_salt)
-    self._charset = ''.join(sorted(set(config.charset)))
+      all_fonts, config.font_split, config.heldout_fraction, config.font_split_salt
+    )
+    self._charset = "".join(sorted(set(config.charset)))
     self._charset_set = frozenset(self._charset)
-    self.words = tuple(w for w in load_words(
-        config.word_list, config.min_label_length, config.max_label_length)
-                       if self._fits_charset(w))
+    self.words = tuple(
+      w
+      for w in load_words(config.word_list, config.min_label_length, config.max_label_length)
+      if self._fits_charset(w)
+    )
     h, w = config.image_size
-    self._textures = (_texture_bank(config.seed, (max(4 * h, 128), max(4 * w, 512)))
-                      if config.appearance else ())
+    self._textures = (
+      _texture_bank(config.seed, (max(4 * h, 128), max(4 * w, 512))) if config.appearance else ()
+    )
     case_p = np.asarray(config.case_probs, np.float64)
     self._case_cdf = np.cumsum(case_p / case_p.sum())
 
   def __repr__(self) -> str:
-    return f'SyntheticGenerator({self.config!r})'
+    return f"SyntheticGenerator({self.config!r})"
 
   def __len__(self) -> int:
     return self.config.num_samples
@@ -483,8 +540,7 @@ class SyntheticGenerator:
   # -- labels ----------------------------------------------------------------
 
   def _fits_charset(self, word: str) -> bool:
-    return any(set(v) <= self._charset_set
-               for v in (word, word.lower(), word.upper()))
+    return any(set(v) <= self._charset_set for v in (word, word.lower(), word.upper()))
 
   def _random_string(self, rng) -> str:
     cfg = self.config
@@ -493,15 +549,18 @@ class SyntheticGenerator:
       hi = max(lo, min(hi, 10))
     n = int(rng.integers(lo, hi + 1))
     idx = rng.integers(len(self._charset), size=n)
-    return ''.join(self._charset[i] for i in idx)
+    return "".join(self._charset[i] for i in idx)
 
   def _word(self, rng) -> str:
     word = self.words[int(rng.integers(len(self.words)))]
-    mode_index = int(np.searchsorted(self._case_cdf, rng.random(),
-                                     side='right'))
+    mode_index = int(np.searchsorted(self._case_cdf, rng.random(), side="right"))
     mode = CASE_MODES[min(mode_index, len(CASE_MODES) - 1)]
-    cased = {'as_is': word, 'lower': word.lower(), 'upper': word.upper(),
-             'title': word[:1].upper() + word[1:].lower()}[mode]
+    cased = {
+      "as_is": word,
+      "lower": word.lower(),
+      "upper": word.upper(),
+      "title": word[:1].upper() + word[1:].lower(),
+    }[mode]
     for candidate in (cased, word, word.lower(), word.upper()):
       if set(candidate) <= self._charset_set:
         return candidate
@@ -521,19 +580,26 @@ class SyntheticGenerator:
     ink, so lower-case words keep their x-height relative to capitals.
     """
     h = self.config.image_size[0]
-    size = max(8, int(round(h * self.config.render_scale *
-                            (0.55, 0.65, 0.75)[int(rng.integers(3))])))
+    size = max(
+      8, int(round(h * self.config.render_scale * (0.55, 0.65, 0.75)[int(rng.integers(3))]))
+    )
     font, cap, stroke = _load_font(font_path, size)
-    x0, y0, x1, y1 = font.getbbox(label, anchor='ls')
+    x0, y0, x1, y1 = font.getbbox(label, anchor="ls")
     top, bottom = min(y0, -cap), max(y1, 0)
     pad = max(2, size // 10) + stroke
     width, height = max(x1 - x0, 1) + 2 * pad, bottom - top + 2 * pad
-    img = Image.new('L', (width, height), 0)
+    img = Image.new("L", (width, height), 0)
     if rng.random() < 0.1:  # Occasional faux bold.
       stroke += 1
-    ImageDraw.Draw(img).text((pad - x0, pad - top), label, fill=255,
-                             font=font, anchor='ls', stroke_width=stroke,
-                             stroke_fill=255)
+    ImageDraw.Draw(img).text(
+      (pad - x0, pad - top),
+      label,
+      fill=255,
+      font=font,
+      anchor="ls",
+      stroke_width=stroke,
+      stroke_fill=255,
+    )
     return img
 
   def _warp(self, rng, img: Image.Image, st: _Style) -> Image.Image:
@@ -546,14 +612,16 @@ class SyntheticGenerator:
       shift = rng.uniform(0, st.perspective, size=(4, 2)) * [w, h]
       shift[:, 0] = np.minimum(shift[:, 0], 0.5 * h)  # Keep words readable.
       dst = src + shift * [[1, 1], [-1, 1], [-1, -1], [1, -1]]
-      img = img.transform(img.size, Image.PERSPECTIVE,
-                          _perspective_coeffs(src, dst), Image.BILINEAR)
+      img = img.transform(
+        img.size, Image.PERSPECTIVE, _perspective_coeffs(src, dst), Image.BILINEAR
+      )
     if rng.random() < st.p_rotate:
       w, h = img.size
       # Long texts rotate less so they still fit the output box.
       max_angle = min(st.max_angle, math.degrees(math.atan(2.0 * h / w)))
-      img = img.rotate(float(rng.uniform(-max_angle, max_angle)),
-                       resample=Image.BILINEAR, expand=True)
+      img = img.rotate(
+        float(rng.uniform(-max_angle, max_angle)), resample=Image.BILINEAR, expand=True
+      )
     return img
 
   def _curve(self, rng, img: Image.Image, st: _Style) -> Image.Image:
@@ -595,7 +663,7 @@ class SyntheticGenerator:
     if rng.random() < 0.6:  # Mostly roughly centred, as in cropped words.
       x = (x + (out_w - new_w) // 2) // 2
     alpha = np.zeros((out_h, out_w), np.uint8)
-    alpha[y:y + new_h, x:x + new_w] = small
+    alpha[y : y + new_h, x : x + new_w] = small
     return alpha
 
   # -- appearance ------------------------------------------------------------
@@ -613,8 +681,10 @@ class SyntheticGenerator:
     tint = rng.uniform(0.5, 1.0, size=3).astype(np.float32)
     if kind < 0.55:  # Linear gradient in a random direction.
       angle = rng.uniform(0, 2 * np.pi)
-      ramp = (np.cos(angle) * np.linspace(-1, 1, w, dtype=np.float32)[None] +
-              np.sin(angle) * np.linspace(-1, 1, h, dtype=np.float32)[:, None])
+      ramp = (
+        np.cos(angle) * np.linspace(-1, 1, w, dtype=np.float32)[None]
+        + np.sin(angle) * np.linspace(-1, 1, h, dtype=np.float32)[:, None]
+      )
       field = ramp / max(abs(np.cos(angle)) + abs(np.sin(angle)), 1e-6)
     elif kind < 0.7:  # Smooth blotchy noise.
       field = _smooth_noise(rng, (h, w), int(rng.integers(4, 24)))
@@ -622,7 +692,7 @@ class SyntheticGenerator:
       tex = self._textures[int(rng.integers(len(self._textures)))]
       y = int(rng.integers(0, tex.shape[0] - h + 1))
       x = int(rng.integers(0, tex.shape[1] - w + 1))
-      field = tex[y:y + h, x:x + w]
+      field = tex[y : y + h, x : x + w]
     return bg + field[..., None] * (amp * tint)
 
   def _occlude(self, rng, img: Image.Image, fg: np.ndarray, st: _Style) -> None:
@@ -642,8 +712,7 @@ class SyntheticGenerator:
       else:
         box = [x0, min(y0, y1) - h, max(x1, x0 + 4), max(y0, y1) + h]
         start = float(rng.uniform(0, 360))
-        draw.arc(box, start, start + float(rng.uniform(60, 200)), fill=color,
-                 width=width)
+        draw.arc(box, start, start + float(rng.uniform(60, 200)), fill=color, width=width)
 
   def _degrade(self, rng, img: Image.Image, st: _Style) -> np.ndarray:
     """Blur, contrast loss, noise and JPEG; returns uint8 [H, W, 3]."""
@@ -660,7 +729,8 @@ class SyntheticGenerator:
       # Luminance-only (grey) noise half the time, colour noise otherwise.
       channels = 1 if rng.random() < 0.5 else 3
       arr = arr + _uniform(rng, st.noise) * rng.standard_normal(
-          arr.shape[:2] + (channels,), dtype=np.float32)
+        arr.shape[:2] + (channels,), dtype=np.float32
+      )
     if arr is not None:
       img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
     if rng.random() < st.p_jpeg:
@@ -679,9 +749,9 @@ class SyntheticGenerator:
     resample = (Image.BILINEAR, Image.BICUBIC, Image.BOX)[int(rng.integers(3))]
     img = img.resize((w // s, h // s), resample)
     if rng.random() < 0.5:
-      arr = np.asarray(img, np.float32) + _uniform(
-          rng, st.lr_noise) * rng.standard_normal((h // s, w // s, 3),
-                                                  dtype=np.float32)
+      arr = np.asarray(img, np.float32) + _uniform(rng, st.lr_noise) * rng.standard_normal(
+        (h // s, w // s, 3), dtype=np.float32
+      )
       img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
     if rng.random() < 0.5:
       img = _jpeg(img, int(rng.integers(st.lr_jpeg[0], st.lr_jpeg[1] + 1)))
@@ -689,8 +759,9 @@ class SyntheticGenerator:
 
   # -- public ----------------------------------------------------------------
 
-  def sample(self, index: int, clean_fraction: float | None = None,
-             hard_fraction: float | None = None) -> dict[str, Any]:
+  def sample(
+    self, index: int, clean_fraction: float | None = None, hard_fraction: float | None = None
+  ) -> dict[str, Any]:
     """Renders sample `index` (deterministic in (config, index, fractions)).
 
     clean_fraction, hard_fraction: override the config's mixture for this sample
@@ -699,16 +770,18 @@ class SyntheticGenerator:
     cfg = self.config
     index = int(index)
     if index < 0:
-      raise ValueError(f'index must be >= 0, got {index}')
+      raise ValueError(f"index must be >= 0, got {index}")
     clean_fraction = cfg.clean_fraction if clean_fraction is None else clean_fraction
     hard_fraction = cfg.hard_fraction if hard_fraction is None else hard_fraction
     rng = np.random.default_rng([int(cfg.seed), index])
     clean = clean_fraction > 0 and (
-        np.random.default_rng([int(cfg.seed), index, 1]).random() < clean_fraction)
+      np.random.default_rng([int(cfg.seed), index, 1]).random() < clean_fraction
+    )
     hard = hard_fraction > 0 and (
-        np.random.default_rng([int(cfg.seed), index, 2]).random() < hard_fraction)
+      np.random.default_rng([int(cfg.seed), index, 2]).random() < hard_fraction
+    )
     # The style travels as an argument: one generator serves concurrent reader threads.
-    style = _STYLES['hard'] if hard else self._base_style
+    style = _STYLES["hard"] if hard else self._base_style
     label = self.sample_label(rng)
     font_path = self.fonts[int(rng.integers(len(self.fonts)))]
 
@@ -737,24 +810,29 @@ class SyntheticGenerator:
     image = self._degrade(rng, img, style) if cfg.degradations and not clean else np.asarray(img)
     lr_image = self._low_res(rng, image, style)
     return {
-        'image': np.ascontiguousarray(image, np.uint8),
-        'mask': mask,
-        'lr_image': np.ascontiguousarray(lr_image, np.uint8),
-        'label': label,
-        'font': os.path.basename(font_path),
+      "image": np.ascontiguousarray(image, np.uint8),
+      "mask": mask,
+      "lr_image": np.ascontiguousarray(lr_image, np.uint8),
+      "label": label,
+      "font": os.path.basename(font_path),
     }
 
   def sample_batch(self, indices: Sequence[int]) -> dict[str, Any]:
     """Stacks `sample(i)` for `indices`: arrays get a leading batch axis."""
     examples = [self.sample(i) for i in indices]
-    return {k: (np.stack([e[k] for e in examples])
-                if isinstance(examples[0][k], np.ndarray)
-                else [e[k] for e in examples]) for k in examples[0]}
+    return {
+      k: (
+        np.stack([e[k] for e in examples])
+        if isinstance(examples[0][k], np.ndarray)
+        else [e[k] for e in examples]
+      )
+      for k in examples[0]
+    }
 
 
 def _jpeg(img: Image.Image, quality: int) -> Image.Image:
   buf = io.BytesIO()
-  img.save(buf, format='JPEG', quality=quality)
+  img.save(buf, format="JPEG", quality=quality)
   buf.seek(0)
   out = Image.open(buf)
   out.load()
@@ -766,14 +844,12 @@ def _generator_for(config: SyntheticConfig) -> SyntheticGenerator:
   return SyntheticGenerator(config)
 
 
-def render_sample(index: int,
-                  config: SyntheticConfig | None = None) -> dict[str, Any]:
+def render_sample(index: int, config: SyntheticConfig | None = None) -> dict[str, Any]:
   """Functional form of `SyntheticGenerator(config).sample(index)`."""
   return _generator_for(config or SyntheticConfig()).sample(index)
 
 
-def save_sample_grid(path: str, config: SyntheticConfig | None = None,
-                     n: int = 8) -> None:
+def save_sample_grid(path: str, config: SyntheticConfig | None = None, n: int = 8) -> None:
   """Saves a PNG grid of n samples: image, mask and LR copy, normal and hard.
 
   Args:
@@ -781,9 +857,10 @@ def save_sample_grid(path: str, config: SyntheticConfig | None = None,
     config: base config; its difficulty is overridden with 'normal' / 'hard'.
     n: rows (samples per difficulty).
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
 
   config = config or SyntheticConfig()
   columns = []
@@ -791,22 +868,23 @@ def save_sample_grid(path: str, config: SyntheticConfig | None = None,
     gen = SyntheticGenerator(dataclasses.replace(config, difficulty=difficulty))
     columns.append((difficulty, [gen.sample(i) for i in range(n)]))
   h, w = config.image_size
-  fig, axes = plt.subplots(n, 6, figsize=(6 * 2.2 * w / 128 + 1, n * 0.9),
-                           squeeze=False)
+  fig, axes = plt.subplots(n, 6, figsize=(6 * 2.2 * w / 128 + 1, n * 0.9), squeeze=False)
   for c, (difficulty, examples) in enumerate(columns):
     for r, ex in enumerate(examples):
-      panels = (('image', ex['image'], None), ('mask', ex['mask'], 'gray'),
-                ('LR', ex['lr_image'], None))
+      panels = (
+        ("image", ex["image"], None),
+        ("mask", ex["mask"], "gray"),
+        ("LR", ex["lr_image"], None),
+      )
       for k, (name, arr, cmap) in enumerate(panels):
         ax = axes[r, 3 * c + k]
-        ax.imshow(arr, cmap=cmap, vmin=0, vmax=255, interpolation='nearest')
+        ax.imshow(arr, cmap=cmap, vmin=0, vmax=255, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
         if r == 0:
-          ax.set_title(f'{difficulty}: {name}', fontsize=9)
+          ax.set_title(f"{difficulty}: {name}", fontsize=9)
         if k == 0:
-          ax.set_xlabel(f"{ex['label']}  ({ex['font']})", fontsize=6,
-                        labelpad=1)
+          ax.set_xlabel(f"{ex['label']}  ({ex['font']})", fontsize=6, labelpad=1)
   fig.tight_layout(pad=0.3, h_pad=0.6, w_pad=0.3)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=120)

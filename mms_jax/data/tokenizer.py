@@ -11,6 +11,7 @@ An AR output class is also the input token id of that symbol, so greedy decoding
 feeds argmax ids straight back. encode() is vectorised numpy; decode() cuts with
 numpy masks and only joins strings in Python.
 """
+
 from typing import Sequence
 
 import numpy as np
@@ -24,30 +25,30 @@ EOS = 0
 class Tokenizer:
   """Encodes and decodes labels over `charset` (a name from labels.CHARSETS or chars)."""
 
-  def __init__(self, charset: str, kind: str = 'ar'):
-    if kind not in ('ctc', 'ar'):
+  def __init__(self, charset: str, kind: str = "ar"):
+    if kind not in ("ctc", "ar"):
       raise ValueError(f"tokenizer kind={kind!r}: use 'ctc' or 'ar'")
     charset = labels_lib.get_charset(charset)
     if len(set(charset)) != len(charset) or not charset:
-      raise ValueError(f'charset {charset!r} is empty or repeats characters')
+      raise ValueError(f"charset {charset!r} is empty or repeats characters")
     self.charset, self.kind = charset, kind
     n = len(charset)
     self.num_classes = n + 1
-    self.bos, self.pad = (n + 1, n + 2) if kind == 'ar' else (None, BLANK)
+    self.bos, self.pad = (n + 1, n + 2) if kind == "ar" else (None, BLANK)
     self.eos = EOS
-    self.vocab_size = n + 3 if kind == 'ar' else n + 1
+    self.vocab_size = n + 3 if kind == "ar" else n + 1
     codes = np.array([ord(c) for c in charset], np.int64)
     self._order = np.argsort(codes)
     self._sorted_codes = codes[self._order]
     # id -> text; specials map to ''.
-    self._table = np.array([''] + list(charset) + [''] * (self.vocab_size - n - 1), object)
+    self._table = np.array([""] + list(charset) + [""] * (self.vocab_size - n - 1), object)
 
   def __len__(self):
     return self.vocab_size
 
   def sequence_length(self, max_length: int) -> int:
     """Columns of encode(): max_length (+ BOS and EOS for 'ar')."""
-    return max_length + 2 if self.kind == 'ar' else max_length
+    return max_length + 2 if self.kind == "ar" else max_length
 
   def encode(self, texts: Sequence[str], max_length: int):
     """texts: B strings -> (ids int32[B, T], lengths int32[B]).
@@ -64,22 +65,23 @@ class Tokenizer:
     batch, seq = len(texts), self.sequence_length(max_length)
     if batch and lengths.max() > max_length:
       i = int(np.argmax(lengths))
-      raise ValueError(f'label {texts[i]!r} has {lengths[i]} > max_length={max_length} '
-                       'characters')
-    codes = np.frombuffer(''.join(texts).encode('utf-32-le'), np.uint32).astype(np.int64)
+      raise ValueError(f"label {texts[i]!r} has {lengths[i]} > max_length={max_length} characters")
+    codes = np.frombuffer("".join(texts).encode("utf-32-le"), np.uint32).astype(np.int64)
     where = np.clip(np.searchsorted(self._sorted_codes, codes), 0, len(self.charset) - 1)
     known = self._sorted_codes[where] == codes
     if not known.all():
       bad = sorted({chr(c) for c in codes[~known]})
-      raise ValueError(f'characters {bad} are not in the charset {self.charset!r}; '
-                       'normalise labels first (config.data.charset)')
+      raise ValueError(
+        f"characters {bad} are not in the charset {self.charset!r}; "
+        "normalise labels first (config.data.charset)"
+      )
     char_ids = (self._order[where] + 1).astype(np.int32)
     ids = np.full((batch, seq), self.pad, np.int32)
     rows = np.repeat(np.arange(batch), lengths)
     cols = np.arange(len(codes)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    offset = 1 if self.kind == 'ar' else 0
+    offset = 1 if self.kind == "ar" else 0
     ids[rows, cols + offset] = char_ids
-    if self.kind == 'ar':
+    if self.kind == "ar":
       ids[:, 0] = self.bos
       ids[np.arange(batch), lengths + 1] = EOS
     return ids, lengths
@@ -95,7 +97,7 @@ class Tokenizer:
       ids = ids[None]
     ids = np.clip(ids, 0, self.vocab_size - 1)
     keep = ids != BLANK
-    if self.kind == 'ar':
+    if self.kind == "ar":
       keep &= np.cumsum(ids == EOS, axis=1) == 0
-    chars = np.where(keep, self._table[ids], '')
-    return [''.join(row) for row in chars]
+    chars = np.where(keep, self._table[ids], "")
+    return ["".join(row) for row in chars]

@@ -19,7 +19,9 @@ then scored with dm-pix with data range 1:
 The jnp functions run under jit on per-batch arrays; `Accumulator` gathers their
 per-image outputs on the host and drops padding rows.
 """
-from typing import Dict, Mapping
+
+from typing import Dict
+from typing import Mapping
 
 import dm_pix
 import jax.numpy as jnp
@@ -37,8 +39,11 @@ def confusion_counts(probs, masks, threshold=0.5):
   pred = (probs >= threshold).astype(jnp.float32)
   truth = (masks > 0.5).astype(jnp.float32)
   axes = tuple(range(1, pred.ndim))
-  return {'tp': jnp.sum(pred * truth, axes), 'fp': jnp.sum(pred * (1 - truth), axes),
-          'fn': jnp.sum((1 - pred) * truth, axes)}
+  return {
+    "tp": jnp.sum(pred * truth, axes),
+    "fp": jnp.sum(pred * (1 - truth), axes),
+    "fn": jnp.sum((1 - pred) * truth, axes),
+  }
 
 
 def _ratio(num, den):
@@ -59,11 +64,12 @@ def segmentation_summary(tp, fp, fn) -> Dict[str, float]:
   tp, fp, fn = (np.asarray(x, np.float64) for x in (tp, fp, fn))
   total = tp.sum(), fp.sum(), fn.sum()
   return {
-      'iou': float(iou(*total)), 'fscore': float(fscore(*total)),
-      'precision': float(_ratio(total[0], total[0] + total[1])),
-      'recall': float(_ratio(total[0], total[0] + total[2])),
-      'iou_per_image': float(np.mean(iou(tp, fp, fn))),
-      'fscore_per_image': float(np.mean(fscore(tp, fp, fn))),
+    "iou": float(iou(*total)),
+    "fscore": float(fscore(*total)),
+    "precision": float(_ratio(total[0], total[0] + total[1])),
+    "recall": float(_ratio(total[0], total[0] + total[2])),
+    "iou_per_image": float(np.mean(iou(tp, fp, fn))),
+    "fscore_per_image": float(np.mean(fscore(tp, fp, fn))),
   }
 
 
@@ -88,7 +94,7 @@ def ssim(a, b):
 def image_quality(pred, target):
   """pred, target: [B, H, W, C] in [-1, 1] -> {'psnr': [B], 'ssim': [B]}."""
   a, b = to_unit(pred), to_unit(target)
-  return {'psnr': psnr(a, b), 'ssim': ssim(a, b)}
+  return {"psnr": psnr(a, b), "ssim": ssim(a, b)}
 
 
 # ------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 Images come in the models' [-1, 1] range; masks and probabilities in [0, 1].
 """
+
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
@@ -46,8 +47,9 @@ def save_prediction_grid(examples, path, charset="36", scale=2, columns=4):
   draw = ImageDraw.Draw(canvas)
   for i, (image, gt, pred) in enumerate(examples):
     x, y = (i % columns) * cell_w + 4, (i // columns) * cell_h + 2
-    canvas.paste(Image.fromarray(to_uint8(image)).resize((w * scale, h * scale), Image.NEAREST),
-                 (x, y))
+    canvas.paste(
+      Image.fromarray(to_uint8(image)).resize((w * scale, h * scale), Image.NEAREST), (x, y)
+    )
     ok = text_metrics.normalize(gt, charset) == text_metrics.normalize(pred, charset)
     draw.text((x, y + h * scale + 2), f"pred: {pred}", fill=(0, 128, 0) if ok else (200, 0, 0))
     draw.text((x, y + h * scale + 16), f"gt:   {gt}", fill="black")

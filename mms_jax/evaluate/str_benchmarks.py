@@ -10,10 +10,13 @@ LMDB folder each (see docs/recognition.md), e.g.
 pipeline.list_benchmarks(data_config, split) lists them; each is scored on its own
 and the average weights every sample equally (sum of correct / sum of samples).
 """
+
 import csv
 import logging
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable
+from typing import Optional
+from typing import Sequence
 
 import numpy as np
 
@@ -22,25 +25,40 @@ from mms_jax.evaluate import text_metrics
 
 # The standard benchmarks, by their usual folder names, and their sizes after the
 # usual filtering (36-character, case-insensitive protocol).
-IIIT5K = 'IIIT5k'
-SVT = 'SVT'
-IC13_857 = 'IC13_857'
-IC13_1015 = 'IC13_1015'
-IC15_1811 = 'IC15_1811'
-IC15_2077 = 'IC15_2077'
-SVTP = 'SVTP'
-CUTE80 = 'CUTE80'
-BENCHMARK_SIZES = {IIIT5K: 3000, SVT: 647, IC13_857: 857, IC13_1015: 1015,
-                   IC15_1811: 1811, IC15_2077: 2077, SVTP: 645, CUTE80: 288}
+IIIT5K = "IIIT5k"
+SVT = "SVT"
+IC13_857 = "IC13_857"
+IC13_1015 = "IC13_1015"
+IC15_1811 = "IC15_1811"
+IC15_2077 = "IC15_2077"
+SVTP = "SVTP"
+CUTE80 = "CUTE80"
+BENCHMARK_SIZES = {
+  IIIT5K: 3000,
+  SVT: 647,
+  IC13_857: 857,
+  IC13_1015: 1015,
+  IC15_1811: 1811,
+  IC15_2077: 2077,
+  SVTP: 645,
+  CUTE80: 288,
+}
 # The six-benchmark average most papers report (7672 samples), and the larger one.
 STANDARD_6 = (IIIT5K, SVT, IC13_857, IC15_1811, SVTP, CUTE80)
 STANDARD_6_FULL = (IIIT5K, SVT, IC13_1015, IC15_2077, SVTP, CUTE80)
 # Union14M-Benchmark subsets (sizes depend on the release; not checked).
-UNION14M = ('curve', 'multi_oriented', 'artistic', 'contextless', 'salient',
-            'multi_words', 'general')
+UNION14M = (
+  "curve",
+  "multi_oriented",
+  "artistic",
+  "contextless",
+  "salient",
+  "multi_words",
+  "general",
+)
 
-AVERAGE = 'average'
-COLUMNS = ('benchmark', 'num', 'word_accuracy', 'one_minus_ned', 'skipped')
+AVERAGE = "average"
+COLUMNS = ("benchmark", "num", "word_accuracy", "one_minus_ned", "skipped")
 
 
 def expected_size(name: str) -> Optional[int]:
@@ -48,10 +66,18 @@ def expected_size(name: str) -> Optional[int]:
   return BENCHMARK_SIZES.get(os.path.basename(os.path.normpath(name)))
 
 
-def evaluate_dataset(predict: Callable[[np.ndarray], Sequence[str]], data_config,
-                     split: str, *, batch_size: int, image_size, charset: str = '36',
-                     case_sensitive: Optional[bool] = None,
-                     max_batches: Optional[int] = None, on_batch=None) -> dict:
+def evaluate_dataset(
+  predict: Callable[[np.ndarray], Sequence[str]],
+  data_config,
+  split: str,
+  *,
+  batch_size: int,
+  image_size,
+  charset: str = "36",
+  case_sensitive: Optional[bool] = None,
+  max_batches: Optional[int] = None,
+  on_batch=None,
+) -> dict:
   """Counts (text_metrics.counts) of one data set.
 
   predict(images float32[B, H, W, 3]) -> B strings. on_batch(batch, predictions) is
@@ -65,83 +91,127 @@ def evaluate_dataset(predict: Callable[[np.ndarray], Sequence[str]], data_config
   """
   total = text_metrics.add_counts()
   source = pipeline.make_source(data_config, split)
-  loader = iter(pipeline.make_loader(data_config, split, batch_size,
-                                     image_size=tuple(image_size), worker_count=0,
-                                     shard_index=0, shard_count=1, source=source))
+  loader = iter(
+    pipeline.make_loader(
+      data_config,
+      split,
+      batch_size,
+      image_size=tuple(image_size),
+      worker_count=0,
+      shard_index=0,
+      shard_count=1,
+      source=source,
+    )
+  )
   for i, batch in enumerate(loader):
     if max_batches is not None and i >= max_batches:
       break
-    preds = list(predict(batch['image']))
-    gts = [str(t) for t in batch['label']]
-    total = text_metrics.add_counts(total, text_metrics.counts(gts, preds, charset,
-                                                               case_sensitive))
+    preds = list(predict(batch["image"]))
+    gts = [str(t) for t in batch["label"]]
+    total = text_metrics.add_counts(total, text_metrics.counts(gts, preds, charset, case_sensitive))
     if on_batch is not None:
       on_batch(batch, preds)
-  skips = getattr(source, 'skips', None)
+  skips = getattr(source, "skips", None)
   reasons = dict(sorted(skips.skipped.items())) if skips is not None else {}
-  return {**total, 'skipped': sum(reasons.values()), 'skip_reasons': reasons}
+  return {**total, "skipped": sum(reasons.values()), "skip_reasons": reasons}
 
 
 def display_name(data_config, name: str) -> str:
   """A benchmark's row name: its tree-relative path, or the folder's own name when
   data.path is the benchmark itself (the path '.')."""
-  if os.path.normpath(name) == '.':
-    return os.path.basename(os.path.normpath(os.path.expanduser(data_config.get('path') or
-                                                                '.'))) or name
+  if os.path.normpath(name) == ".":
+    return (
+      os.path.basename(os.path.normpath(os.path.expanduser(data_config.get("path") or "."))) or name
+    )
   return name
 
 
-def evaluate(predict, data_config, split: str, *, batch_size: int, image_size,
-             charset: str = '36', case_sensitive: Optional[bool] = None,
-             max_batches: Optional[int] = None, on_batch=None) -> list[dict]:
+def evaluate(
+  predict,
+  data_config,
+  split: str,
+  *,
+  batch_size: int,
+  image_size,
+  charset: str = "36",
+  case_sensitive: Optional[bool] = None,
+  max_batches: Optional[int] = None,
+  on_batch=None,
+) -> list[dict]:
   """Rows {benchmark, num, word_accuracy, one_minus_ned} per benchmark of `split`,
   then the sample-weighted average (when there are several)."""
   rows, all_counts, skipped = [], [], 0
   for name in pipeline.list_benchmarks(data_config, split):
-    c = evaluate_dataset(predict, data_config, name, batch_size=batch_size,
-                         image_size=image_size, charset=charset,
-                         case_sensitive=case_sensitive, max_batches=max_batches,
-                         on_batch=on_batch)
+    c = evaluate_dataset(
+      predict,
+      data_config,
+      name,
+      batch_size=batch_size,
+      image_size=image_size,
+      charset=charset,
+      case_sensitive=case_sensitive,
+      max_batches=max_batches,
+      on_batch=on_batch,
+    )
     shown = display_name(data_config, name)
-    if c['skipped']:
-      reasons = ', '.join(f'{k}={v}' for k, v in c['skip_reasons'].items())
-      logging.warning('Benchmark %s: %d record(s) skipped and not scored (%s).', shown,
-                      c['skipped'], reasons)
+    if c["skipped"]:
+      reasons = ", ".join(f"{k}={v}" for k, v in c["skip_reasons"].items())
+      logging.warning(
+        "Benchmark %s: %d record(s) skipped and not scored (%s).", shown, c["skipped"], reasons
+      )
     expected = expected_size(shown)
-    if expected is not None and max_batches is None and c['num'] != expected:
-      logging.warning('Benchmark %s has %d samples, the protocol expects %d (check the '
-                      'charset / max_label_length filtering).', shown, c['num'], expected)
-    rows.append({'benchmark': shown, **text_metrics.summarize(c), 'skipped': c['skipped']})
+    if expected is not None and max_batches is None and c["num"] != expected:
+      logging.warning(
+        "Benchmark %s has %d samples, the protocol expects %d (check the "
+        "charset / max_label_length filtering).",
+        shown,
+        c["num"],
+        expected,
+      )
+    rows.append({"benchmark": shown, **text_metrics.summarize(c), "skipped": c["skipped"]})
     all_counts.append({k: c[k] for k in text_metrics.add_counts()})
-    skipped += c['skipped']
+    skipped += c["skipped"]
   if len(rows) > 1:
-    rows.append({'benchmark': AVERAGE,
-                 **text_metrics.summarize(text_metrics.add_counts(*all_counts)),
-                 'skipped': skipped})
+    rows.append(
+      {
+        "benchmark": AVERAGE,
+        **text_metrics.summarize(text_metrics.add_counts(*all_counts)),
+        "skipped": skipped,
+      }
+    )
   return rows
 
 
-def format_table(rows: Sequence[dict], title: str = '') -> str:
+def format_table(rows: Sequence[dict], title: str = "") -> str:
   """A markdown table; accuracies in percent with two decimals."""
-  lines = [f'### {title}', ''] if title else []
-  lines += ['| benchmark | num | word acc (%) | 1 - NED (%) | skipped |',
-            '|---|---:|---:|---:|---:|']
+  lines = [f"### {title}", ""] if title else []
+  lines += [
+    "| benchmark | num | word acc (%) | 1 - NED (%) | skipped |",
+    "|---|---:|---:|---:|---:|",
+  ]
   for r in rows:
-    lines.append(f"| {r['benchmark']} | {r['num']} | {100 * r['word_accuracy']:.2f} | "
-                 f"{100 * r['one_minus_ned']:.2f} | {r.get('skipped', 0)} |")
-  return '\n'.join(lines) + '\n'
+    lines.append(
+      f"| {r['benchmark']} | {r['num']} | {100 * r['word_accuracy']:.2f} | "
+      f"{100 * r['one_minus_ned']:.2f} | {r.get('skipped', 0)} |"
+    )
+  return "\n".join(lines) + "\n"
 
 
-def write_tables(rows: Sequence[dict], workdir: str, stem: str, title: str = '') -> tuple:
+def write_tables(rows: Sequence[dict], workdir: str, stem: str, title: str = "") -> tuple:
   """Writes `<workdir>/<stem>.md` and `<stem>.csv`; returns their paths."""
   os.makedirs(workdir, exist_ok=True)
-  md, csv_path = os.path.join(workdir, f'{stem}.md'), os.path.join(workdir, f'{stem}.csv')
-  with open(md, 'w') as f:
+  md, csv_path = os.path.join(workdir, f"{stem}.md"), os.path.join(workdir, f"{stem}.csv")
+  with open(md, "w") as f:
     f.write(format_table(rows, title))
-  with open(csv_path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction='ignore')
+  with open(csv_path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for r in rows:
-      writer.writerow({**r, 'word_accuracy': f"{r['word_accuracy']:.6f}",
-                       'one_minus_ned': f"{r['one_minus_ned']:.6f}"})
+      writer.writerow(
+        {
+          **r,
+          "word_accuracy": f"{r['word_accuracy']:.6f}",
+          "one_minus_ned": f"{r['one_minus_ned']:.6f}",
+        }
+      )
   return md, csv_path

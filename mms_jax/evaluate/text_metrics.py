@@ -13,20 +13,25 @@ The edit distance is rapidfuzz's Levenshtein (unit insert/delete/substitute cost
 
 Counts add up (`add_counts`), so averages over benchmarks weight every sample equally.
 """
-from typing import Iterable, Mapping, Optional
+
+from typing import Iterable
+from typing import Mapping
+from typing import Optional
 
 from rapidfuzz.distance import Levenshtein
 
 from mms_jax.data import labels as labels_lib
 
-DEFAULT_CHARSET = '36'
+DEFAULT_CHARSET = "36"
 
 
-def normalize(text: str, charset: str = DEFAULT_CHARSET,
-              case_sensitive: Optional[bool] = None) -> str:
+def normalize(
+  text: str, charset: str = DEFAULT_CHARSET, case_sensitive: Optional[bool] = None
+) -> str:
   """The protocol's normalisation; '' when nothing is left (no length limit)."""
-  return labels_lib.normalize_label(text, charset, max_length=None,
-                                    case_sensitive=case_sensitive) or ''
+  return (
+    labels_lib.normalize_label(text, charset, max_length=None, case_sensitive=case_sensitive) or ""
+  )
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -39,8 +44,12 @@ def normalized_edit_distance(gt: str, pred: str) -> float:
   return edit_distance(gt, pred) / longest if longest else 0.0
 
 
-def counts(gts: Iterable[str], preds: Iterable[str], charset: str = DEFAULT_CHARSET,
-           case_sensitive: Optional[bool] = None) -> dict:
+def counts(
+  gts: Iterable[str],
+  preds: Iterable[str],
+  charset: str = DEFAULT_CHARSET,
+  case_sensitive: Optional[bool] = None,
+) -> dict:
   """Sums over samples: {'num', 'correct', 'one_minus_ned_sum'} (normalised first)."""
   num = correct = 0
   score = 0.0
@@ -49,11 +58,11 @@ def counts(gts: Iterable[str], preds: Iterable[str], charset: str = DEFAULT_CHAR
     num += 1
     correct += gt == pred
     score += 1.0 - normalized_edit_distance(gt, pred)
-  return {'num': num, 'correct': correct, 'one_minus_ned_sum': score}
+  return {"num": num, "correct": correct, "one_minus_ned_sum": score}
 
 
 def add_counts(*many: Mapping[str, float]) -> dict:
-  out = {'num': 0, 'correct': 0, 'one_minus_ned_sum': 0.0}
+  out = {"num": 0, "correct": 0, "one_minus_ned_sum": 0.0}
   for c in many:
     for k in out:
       out[k] += c[k]
@@ -62,12 +71,16 @@ def add_counts(*many: Mapping[str, float]) -> dict:
 
 def summarize(c: Mapping[str, float]) -> dict:
   """Counts -> {'num', 'word_accuracy', 'one_minus_ned'} (0 for an empty set)."""
-  n = c['num']
-  return {'num': int(n), 'word_accuracy': c['correct'] / n if n else 0.0,
-          'one_minus_ned': c['one_minus_ned_sum'] / n if n else 0.0}
+  n = c["num"]
+  return {
+    "num": int(n),
+    "word_accuracy": c["correct"] / n if n else 0.0,
+    "one_minus_ned": c["one_minus_ned_sum"] / n if n else 0.0,
+  }
 
 
-def score(gts, preds, charset: str = DEFAULT_CHARSET,
-          case_sensitive: Optional[bool] = None) -> dict:
+def score(
+  gts, preds, charset: str = DEFAULT_CHARSET, case_sensitive: Optional[bool] = None
+) -> dict:
   """Word accuracy and 1 - NED of predictions against ground truths."""
   return summarize(counts(gts, preds, charset, case_sensitive))

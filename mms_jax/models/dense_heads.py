@@ -10,7 +10,10 @@ Parameters: {'encoder': vit.Encoder params (same names as in pretraining, so a
 pretraining checkpoint's encoder loads as is), 'head': DenseHead params}.
 Shapes: B batch, L = gh * gw tokens, D encoder width, Dh head width.
 """
-from typing import Any, Optional, Tuple
+
+from typing import Any
+from typing import Optional
+from typing import Tuple
 
 import flax.linen as nn
 import jax
@@ -28,35 +31,49 @@ class DenseHead(nn.Module):
     zero_init: start the output layer at zero (used when the prediction is a
       residual, so training starts from the identity).
   """
+
   out_dim: int
   width: int = 384
   depth: int = 3
   num_heads: int = 2
   mlp_ratio: int = 4
-  gelu: str = 'erf'
+  gelu: str = "erf"
   dtype: Any = jnp.float32
   zero_init: bool = False
 
   @nn.compact
   def __call__(self, x, grid):
     """x: [B, 1 + L, D] encoder output (cls first); grid: (gh, gw) -> [B, L, out_dim]."""
-    x = vit.dense(self.width, self.dtype, 'embed')(x)
+    x = vit.dense(self.width, self.dtype, "embed")(x)
     x = x + vit.sincos_pos_embed_2d(self.width, grid, cls_token=True).astype(x.dtype)
-    x, _ = vit.block_stack(x, depth=self.depth, num_heads=self.num_heads, name='blocks',
-                           scan=False, mlp_ratio=self.mlp_ratio, gelu=self.gelu,
-                           dtype=self.dtype)
-    x = vit.layer_norm(self.dtype, 'norm')(x[:, 1:])  # the cls token only gave context
+    x, _ = vit.block_stack(
+      x,
+      depth=self.depth,
+      num_heads=self.num_heads,
+      name="blocks",
+      scan=False,
+      mlp_ratio=self.mlp_ratio,
+      gelu=self.gelu,
+      dtype=self.dtype,
+    )
+    x = vit.layer_norm(self.dtype, "norm")(x[:, 1:])  # the cls token only gave context
     if self.zero_init:
-      pred = nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32,
-                      kernel_init=nn.initializers.zeros, name='pred')
+      pred = nn.Dense(
+        self.out_dim,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.zeros,
+        name="pred",
+      )
     else:
-      pred = vit.dense(self.out_dim, self.dtype, 'pred')
+      pred = vit.dense(self.out_dim, self.dtype, "pred")
     return pred(x).astype(jnp.float32)
 
 
 class _DenseModel(nn.Module):
   """Fields shared by both models (see vit.Encoder for the encoder ones)."""
-  encoder_variant: Optional[str] = 'S'
+
+  encoder_variant: Optional[str] = "S"
   encoder_width: Optional[int] = None
   encoder_depth: Optional[int] = None
   encoder_num_heads: Optional[int] = None
@@ -65,12 +82,12 @@ class _DenseModel(nn.Module):
   head_depth: int = 3
   head_num_heads: int = 2
   mlp_ratio: int = 4
-  gelu: str = 'erf'
+  gelu: str = "erf"
   dtype: Any = jnp.float32
   scan_layers: bool = False
-  stem: str = 'patch'
+  stem: str = "patch"
   stem_channels: Tuple[int, ...] = ()
-  attention_bias: str = 'none'
+  attention_bias: str = "none"
 
   @nn.nowrap
   def encoder_dims(self):
@@ -78,19 +95,36 @@ class _DenseModel(nn.Module):
     return self._encoder(name=None).dims()
 
   @nn.nowrap
-  def _encoder(self, name='encoder'):
+  def _encoder(self, name="encoder"):
     return vit.Encoder(
-        variant=self.encoder_variant, width=self.encoder_width, depth=self.encoder_depth,
-        num_heads=self.encoder_num_heads, patch=self.patch, mlp_ratio=self.mlp_ratio,
-        gelu=self.gelu, dtype=self.dtype, scan_layers=self.scan_layers, stem=self.stem,
-        stem_channels=tuple(self.stem_channels),
-        attention_bias=self.attention_bias, name=name)
+      variant=self.encoder_variant,
+      width=self.encoder_width,
+      depth=self.encoder_depth,
+      num_heads=self.encoder_num_heads,
+      patch=self.patch,
+      mlp_ratio=self.mlp_ratio,
+      gelu=self.gelu,
+      dtype=self.dtype,
+      scan_layers=self.scan_layers,
+      stem=self.stem,
+      stem_channels=tuple(self.stem_channels),
+      attention_bias=self.attention_bias,
+      name=name,
+    )
 
   @nn.nowrap
   def _head(self, channels, zero_init=False):
-    return DenseHead(self.patch[0] * self.patch[1] * channels, self.head_width,
-                     self.head_depth, self.head_num_heads, self.mlp_ratio, self.gelu,
-                     self.dtype, zero_init, name='head')
+    return DenseHead(
+      self.patch[0] * self.patch[1] * channels,
+      self.head_width,
+      self.head_depth,
+      self.head_num_heads,
+      self.mlp_ratio,
+      self.gelu,
+      self.dtype,
+      zero_init,
+      name="head",
+    )
 
 
 class Segmenter(_DenseModel):
@@ -108,10 +142,10 @@ class Segmenter(_DenseModel):
     encoded, _ = self._encoder()(images, train=train)
     patches = self._head(1)(encoded, grid)  # [B, L, ph * pw]
     logits = vit.unpatchify(patches, self.patch, grid, 1)[..., 0]
-    return logits, {'encoded': encoded}
+    return logits, {"encoded": encoded}
 
 
-def upsample(lr_images, hr_size, method='bicubic'):
+def upsample(lr_images, hr_size, method="bicubic"):
   """lr_images: [B, h, w, C] -> [B, H, W, C] (jax.image.resize, antialiased)."""
   b, _, _, c = lr_images.shape
   return jax.image.resize(lr_images.astype(jnp.float32), (b, *hr_size, c), method)
@@ -125,6 +159,7 @@ class SuperResolver(_DenseModel):
     residual: the head predicts HR - bicubic(LR) (its output layer starts at zero,
       so an untrained model returns the bicubic image); False predicts HR pixels.
   """
+
   scale: int = 2
   residual: bool = True
 
@@ -144,4 +179,4 @@ class SuperResolver(_DenseModel):
     sr = vit.unpatchify(patches, self.patch, grid, up.shape[-1])
     if self.residual:
       sr = sr + up
-    return sr, {'upsampled': up, 'encoded': encoded}
+    return sr, {"upsampled": up, "encoded": encoded}

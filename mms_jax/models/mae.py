@@ -12,7 +12,10 @@ Two encoder modes:
 The loss is a pure function (`mae_loss`) outside the module.
 Shapes: B batch, V views, L = gh * gw tokens, D width, P = ph * pw * C.
 """
-from typing import Any, Optional, Tuple
+
+from typing import Any
+from typing import Optional
+from typing import Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -23,23 +26,25 @@ from mms_jax.models import vit
 
 class Decoder(nn.Module):
   """MAE decoder: embed, un-shuffle with mask tokens, blocks, norm, pixel head."""
+
   width: int = 512
   depth: int = 8
   num_heads: int = 16
   patch_dim: int = 48  # P = ph * pw * C
   mlp_ratio: int = 4
-  gelu: str = 'erf'
+  gelu: str = "erf"
   dtype: Any = jnp.float32
   scan_layers: bool = False
-  attention: str = 'auto'
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, ids_restore, grid):
     """x: [B, 1 + n_keep, D_enc] encoder output; ids_restore: int[B, L] -> [B, L, P]."""
     b, length = ids_restore.shape
-    x = vit.dense(self.width, self.dtype, 'embed')(x)  # [B, 1 + n_keep, Dd]
-    mask_token = self.param('mask_token', nn.initializers.normal(0.02),
-                            (1, 1, self.width), jnp.float32)
+    x = vit.dense(self.width, self.dtype, "embed")(x)  # [B, 1 + n_keep, Dd]
+    mask_token = self.param(
+      "mask_token", nn.initializers.normal(0.02), (1, 1, self.width), jnp.float32
+    )
     n_hidden = length - (x.shape[1] - 1)
     fill = jnp.broadcast_to(mask_token.astype(x.dtype), (b, n_hidden, self.width))
     tokens = jnp.concatenate([x[:, 1:], fill], axis=1)  # [visible..., hidden...]
@@ -47,13 +52,21 @@ class Decoder(nn.Module):
     x = jnp.concatenate([x[:, :1], tokens], axis=1)  # [B, 1 + L, Dd], grid order
     x = x + vit.sincos_pos_embed_2d(self.width, grid, cls_token=True).astype(x.dtype)
 
-    x, _ = vit.block_stack(x, depth=self.depth, num_heads=self.num_heads, name='blocks',
-                           scan=self.scan_layers, mlp_ratio=self.mlp_ratio,
-                           gelu=self.gelu, dtype=self.dtype, attention=self.attention)
-    x = vit.layer_norm(self.dtype, 'norm')(x)
+    x, _ = vit.block_stack(
+      x,
+      depth=self.depth,
+      num_heads=self.num_heads,
+      name="blocks",
+      scan=self.scan_layers,
+      mlp_ratio=self.mlp_ratio,
+      gelu=self.gelu,
+      dtype=self.dtype,
+      attention=self.attention,
+    )
+    x = vit.layer_norm(self.dtype, "norm")(x)
     # Every patch is predicted; if only hidden ones are needed (visible_weight 0),
     # gathering x[:, 1:] with ids_masked before this head is the place to do it.
-    return vit.dense(self.patch_dim, self.dtype, 'pred')(x[:, 1:])
+    return vit.dense(self.patch_dim, self.dtype, "pred")(x[:, 1:])
 
 
 class MAE(nn.Module):
@@ -69,7 +82,8 @@ class MAE(nn.Module):
       hidden patches inside the stem in both encoder modes).
     attention_bias: the encoder's attention bias (vit.Encoder); the decoder has none.
   """
-  encoder_variant: Optional[str] = 'S'
+
+  encoder_variant: Optional[str] = "S"
   encoder_width: Optional[int] = None
   encoder_depth: Optional[int] = None
   encoder_num_heads: Optional[int] = None
@@ -78,33 +92,51 @@ class MAE(nn.Module):
   decoder_width: int = 512
   decoder_depth: int = 8
   decoder_num_heads: int = 16
-  encoder_mode: str = 'mae'
+  encoder_mode: str = "mae"
   mlp_ratio: int = 4
-  gelu: str = 'erf'
+  gelu: str = "erf"
   dtype: Any = jnp.float32
   scan_layers: bool = False
-  attention: str = 'auto'
-  stem: str = 'patch'
+  attention: str = "auto"
+  stem: str = "patch"
   stem_channels: Tuple[int, ...] = ()
-  attention_bias: str = 'none'
+  attention_bias: str = "none"
 
   def setup(self):
     self.encoder = vit.Encoder(
-        variant=self.encoder_variant, width=self.encoder_width, depth=self.encoder_depth,
-        num_heads=self.encoder_num_heads, patch=self.patch, mlp_ratio=self.mlp_ratio,
-        gelu=self.gelu, dtype=self.dtype, scan_layers=self.scan_layers,
-        attention=self.attention, stem=self.stem, stem_channels=tuple(self.stem_channels),
-        attention_bias=self.attention_bias)
+      variant=self.encoder_variant,
+      width=self.encoder_width,
+      depth=self.encoder_depth,
+      num_heads=self.encoder_num_heads,
+      patch=self.patch,
+      mlp_ratio=self.mlp_ratio,
+      gelu=self.gelu,
+      dtype=self.dtype,
+      scan_layers=self.scan_layers,
+      attention=self.attention,
+      stem=self.stem,
+      stem_channels=tuple(self.stem_channels),
+      attention_bias=self.attention_bias,
+    )
     patch_dim = self.patch[0] * self.patch[1] * self.channels
-    if self.encoder_mode == 'mae':
+    if self.encoder_mode == "mae":
       self.decoder = Decoder(
-          self.decoder_width, self.decoder_depth, self.decoder_num_heads, patch_dim,
-          self.mlp_ratio, self.gelu, self.dtype, self.scan_layers, self.attention)
-    elif self.encoder_mode == 'simmim':
+        self.decoder_width,
+        self.decoder_depth,
+        self.decoder_num_heads,
+        patch_dim,
+        self.mlp_ratio,
+        self.gelu,
+        self.dtype,
+        self.scan_layers,
+        self.attention,
+      )
+    elif self.encoder_mode == "simmim":
       width = self.encoder.dims()[0]
-      self.simmim_mask_token = self.param('simmim_mask_token', nn.initializers.normal(0.02),
-                                          (1, 1, width), jnp.float32)
-      self.simmim_pred = vit.dense(patch_dim, self.dtype, 'simmim_pred')
+      self.simmim_mask_token = self.param(
+        "simmim_mask_token", nn.initializers.normal(0.02), (1, 1, width), jnp.float32
+      )
+      self.simmim_pred = vit.dense(patch_dim, self.dtype, "simmim_pred")
     else:
       raise ValueError(f"encoder_mode must be 'mae' or 'simmim', got {self.encoder_mode!r}")
 
@@ -129,20 +161,21 @@ class MAE(nn.Module):
       mask = mask.reshape(b * v, length)
     grid = vit.grid_shape(images.shape[1:3], self.patch)
 
-    if self.encoder_mode == 'mae':
+    if self.encoder_mode == "mae":
       if num_masked is None:
         raise ValueError("encoder_mode 'mae' needs a static num_masked")
       ids_keep, _, ids_restore = ids_from_mask(mask, num_masked)
       encoded, _ = self.encoder(images, ids_keep, train=train)
       pred = self.decoder(encoded, ids_restore, grid)
     else:
-      encoded, _ = self.encoder(images, mask=mask.astype(bool),
-                                mask_token=self.simmim_mask_token, train=train)
+      encoded, _ = self.encoder(
+        images, mask=mask.astype(bool), mask_token=self.simmim_mask_token, train=train
+      )
       pred = self.simmim_pred(encoded[:, 1:])
 
     if multi_view:
       pred = pred.reshape(b, v, *pred.shape[1:])
-    return pred, {'encoded': encoded}
+    return pred, {"encoded": encoded}
 
 
 def mae_loss(images, pred, mask, patch, *, norm_pix=True, visible_weight=0.0, eps=1e-6):
@@ -184,8 +217,11 @@ def mae_loss(images, pred, mask, patch, *, norm_pix=True, visible_weight=0.0, ep
   hidden_v, visible_v = term(m, (0, 2)), term(1.0 - m, (0, 2))  # [V]
   loss = jnp.mean(hidden_v + visible_weight * visible_v)
   per_view = term(m, 2) + visible_weight * term(1.0 - m, 2)  # [B, V]
-  aux = {'per_sample': per_view.mean(axis=1),
-         'hidden': hidden_v.mean(), 'visible': visible_v.mean()}
+  aux = {
+    "per_sample": per_view.mean(axis=1),
+    "hidden": hidden_v.mean(),
+    "visible": visible_v.mean(),
+  }
   if multi_view:
-    aux['per_view'] = per_view
+    aux["per_view"] = per_view
   return loss, aux

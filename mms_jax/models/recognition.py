@@ -14,7 +14,10 @@ Heads:
 Losses and greedy decoding are functions outside the module. Ids follow
 data/tokenizer.py. Shapes: B batch, T text positions, K classes, D widths.
 """
-from typing import Any, Optional, Tuple
+
+from typing import Any
+from typing import Optional
+from typing import Tuple
 
 import flax.linen as nn
 import jax
@@ -27,6 +30,7 @@ from mms_jax.models import vit
 
 class CrossAttention(nn.Module):
   """Multi-head attention of queries x [B, T, D] over memory m [B, S, D]."""
+
   num_heads: int
   dtype: Any = jnp.float32
 
@@ -35,38 +39,40 @@ class CrossAttention(nn.Module):
     """mask: bool broadcastable to [B, heads, T, S], True = may attend."""
     b, t, d = x.shape
     hd = d // self.num_heads
-    q = vit.dense(d, self.dtype, 'q')(x).reshape(b, t, self.num_heads, hd)
-    kv = vit.dense(2 * d, self.dtype, 'kv')(memory).reshape(b, -1, 2, self.num_heads, hd)
+    q = vit.dense(d, self.dtype, "q")(x).reshape(b, t, self.num_heads, hd)
+    kv = vit.dense(2 * d, self.dtype, "kv")(memory).reshape(b, -1, 2, self.num_heads, hd)
     k, v = kv[:, :, 0], kv[:, :, 1]
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q * (hd ** -0.5), k).astype(jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * (hd**-0.5), k).astype(jnp.float32)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, t, d)
-    return vit.dense(d, self.dtype, 'proj')(out)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
+    return vit.dense(d, self.dtype, "proj")(out)
 
 
 class DecoderLayer(nn.Module):
   """x + self_attn(norm(x), causal); x + cross_attn(norm(x), memory); x + mlp(norm(x))."""
+
   num_heads: int
   mlp_ratio: int = 4
-  gelu: str = 'erf'
+  gelu: str = "erf"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, memory):
     t = x.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
-    h = vit.layer_norm(self.dtype, 'norm1')(x)
-    x = x + CrossAttention(self.num_heads, self.dtype, name='self_attn')(h, h, causal)
-    h = vit.layer_norm(self.dtype, 'norm2')(x)
-    x = x + CrossAttention(self.num_heads, self.dtype, name='cross_attn')(h, memory)
-    h = vit.layer_norm(self.dtype, 'norm3')(x)
-    return x + vit.Mlp(self.mlp_ratio, self.gelu, self.dtype, name='mlp')(h)
+    h = vit.layer_norm(self.dtype, "norm1")(x)
+    x = x + CrossAttention(self.num_heads, self.dtype, name="self_attn")(h, h, causal)
+    h = vit.layer_norm(self.dtype, "norm2")(x)
+    x = x + CrossAttention(self.num_heads, self.dtype, name="cross_attn")(h, memory)
+    h = vit.layer_norm(self.dtype, "norm3")(x)
+    return x + vit.Mlp(self.mlp_ratio, self.gelu, self.dtype, name="mlp")(h)
 
 
 class ARDecoder(nn.Module):
   """tokens int[B, T] (input ids), memory [B, S, D_enc] -> logits [B, T, K]."""
+
   num_classes: int
   vocab_size: int
   max_positions: int
@@ -74,29 +80,40 @@ class ARDecoder(nn.Module):
   depth: int = 6
   num_heads: int = 8
   mlp_ratio: int = 4
-  gelu: str = 'erf'
+  gelu: str = "erf"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens, memory):
     t = tokens.shape[1]
     if t > self.max_positions:
-      raise ValueError(f'{t} text positions > max_positions={self.max_positions}')
-    memory = vit.dense(self.width, self.dtype, 'memory_proj')(memory)
-    embed = nn.Embed(self.vocab_size, self.width, param_dtype=jnp.float32,
-                     embedding_init=nn.initializers.normal(0.02), name='token_embed')
-    pos = self.param('query_pos_embed', nn.initializers.normal(0.02),
-                     (1, self.max_positions, self.width), jnp.float32)
+      raise ValueError(f"{t} text positions > max_positions={self.max_positions}")
+    memory = vit.dense(self.width, self.dtype, "memory_proj")(memory)
+    embed = nn.Embed(
+      self.vocab_size,
+      self.width,
+      param_dtype=jnp.float32,
+      embedding_init=nn.initializers.normal(0.02),
+      name="token_embed",
+    )
+    pos = self.param(
+      "query_pos_embed",
+      nn.initializers.normal(0.02),
+      (1, self.max_positions, self.width),
+      jnp.float32,
+    )
     x = (embed(tokens) * np.sqrt(self.width) + pos[:, :t]).astype(self.dtype)
     for i in range(self.depth):
-      x = DecoderLayer(self.num_heads, self.mlp_ratio, self.gelu, self.dtype,
-                       name=f'layers_{i}')(x, memory)
-    x = vit.layer_norm(self.dtype, 'norm')(x)
-    return vit.dense(self.num_classes, self.dtype, 'logits')(x).astype(jnp.float32)
+      x = DecoderLayer(self.num_heads, self.mlp_ratio, self.gelu, self.dtype, name=f"layers_{i}")(
+        x, memory
+      )
+    x = vit.layer_norm(self.dtype, "norm")(x)
+    return vit.dense(self.num_classes, self.dtype, "logits")(x).astype(jnp.float32)
 
 
 class CTCHead(nn.Module):
   """x [B, 1 + gh * gw, D] (cls first) -> logits [B, gw, K] (column average, linear)."""
+
   num_classes: int
   dtype: Any = jnp.float32
 
@@ -104,7 +121,7 @@ class CTCHead(nn.Module):
   def __call__(self, x, grid):
     gh, gw = grid
     cols = x[:, 1:].reshape(x.shape[0], gh, gw, x.shape[-1]).mean(axis=1)  # [B, gw, D]
-    return vit.dense(self.num_classes, self.dtype, 'logits')(cols).astype(jnp.float32)
+    return vit.dense(self.num_classes, self.dtype, "logits")(cols).astype(jnp.float32)
 
 
 class Recognizer(nn.Module):
@@ -116,8 +133,9 @@ class Recognizer(nn.Module):
   Greedy inference: `predict` (returns ids [B, max_length + 1] for 'ar', collapsed
   ids [B, gw] for 'ctc'; decode both with tokenizer.decode).
   """
+
   num_classes: int
-  head: str = 'ar'
+  head: str = "ar"
   vocab_size: int = 0  # 'ar' input vocabulary (tokenizer.vocab_size)
   bos: int = 0
   eos: int = 0
@@ -131,29 +149,44 @@ class Recognizer(nn.Module):
   decoder_depth: int = 6
   decoder_num_heads: int = 8
   decoder_mlp_ratio: int = 4
-  gelu: str = 'erf'
+  gelu: str = "erf"
   dtype: Any = jnp.float32
   scan_layers: bool = False
-  stem: str = 'patch'
+  stem: str = "patch"
   stem_channels: Tuple[int, ...] = ()
-  attention_bias: str = 'none'
+  attention_bias: str = "none"
 
   def setup(self):
-    if self.head not in ('ctc', 'ar'):
+    if self.head not in ("ctc", "ar"):
       raise ValueError(f"head={self.head!r}: use 'ctc' or 'ar'")
     self.encoder = vit.Encoder(
-        variant=self.encoder_variant, width=self.encoder_width, depth=self.encoder_depth,
-        num_heads=self.encoder_num_heads, patch=tuple(self.patch), gelu=self.gelu,
-        dtype=self.dtype, scan_layers=self.scan_layers, stem=self.stem,
-        stem_channels=tuple(self.stem_channels),
-        attention_bias=self.attention_bias)
-    if self.head == 'ar':
+      variant=self.encoder_variant,
+      width=self.encoder_width,
+      depth=self.encoder_depth,
+      num_heads=self.encoder_num_heads,
+      patch=tuple(self.patch),
+      gelu=self.gelu,
+      dtype=self.dtype,
+      scan_layers=self.scan_layers,
+      stem=self.stem,
+      stem_channels=tuple(self.stem_channels),
+      attention_bias=self.attention_bias,
+    )
+    if self.head == "ar":
       self.decoder = ARDecoder(
-          self.num_classes, self.vocab_size, self.max_length + 1, self.decoder_width,
-          self.decoder_depth, self.decoder_num_heads, self.decoder_mlp_ratio, self.gelu,
-          self.dtype, name='head')
+        self.num_classes,
+        self.vocab_size,
+        self.max_length + 1,
+        self.decoder_width,
+        self.decoder_depth,
+        self.decoder_num_heads,
+        self.decoder_mlp_ratio,
+        self.gelu,
+        self.dtype,
+        name="head",
+      )
     else:
-      self.ctc_head = CTCHead(self.num_classes, self.dtype, name='head')
+      self.ctc_head = CTCHead(self.num_classes, self.dtype, name="head")
 
   def encode(self, images):
     """images [B, H, W, 3] -> memory [B, 1 + L, D]."""
@@ -170,7 +203,7 @@ class Recognizer(nn.Module):
 
   def __call__(self, images, tokens_in=None, train=False):
     del train
-    if self.head == 'ctc':
+    if self.head == "ctc":
       return self.ctc_logits(images)
     if tokens_in is None:
       raise ValueError("the 'ar' head needs tokens_in (teacher forcing); use predict")
@@ -178,24 +211,34 @@ class Recognizer(nn.Module):
 
   def predict(self, images):
     """Greedy decoding with a fixed length (jittable); ids for tokenizer.decode."""
-    if self.head == 'ctc':
+    if self.head == "ctc":
       return ctc_greedy(self.ctc_logits(images))[0]
     memory = self.encode(images)
-    return ar_greedy(lambda tokens: self.decode(tokens, memory), images.shape[0],
-                     self.max_length + 1, self.bos, self.eos)[0]
+    return ar_greedy(
+      lambda tokens: self.decode(tokens, memory),
+      images.shape[0],
+      self.max_length + 1,
+      self.bos,
+      self.eos,
+    )[0]
 
   def predict_scored(self, images):
     """(ids as `predict` returns them, confidence float32[B]): the confidence is the
     probability of the greedy path (CTC: the product over frames of the best class'
     probability; AR: the product of the chosen tokens' probabilities up to and
     including the first [E]os)."""
-    if self.head == 'ctc':
+    if self.head == "ctc":
       logits = self.ctc_logits(images)
       best = jax.nn.log_softmax(logits, axis=-1).max(axis=-1)  # [B, gw]
       return ctc_greedy(logits)[0], jnp.exp(best.sum(axis=-1))
     memory = self.encode(images)
-    ids, logits = ar_greedy(lambda tokens: self.decode(tokens, memory), images.shape[0],
-                            self.max_length + 1, self.bos, self.eos)
+    ids, logits = ar_greedy(
+      lambda tokens: self.decode(tokens, memory),
+      images.shape[0],
+      self.max_length + 1,
+      self.bos,
+      self.eos,
+    )
     best = jax.nn.log_softmax(logits, axis=-1).max(axis=-1)  # [B, T]
     eos_before = jnp.cumsum(ids == self.eos, axis=1) - (ids == self.eos)
     return ids, jnp.exp(jnp.sum(jnp.where(eos_before == 0, best, 0.0), axis=-1))
@@ -205,17 +248,28 @@ def from_config(m, tokenizer) -> Recognizer:
   """The Recognizer of a recognition config's `model` field (ConfigDict or the dict of
   a run's config.json) and its tokenizer (data/tokenizer.py)."""
   return Recognizer(
-      num_classes=tokenizer.num_classes, head=m["head"], vocab_size=tokenizer.vocab_size,
-      bos=tokenizer.bos or 0, eos=tokenizer.eos, max_length=m["max_length"],
-      encoder_variant=m.get("encoder_variant"), encoder_width=m.get("encoder_width"),
-      encoder_depth=m.get("encoder_depth"), encoder_num_heads=m.get("encoder_num_heads"),
-      patch=tuple(m["patch"]), decoder_width=m["decoder_width"],
-      decoder_depth=m["decoder_depth"], decoder_num_heads=m["decoder_num_heads"],
-      decoder_mlp_ratio=m.get("decoder_mlp_ratio", 4), gelu=m.get("gelu", "erf"),
-      dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.get("dtype", "float32")],
-      scan_layers=m.get("scan_layers", False), stem=m.get("stem") or "patch",
-      stem_channels=tuple(m.get("stem_channels") or ()),
-      attention_bias=m.get("attention_bias") or "none")
+    num_classes=tokenizer.num_classes,
+    head=m["head"],
+    vocab_size=tokenizer.vocab_size,
+    bos=tokenizer.bos or 0,
+    eos=tokenizer.eos,
+    max_length=m["max_length"],
+    encoder_variant=m.get("encoder_variant"),
+    encoder_width=m.get("encoder_width"),
+    encoder_depth=m.get("encoder_depth"),
+    encoder_num_heads=m.get("encoder_num_heads"),
+    patch=tuple(m["patch"]),
+    decoder_width=m["decoder_width"],
+    decoder_depth=m["decoder_depth"],
+    decoder_num_heads=m["decoder_num_heads"],
+    decoder_mlp_ratio=m.get("decoder_mlp_ratio", 4),
+    gelu=m.get("gelu", "erf"),
+    dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.get("dtype", "float32")],
+    scan_layers=m.get("scan_layers", False),
+    stem=m.get("stem") or "patch",
+    stem_channels=tuple(m.get("stem_channels") or ()),
+    attention_bias=m.get("attention_bias") or "none",
+  )
 
 
 # ------------------------------------------------------------------------------------
@@ -229,8 +283,7 @@ def ar_loss(logits, targets, pad_id, label_smoothing=0.0):
   """
   k = logits.shape[-1]
   valid = (targets != pad_id).astype(jnp.float32)
-  labels = optax.smooth_labels(jax.nn.one_hot(jnp.minimum(targets, k - 1), k),
-                               label_smoothing)
+  labels = optax.smooth_labels(jax.nn.one_hot(jnp.minimum(targets, k - 1), k), label_smoothing)
   per_token = optax.softmax_cross_entropy(logits, labels)
   count = jnp.maximum(valid.sum(), 1.0)
   accuracy = ((logits.argmax(-1) == targets) * valid).sum() / count
@@ -243,9 +296,14 @@ def ctc_loss_per_char(logits, labels, label_lengths, blank_id=0):
   logits [B, T, K]; labels int[B, N] (padded); label_lengths int[B].
   """
   b, t, _ = logits.shape
-  label_paddings = (jnp.arange(labels.shape[1])[None] >= label_lengths[:, None])
-  per_seq = optax.ctc_loss(logits, jnp.zeros((b, t), jnp.float32), labels,
-                           label_paddings.astype(jnp.float32), blank_id=blank_id)
+  label_paddings = jnp.arange(labels.shape[1])[None] >= label_lengths[:, None]
+  per_seq = optax.ctc_loss(
+    logits,
+    jnp.zeros((b, t), jnp.float32),
+    labels,
+    label_paddings.astype(jnp.float32),
+    blank_id=blank_id,
+  )
   return per_seq / jnp.maximum(label_lengths, 1)
 
 
@@ -267,8 +325,9 @@ def ctc_greedy(logits, blank_id=0):
   prev = jnp.pad(best[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
   keep = (best != blank_id) & (best != prev)
   order = jnp.argsort(~keep, axis=1, stable=True)  # kept positions first, in order
-  ids = jnp.where(jnp.take_along_axis(keep, order, 1),
-                  jnp.take_along_axis(best, order, 1), blank_id)
+  ids = jnp.where(
+    jnp.take_along_axis(keep, order, 1), jnp.take_along_axis(best, order, 1), blank_id
+  )
   return ids, keep.sum(axis=1).astype(jnp.int32)
 
 
@@ -295,6 +354,5 @@ def ar_greedy(step_logits, batch, num_steps, bos, eos):
     tokens = jnp.where(t + 1 < num_steps, tokens.at[:, nxt].set(pick), tokens)
     return tokens, out, done | (pick == eos)
 
-  tokens, out, _ = jax.lax.fori_loop(0, num_steps, body,
-                                     (tokens, out, jnp.zeros((batch,), bool)))
+  tokens, out, _ = jax.lax.fori_loop(0, num_steps, body, (tokens, out, jnp.zeros((batch,), bool)))
   return out, step_logits(tokens)

@@ -11,9 +11,13 @@ Conventions (see docs/model.md for the parameter-name table):
 
 Shapes in docstrings: B batch, L = gh * gw tokens, D width, P = ph * pw * C.
 """
+
 import functools
 import re
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any
+from typing import Optional
+from typing import Sequence
+from typing import Tuple
 
 import flax.linen as nn
 import jax
@@ -22,10 +26,10 @@ import numpy as np
 
 # name -> (width, depth, num_heads); MLP ratio 4 everywhere.
 VARIANTS = {
-    'tiny': (64, 2, 2),
-    'Ti': (192, 12, 3),
-    'S': (384, 12, 6),
-    'B': (768, 12, 12),
+  "tiny": (64, 2, 2),
+  "Ti": (192, 12, 3),
+  "S": (384, 12, 6),
+  "B": (768, 12, 12),
 }
 
 
@@ -33,7 +37,7 @@ def grid_shape(image_hw, patch):
   """(H, W), (ph, pw) -> (gh, gw); raises if the image is not tiled exactly."""
   (h, w), (ph, pw) = image_hw, patch
   if h % ph or w % pw:
-    raise ValueError(f'image {h}x{w} is not divisible by patch {ph}x{pw}')
+    raise ValueError(f"image {h}x{w} is not divisible by patch {ph}x{pw}")
   return h // ph, w // pw
 
 
@@ -79,9 +83,9 @@ def sincos_pos_embed_2d(width, grid, cls_token=False):
   Returns: float32[1, (1 +) gh * gw, width] (a numpy array: a trace-time constant).
   """
   if width % 4:
-    raise ValueError(f'sin-cos position embedding needs width % 4 == 0, got {width}')
+    raise ValueError(f"sin-cos position embedding needs width % 4 == 0, got {width}")
   gh, gw = grid
-  rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing='ij')  # [gh, gw]
+  rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")  # [gh, gw]
   emb = np.concatenate([_sincos_1d(width // 2, cols), _sincos_1d(width // 2, rows)], axis=1)
   if cls_token:
     emb = np.concatenate([np.zeros((1, width)), emb], axis=0)
@@ -89,17 +93,22 @@ def sincos_pos_embed_2d(width, grid, cls_token=False):
 
 
 def dense(features, dtype, name):
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
-                  kernel_init=nn.initializers.xavier_uniform(),
-                  bias_init=nn.initializers.zeros)
+  return nn.Dense(
+    features,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+    kernel_init=nn.initializers.xavier_uniform(),
+    bias_init=nn.initializers.zeros,
+  )
 
 
 def layer_norm(dtype, name):
   return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-ATTENTION_IMPLS = ('auto', 'chunked', 'plain', 'fused')
-ATTENTION_CHUNK_BYTES = 2 ** 21  # f32 logits per chunk of the 'chunked' attention
+ATTENTION_IMPLS = ("auto", "chunked", "plain", "fused")
+ATTENTION_CHUNK_BYTES = 2**21  # f32 logits per chunk of the 'chunked' attention
 
 
 def plain_attention(q, k, v, bias=None):
@@ -109,15 +118,15 @@ def plain_attention(q, k, v, bias=None):
   into it). The straightforward formulation (autodiff through einsum + softmax,
   softmax in float32): the reference the other implementation is tested against.
   """
-  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
   if bias is not None:
     logits = logits + jax.lax.stop_gradient(bias)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bhqk,bhkd->bhqd', probs, v)
+  return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
 
 
 def _scores(q, k, bias):
-  s = jnp.einsum('...qd,...kd->...qk', q, k, preferred_element_type=jnp.float32)
+  s = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
   return s if bias is None else s + bias
 
 
@@ -127,20 +136,20 @@ def _attention_chunk(q, k, v, bias=None):
   m = jnp.max(s, axis=-1, keepdims=True)
   e = jnp.exp(s - m)
   denom = jnp.sum(e, axis=-1, keepdims=True)
-  out = jnp.einsum('...qk,...kd->...qd', (e / denom).astype(v.dtype), v)
+  out = jnp.einsum("...qk,...kd->...qd", (e / denom).astype(v.dtype), v)
   return out, m + jnp.log(denom)
 
 
 def _attention_chunk_grads(q, k, v, out, lse, dout, bias=None):
   """One chunk of the backward pass (probabilities recomputed from lse)."""
   p = jnp.exp(_scores(q, k, bias) - lse)
-  dv = jnp.einsum('...qk,...qd->...kd', p.astype(dout.dtype), dout)
-  dp = jnp.einsum('...qd,...kd->...qk', dout, v, preferred_element_type=jnp.float32)
+  dv = jnp.einsum("...qk,...qd->...kd", p.astype(dout.dtype), dout)
+  dp = jnp.einsum("...qd,...kd->...qk", dout, v, preferred_element_type=jnp.float32)
   # rowsum(p * dp) = rowsum(dout * out): a [T, hd] product instead of [T, T].
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   ds = (p * (dp - delta)).astype(q.dtype)
-  dq = jnp.einsum('...qk,...kd->...qd', ds, k)
-  dk = jnp.einsum('...qk,...qd->...kd', ds, q)
+  dq = jnp.einsum("...qk,...kd->...qd", ds, k)
+  dk = jnp.einsum("...qk,...qd->...kd", ds, q)
   return dq, dk, dv
 
 
@@ -195,7 +204,7 @@ def _chunked_backward(chunk_bytes, residuals, dout):
 chunked_attention.defvjp(_chunked_forward, _chunked_backward)
 
 
-ATTENTION_BIASES = ('none', 'alibi_2d')
+ATTENTION_BIASES = ("none", "alibi_2d")
 
 
 def alibi_slopes(num_heads):
@@ -214,8 +223,7 @@ def alibi_2d_bias(grid, patch, num_heads, ids_keep=None):
   """
   (gh, gw), (ph, pw) = grid, patch
   unit = float(min(ph, pw))
-  rows, cols = np.meshgrid(np.arange(gh) * ph / unit, np.arange(gw) * pw / unit,
-                           indexing='ij')
+  rows, cols = np.meshgrid(np.arange(gh) * ph / unit, np.arange(gw) * pw / unit, indexing="ij")
   coords = jnp.asarray(np.stack([rows.ravel(), cols.ravel()], -1), jnp.float32)  # [L, 2]
   coords = coords[None] if ids_keep is None else coords[ids_keep]  # [B or 1, n, 2]
   dist = jnp.sqrt(jnp.sum((coords[:, :, None] - coords[:, None, :]) ** 2, -1))
@@ -228,9 +236,9 @@ def resolve_attention(impl):
   """'auto' -> 'chunked' on CPU, 'fused' on GPU (jax.nn.dot_product_attention: cuDNN's
   flash kernel where it applies), 'plain' elsewhere (XLA fuses attention on TPU)."""
   if impl not in ATTENTION_IMPLS:
-    raise ValueError(f'attention must be one of {ATTENTION_IMPLS}, got {impl!r}')
-  if impl == 'auto':
-    return {'cpu': 'chunked', 'gpu': 'fused'}.get(jax.default_backend(), 'plain')
+    raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return {"cpu": "chunked", "gpu": "fused"}.get(jax.default_backend(), "plain")
   return impl
 
 
@@ -241,9 +249,10 @@ class Attention(nn.Module):
   attention: 'auto' | 'chunked' | 'plain' (see resolve_attention); the same
   function and parameters either way.
   """
+
   num_heads: int
   dtype: Any = jnp.float32
-  attention: str = 'auto'
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, bias=None):
@@ -251,55 +260,62 @@ class Attention(nn.Module):
     the attention logits (e.g. alibi_2d_bias)."""
     b, n, d = x.shape
     if d % self.num_heads:
-      raise ValueError(f'width {d} is not divisible by {self.num_heads} heads')
+      raise ValueError(f"width {d} is not divisible by {self.num_heads} heads")
     hd = d // self.num_heads
-    qkv = dense(3 * d, self.dtype, 'qkv')(x).reshape(b, n, 3, self.num_heads, hd)
+    qkv = dense(3 * d, self.dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, hd)
     impl = resolve_attention(self.attention)
-    if impl == 'plain':
+    if impl == "plain":
       q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [B, heads, N, hd]: heads-major matmuls
       plain_bias = None if bias is None else bias.transpose(1, 0, 2, 3)
-      out = plain_attention(q * (hd ** -0.5), k, v, plain_bias).transpose(0, 2, 1, 3)
-    elif impl == 'fused':  # [B, N, heads, hd] in and out: no transposes
-      fused_bias = None if bias is None else jax.lax.stop_gradient(
-          bias.transpose(1, 0, 2, 3).astype(qkv.dtype))
-      out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                         bias=fused_bias, scale=hd ** -0.5)
+      out = plain_attention(q * (hd**-0.5), k, v, plain_bias).transpose(0, 2, 1, 3)
+    elif impl == "fused":  # [B, N, heads, hd] in and out: no transposes
+      fused_bias = (
+        None
+        if bias is None
+        else jax.lax.stop_gradient(bias.transpose(1, 0, 2, 3).astype(qkv.dtype))
+      )
+      out = jax.nn.dot_product_attention(
+        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias=fused_bias, scale=hd**-0.5
+      )
     else:
       q, k, v = qkv.transpose(2, 3, 0, 1, 4)  # each [heads, B, N, hd]: loop over heads
-      out = chunked_attention(q * (hd ** -0.5), k, v, ATTENTION_CHUNK_BYTES,
-                              bias).transpose(1, 2, 0, 3)
-    return dense(d, self.dtype, 'proj')(out.reshape(b, n, d))
+      out = chunked_attention(q * (hd**-0.5), k, v, ATTENTION_CHUNK_BYTES, bias).transpose(
+        1, 2, 0, 3
+      )
+    return dense(d, self.dtype, "proj")(out.reshape(b, n, d))
 
 
 class Mlp(nn.Module):
   """fc1 (D -> ratio * D), GELU, fc2 (-> D)."""
+
   mlp_ratio: int = 4
-  gelu: str = 'erf'
+  gelu: str = "erf"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    if self.gelu not in ('erf', 'tanh'):
+    if self.gelu not in ("erf", "tanh"):
       raise ValueError(f"gelu must be 'erf' or 'tanh', got {self.gelu!r}")
     d = x.shape[-1]
-    x = dense(self.mlp_ratio * d, self.dtype, 'fc1')(x)
-    x = nn.gelu(x, approximate=(self.gelu == 'tanh'))  # 'erf' = exact, as PyTorch default
-    return dense(d, self.dtype, 'fc2')(x)
+    x = dense(self.mlp_ratio * d, self.dtype, "fc1")(x)
+    x = nn.gelu(x, approximate=(self.gelu == "tanh"))  # 'erf' = exact, as PyTorch default
+    return dense(d, self.dtype, "fc2")(x)
 
 
 class Block(nn.Module):
   """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
   num_heads: int
   mlp_ratio: int = 4
-  gelu: str = 'erf'
+  gelu: str = "erf"
   dtype: Any = jnp.float32
-  attention: str = 'auto'
+  attention: str = "auto"
 
   def setup(self):
-    self.norm1 = layer_norm(self.dtype, 'norm1')
-    self.attn = Attention(self.num_heads, self.dtype, self.attention, name='attn')
-    self.norm2 = layer_norm(self.dtype, 'norm2')
-    self.mlp = Mlp(self.mlp_ratio, self.gelu, self.dtype, name='mlp')
+    self.norm1 = layer_norm(self.dtype, "norm1")
+    self.attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
+    self.norm2 = layer_norm(self.dtype, "norm2")
+    self.mlp = Mlp(self.mlp_ratio, self.gelu, self.dtype, name="mlp")
 
   def forward(self, x, bias=None):
     x = x + self.attn(self.norm1(x), bias)
@@ -313,6 +329,7 @@ class Block(nn.Module):
 class _ScanBlock(Block):
   """Block with the (carry, xs) -> (carry, ys) signature nn.scan wants; the carry is
   (x, attention bias), the bias passed through unchanged."""
+
   keep: bool = False
 
   def __call__(self, carry, _):
@@ -329,20 +346,23 @@ def block_stack(x, *, depth, num_heads, name, scan, keep=False, bias=None, **blo
   Returns (x: [B, N, D], per-block outputs [depth, B, N, D] if keep else None).
   """
   if scan:
-    stack = nn.scan(_ScanBlock, variable_axes={'params': 0},
-                    split_rngs={'params': True}, length=depth)
-    (x, _), per_block = stack(num_heads=num_heads, keep=keep, name=name,
-                              **block_kw)((x, bias), None)
+    stack = nn.scan(
+      _ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=depth
+    )
+    (x, _), per_block = stack(num_heads=num_heads, keep=keep, name=name, **block_kw)(
+      (x, bias), None
+    )
     return x, per_block
   outs = []
   for i in range(depth):
-    x = Block(num_heads=num_heads, name=f'{name}_{i}', **block_kw)(x, bias)
+    x = Block(num_heads=num_heads, name=f"{name}_{i}", **block_kw)(x, bias)
     outs.append(x)
   return x, (jnp.stack(outs) if keep else None)
 
 
 class _PatchEmbed(nn.Module):
   """images: [B, H, W, C] -> [B, L, D]; params kernel [ph, pw, C, D], bias [D]."""
+
   width: int
   patch: Tuple[int, int]
   dtype: Any = jnp.float32
@@ -354,14 +374,15 @@ class _PatchEmbed(nn.Module):
 
     def init(key, shape, dtype=jnp.float32):  # xavier over the flattened [P, D] view, like MAE
       return nn.initializers.xavier_uniform()(key, (ph * pw * c, self.width), dtype).reshape(shape)
-    kernel = self.param('kernel', init, (ph, pw, c, self.width))
-    bias = self.param('bias', nn.initializers.zeros, (self.width,))
+
+    kernel = self.param("kernel", init, (ph, pw, c, self.width))
+    bias = self.param("bias", nn.initializers.zeros, (self.width,))
     x = patchify(images.astype(self.dtype), self.patch)
     x = x @ kernel.reshape(ph * pw * c, self.width).astype(self.dtype)
     return x + bias.astype(self.dtype)
 
 
-STEMS = ('patch', 'conv')
+STEMS = ("patch", "conv")
 
 
 def stem_strides(patch):
@@ -396,6 +417,7 @@ class ConvStem(nn.Module):
   visible=None every patch is visible (fine-tuning).
   Params: stage_{i}_conv, stage_{i}_norm, proj.
   """
+
   width: int
   patch: Tuple[int, int]
   channels: Tuple[int, ...] = ()
@@ -406,8 +428,10 @@ class ConvStem(nn.Module):
     strides = stem_strides(self.patch)
     channels = tuple(self.channels) or default_stem_channels(self.width, len(strides))
     if len(channels) != len(strides):
-      raise ValueError(f'stem_channels={channels} has {len(channels)} stages; patch '
-                       f'{self.patch} needs {len(strides)} (one per halving)')
+      raise ValueError(
+        f"stem_channels={channels} has {len(channels)} stages; patch "
+        f"{self.patch} needs {len(strides)} (one per halving)"
+      )
     gh, gw = grid_shape(images.shape[1:3], self.patch)
     x = images.astype(self.dtype)
 
@@ -421,12 +445,19 @@ class ConvStem(nn.Module):
 
     x = apply_mask(x)
     for i, (stride, features) in enumerate(zip(strides, channels)):
-      x = nn.Conv(features, (3, 3), strides=stride, padding='SAME', dtype=self.dtype,
-                  param_dtype=jnp.float32, name=f'stage_{i}_conv')(x)
-      x = nn.gelu(layer_norm(self.dtype, f'stage_{i}_norm')(x), approximate=False)
+      x = nn.Conv(
+        features,
+        (3, 3),
+        strides=stride,
+        padding="SAME",
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name=f"stage_{i}_conv",
+      )(x)
+      x = nn.gelu(layer_norm(self.dtype, f"stage_{i}_norm")(x), approximate=False)
       x = apply_mask(x)
     x = x.reshape(x.shape[0], gh * gw, x.shape[-1])  # [B, L, C_last], row-major
-    return dense(self.width, self.dtype, 'proj')(x)
+    return dense(self.width, self.dtype, "proj")(x)
 
 
 class Encoder(nn.Module):
@@ -449,28 +480,30 @@ class Encoder(nn.Module):
       per-head penalty on the distance between patches, from the kept tokens'
       coordinates only, so it works with token dropping).
   """
-  variant: Optional[str] = 'S'
+
+  variant: Optional[str] = "S"
   width: Optional[int] = None
   depth: Optional[int] = None
   num_heads: Optional[int] = None
   patch: Tuple[int, int] = (4, 4)
   mlp_ratio: int = 4
-  gelu: str = 'erf'
+  gelu: str = "erf"
   dtype: Any = jnp.float32
   scan_layers: bool = False
   return_blocks: bool = False
-  attention: str = 'auto'
-  stem: str = 'patch'
+  attention: str = "auto"
+  stem: str = "patch"
   stem_channels: Tuple[int, ...] = ()
-  attention_bias: str = 'none'
+  attention_bias: str = "none"
 
   def dims(self):
     """(width, depth, num_heads) after applying overrides to the variant."""
     base = VARIANTS[self.variant] if self.variant else (None, None, None)
-    dims = tuple(o if o is not None else v
-                 for o, v in zip((self.width, self.depth, self.num_heads), base))
+    dims = tuple(
+      o if o is not None else v for o, v in zip((self.width, self.depth, self.num_heads), base)
+    )
     if None in dims:
-      raise ValueError(f'incomplete encoder dims {dims}: set variant or width/depth/num_heads')
+      raise ValueError(f"incomplete encoder dims {dims}: set variant or width/depth/num_heads")
     return dims
 
   @nn.compact
@@ -493,19 +526,20 @@ class Encoder(nn.Module):
     del train
     width, depth, num_heads = self.dims()
     grid = grid_shape(images.shape[1:3], self.patch)
-    if self.stem == 'patch':
-      x = _PatchEmbed(width, self.patch, self.dtype, name='patch_embed')(images)  # [B, L, D]
-    elif self.stem == 'conv':
+    if self.stem == "patch":
+      x = _PatchEmbed(width, self.patch, self.dtype, name="patch_embed")(images)  # [B, L, D]
+    elif self.stem == "conv":
       visible = None
       if mask is not None:
         visible = ~mask.astype(bool)
       elif ids_keep is not None:
         visible = jnp.zeros((images.shape[0], grid[0] * grid[1]), bool)
         visible = visible.at[jnp.arange(images.shape[0])[:, None], ids_keep].set(True)
-      x = ConvStem(width, self.patch, tuple(self.stem_channels), self.dtype,
-                   name='stem')(images, visible)
+      x = ConvStem(width, self.patch, tuple(self.stem_channels), self.dtype, name="stem")(
+        images, visible
+      )
     else:
-      raise ValueError(f'stem must be one of {STEMS}, got {self.stem!r}')
+      raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
 
     if mask is not None:
       token = jnp.reshape(mask_token, (1, 1, width)).astype(x.dtype)
@@ -515,25 +549,35 @@ class Encoder(nn.Module):
     if ids_keep is not None:
       x = jnp.take_along_axis(x, ids_keep[..., None].astype(jnp.int32), axis=1)
 
-    cls = self.param('cls_token', nn.initializers.normal(0.02), (1, 1, width), jnp.float32)
+    cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, width), jnp.float32)
     cls = (cls + pos[:, :1]).astype(x.dtype)  # the cls position entry is zero
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, width)), x], axis=1)
 
-    if self.attention_bias == 'alibi_2d':
+    if self.attention_bias == "alibi_2d":
       bias = alibi_2d_bias(grid, self.patch, num_heads, ids_keep)
-    elif self.attention_bias == 'none':
+    elif self.attention_bias == "none":
       bias = None
     else:
-      raise ValueError(f'attention_bias must be one of {ATTENTION_BIASES}, got '
-                       f'{self.attention_bias!r}')
-    x, per_block = block_stack(x, depth=depth, num_heads=num_heads, name='blocks',
-                               scan=self.scan_layers, keep=self.return_blocks, bias=bias,
-                               mlp_ratio=self.mlp_ratio, gelu=self.gelu, dtype=self.dtype,
-                               attention=self.attention)
-    aux = {'pre_norm': x}
+      raise ValueError(
+        f"attention_bias must be one of {ATTENTION_BIASES}, got {self.attention_bias!r}"
+      )
+    x, per_block = block_stack(
+      x,
+      depth=depth,
+      num_heads=num_heads,
+      name="blocks",
+      scan=self.scan_layers,
+      keep=self.return_blocks,
+      bias=bias,
+      mlp_ratio=self.mlp_ratio,
+      gelu=self.gelu,
+      dtype=self.dtype,
+      attention=self.attention,
+    )
+    aux = {"pre_norm": x}
     if self.return_blocks:
-      aux['blocks'] = per_block
-    return layer_norm(self.dtype, 'norm')(x), aux
+      aux["blocks"] = per_block
+    return layer_norm(self.dtype, "norm")(x), aux
 
 
 # ---------------------------------------------------------------------------
@@ -541,27 +585,27 @@ class Encoder(nn.Module):
 # <-> unscanned (`blocks_0/...`, `blocks_1/...`). Works on any nesting (encoder
 # and decoder both use a `blocks` stack).
 
-_UNSCANNED = re.compile(r'^(.*)_(\d+)$')
+_UNSCANNED = re.compile(r"^(.*)_(\d+)$")
 
 
-def unscan_params(params, names=('blocks',)):
+def unscan_params(params, names=("blocks",)):
   """Splits every `{name}` subtree (leaves [depth, ...]) into `{name}_{i}`."""
-  if not hasattr(params, 'items'):
+  if not hasattr(params, "items"):
     return params
   out = {}
   for k, v in params.items():
-    if k in names and hasattr(v, 'items'):
+    if k in names and hasattr(v, "items"):
       depth = jax.tree_util.tree_leaves(v)[0].shape[0]
       for i in range(depth):
-        out[f'{k}_{i}'] = jax.tree_util.tree_map(lambda a, i=i: a[i], _to_dict(v))
+        out[f"{k}_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], _to_dict(v))
     else:
       out[k] = unscan_params(v, names)
   return out
 
 
-def scan_params(params, names=('blocks',)):
+def scan_params(params, names=("blocks",)):
   """Stacks `{name}_0 .. {name}_{n-1}` subtrees into one `{name}` subtree."""
-  if not hasattr(params, 'items'):
+  if not hasattr(params, "items"):
     return params
   out, groups = {}, {}
   for k, v in params.items():
@@ -572,19 +616,21 @@ def scan_params(params, names=('blocks',)):
       out[k] = scan_params(v, names)
   for name, layers in groups.items():
     if sorted(layers) != list(range(len(layers))):
-      raise ValueError(f'{name}: non-contiguous layer indices {sorted(layers)}')
-    out[name] = jax.tree_util.tree_map(lambda *a: jnp.stack(a),
-                                       *[layers[i] for i in range(len(layers))])
+      raise ValueError(f"{name}: non-contiguous layer indices {sorted(layers)}")
+    out[name] = jax.tree_util.tree_map(
+      lambda *a: jnp.stack(a), *[layers[i] for i in range(len(layers))]
+    )
   return out
 
 
 def _to_dict(tree):
-  return {k: _to_dict(v) for k, v in tree.items()} if hasattr(tree, 'items') else tree
+  return {k: _to_dict(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
 
 
 def param_names(params) -> Sequence[Tuple[str, Tuple[int, ...]]]:
   """Sorted ('a/b/c', shape) pairs for a param tree: the stable-name snapshot."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  rows = [('/'.join(str(getattr(p, 'key', p)) for p in path), tuple(leaf.shape))
-          for path, leaf in flat]
+  rows = [
+    ("/".join(str(getattr(p, "key", p)) for p in path), tuple(leaf.shape)) for path, leaf in flat
+  ]
   return sorted(rows)

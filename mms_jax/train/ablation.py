@@ -14,6 +14,7 @@ A run already in runs.jsonl is skipped; an unfinished one resumes from its own
 checkpoints, so the command can be interrupted (SIGTERM, Ctrl-C) and re-run.
 config.report_only=True writes the tables from the finished runs and runs nothing.
 """
+
 import copy
 import csv
 import importlib
@@ -21,15 +22,19 @@ import json
 import os
 import time
 
+from absl import logging
 import jax
 import numpy as np
-from absl import logging
 
 from mms_jax.programs import PROGRAMS
 from mms_jax.train import common
 
-STAGE_PROGRAMS = {"probe": "probe", "finetune": "recognition",
-                  "segmentation": "segmentation", "super_resolution": "super_resolution"}
+STAGE_PROGRAMS = {
+  "probe": "probe",
+  "finetune": "recognition",
+  "segmentation": "segmentation",
+  "super_resolution": "super_resolution",
+}
 
 
 class Interrupted(RuntimeError):
@@ -43,34 +48,42 @@ def check_config(config):
   unknown = [a for a in arms if a not in known]
   if not arms or unknown:
     raise common.ConfigError(
-        f"config.arms={arms}: {unknown or 'empty'}; use some of {sorted(known)} (add "
-        "an entry to config.arm_masking for a new masking arm)")
+      f"config.arms={arms}: {unknown or 'empty'}; use some of {sorted(known)} (add "
+      "an entry to config.arm_masking for a new masking arm)"
+    )
   reference = config.get("compare_to") or ""
   if reference and reference not in known:
-    raise common.ConfigError(f"config.compare_to={reference!r} is not an arm; use one of "
-                             f"{sorted(known)}, or '' for no paired table")
+    raise common.ConfigError(
+      f"config.compare_to={reference!r} is not an arm; use one of "
+      f"{sorted(known)}, or '' for no paired table"
+    )
   stages = tuple(config.stages)
   bad = [s for s in stages if s not in STAGE_PROGRAMS]
   if bad:
-    raise common.ConfigError(f"config.stages has unknown {bad}; use some of "
-                             f"{list(STAGE_PROGRAMS)}")
+    raise common.ConfigError(f"config.stages has unknown {bad}; use some of {list(STAGE_PROGRAMS)}")
   seeds = tuple(config.seeds)
   if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-    raise common.ConfigError(f"config.seeds={seeds}: give non-negative integers, e.g. "
-                             "--config.seeds='(0, 1, 2)'")
+    raise common.ConfigError(
+      f"config.seeds={seeds}: give non-negative integers, e.g. --config.seeds='(0, 1, 2)'"
+    )
   for stage in stages:
     if config[stage].program != STAGE_PROGRAMS[stage]:
-      raise common.ConfigError(f"config.{stage}.program={config[stage].program!r}; the "
-                               f"{stage} stage runs the {STAGE_PROGRAMS[stage]!r} program")
+      raise common.ConfigError(
+        f"config.{stage}.program={config[stage].program!r}; the "
+        f"{stage} stage runs the {STAGE_PROGRAMS[stage]!r} program"
+      )
   for name in ("pretrain", *stages):
     if not config[name].get("total_steps"):
-      raise common.ConfigError(f"config.{name}.total_steps is not set: the ablation "
-                               "compares runs of a fixed number of steps")
+      raise common.ConfigError(
+        f"config.{name}.total_steps is not set: the ablation "
+        "compares runs of a fixed number of steps"
+      )
   if config.pretrain.program != "pretrain":
     raise common.ConfigError("config.pretrain must be a pretraining config")
   if jax.process_count() > 1:
-    raise common.ConfigError("the ablation runs in a single process; launch it without "
-                             "config.distributed")
+    raise common.ConfigError(
+      "the ablation runs in a single process; launch it without config.distributed"
+    )
 
 
 def pretrain_config(config, arm, seed):
@@ -108,8 +121,10 @@ def _run_program(program, config, workdir):
   state = importlib.import_module(PROGRAMS[program]).train_and_evaluate(config, workdir)
   last = common.total_steps(config)
   if int(state.step) != last:
-    raise Interrupted(f"{workdir} stopped at step {int(state.step)} of {last}; re-run the "
-                      "same command to resume the ablation")
+    raise Interrupted(
+      f"{workdir} stopped at step {int(state.step)} of {last}; re-run the "
+      "same command to resume the ablation"
+    )
   return final_evaluation(workdir, last)
 
 
@@ -131,6 +146,7 @@ def summarize(config, runs, reference=None):
   seed (same initialisation and data), over the seeds both have; the reference's own
   row is left out.
   """
+
   def value(seed, arm, stage, key):
     run = runs.get((seed, arm, stage))
     return None if run is None else run["metrics"].get(key)
@@ -151,8 +167,7 @@ def summarize(config, runs, reference=None):
           values.append(v - base)
       values = np.array(values, np.float64)
       std = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
-      cells.append((title, float(values.mean()) if len(values) else float("nan"), std,
-                    len(values)))
+      cells.append((title, float(values.mean()) if len(values) else float("nan"), std, len(values)))
     table.append((arm, cells))
   return table
 
@@ -160,8 +175,7 @@ def summarize(config, runs, reference=None):
 def format_markdown(table, title, signed=False):
   header = [title for title, *_ in table[0][1]]
   number = "{:+.3g}" if signed else "{:.4g}"
-  lines = ["| arm | seeds | " + " | ".join(header) + " |",
-           "|---|---:|" + "---:|" * len(header)]
+  lines = ["| arm | seeds | " + " | ".join(header) + " |", "|---|---:|" + "---:|" * len(header)]
   for arm, cells in table:
     shown = []
     for _, mean, std, n in cells:
@@ -176,15 +190,18 @@ def format_markdown(table, title, signed=False):
 
 def write_reports(config, workdir, runs):
   table = summarize(config, runs)
-  title = (f"Masking ablation, seeds {tuple(config.seeds)} (mean ± std over seeds; "
-           "std needs 2 or more)")
+  title = (
+    f"Masking ablation, seeds {tuple(config.seeds)} (mean ± std over seeds; std needs 2 or more)"
+  )
   sections = [(title, format_markdown(table, title))]
   tables = [("", table)]
   reference = config.get("compare_to") or ""
   if reference and reference in config.arms and len(config.arms) > 1:
     paired = summarize(config, runs, reference)
-    paired_title = (f"Difference to {reference} at the same seed (same initialisation "
-                    "and data): mean ± std over the seeds both arms have")
+    paired_title = (
+      f"Difference to {reference} at the same seed (same initialisation "
+      "and data): mean ± std over the seeds both arms have"
+    )
     sections.append((paired_title, format_markdown(paired, paired_title, signed=True)))
     tables.append((reference, paired))
   text = "\n\n".join(f"{t}\n\n{m}" for t, m in sections)
@@ -198,8 +215,12 @@ def write_reports(config, workdir, runs):
         for name, mean, std, n in cells:
           out.writerow([arm, minus, name, mean, std, n])
   with open(os.path.join(workdir, "ablation_raw.json"), "w") as f:
-    json.dump({"config": json.loads(config.to_json_best_effort()),
-               "runs": list(runs.values())}, f, indent=1, sort_keys=True)
+    json.dump(
+      {"config": json.loads(config.to_json_best_effort()), "runs": list(runs.values())},
+      f,
+      indent=1,
+      sort_keys=True,
+    )
   print(f"\n{text}\n", flush=True)
   return table
 
@@ -221,10 +242,20 @@ def train_and_evaluate(config, workdir):
   runs = load_runs(workdir)
   if config.get("report_only"):
     return write_reports(config, workdir, runs)
-  todo = [(s, a, st) for s in config.seeds for a in config.arms for st in config.stages
-          if (s, a, st) not in runs]
-  logging.info("Ablation: %d arms x %d stages x %d seeds; %d runs to do.",
-               len(config.arms), len(config.stages), len(config.seeds), len(todo))
+  todo = [
+    (s, a, st)
+    for s in config.seeds
+    for a in config.arms
+    for st in config.stages
+    if (s, a, st) not in runs
+  ]
+  logging.info(
+    "Ablation: %d arms x %d stages x %d seeds; %d runs to do.",
+    len(config.arms),
+    len(config.stages),
+    len(config.seeds),
+    len(todo),
+  )
   started = time.time()
   for seed in config.seeds:
     for arm in config.arms:
@@ -241,15 +272,25 @@ def train_and_evaluate(config, workdir):
         logging.info("Ablation: %s from %s, seed %d.", stage, arm, seed)
         t0 = time.time()
         stage_dir = os.path.join(arm_dir, stage)
-        metrics = _run_program(STAGE_PROGRAMS[stage],
-                               stage_config(config, stage, seed, init_from), stage_dir)
-        row = {"seed": seed, "arm": arm, "stage": stage, "metrics": metrics,
-               "seconds": round(time.time() - t0, 1), "workdir": stage_dir}
+        metrics = _run_program(
+          STAGE_PROGRAMS[stage], stage_config(config, stage, seed, init_from), stage_dir
+        )
+        row = {
+          "seed": seed,
+          "arm": arm,
+          "stage": stage,
+          "metrics": metrics,
+          "seconds": round(time.time() - t0, 1),
+          "workdir": stage_dir,
+        }
         runs[(seed, arm, stage)] = row
         with open(os.path.join(workdir, "runs.jsonl"), "a") as f:
           f.write(json.dumps(row, sort_keys=True) + "\n")
         done = sum(1 for k in runs if k[0] in config.seeds)
-        logging.info("Ablation: %d/%d runs done, %.1f min so far.", done,
-                     len(config.seeds) * len(config.arms) * len(config.stages),
-                     (time.time() - started) / 60)
+        logging.info(
+          "Ablation: %d/%d runs done, %.1f min so far.",
+          done,
+          len(config.seeds) * len(config.arms) * len(config.stages),
+          (time.time() - started) / 60,
+        )
   return write_reports(config, workdir, runs)

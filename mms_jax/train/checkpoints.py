@@ -57,7 +57,9 @@ import os
 import pathlib
 import signal
 import threading
-from typing import Any, Callable, Optional
+from typing import Any
+from typing import Callable
+from typing import Optional
 
 import jax
 from jax.experimental import multihost_utils
@@ -141,8 +143,10 @@ def verify_manifest(step_dir: os.PathLike) -> Optional[str]:
   step_dir = pathlib.Path(step_dir)
   manifest_path = step_dir / MANIFEST_NAME
   if not manifest_path.exists():
-    return (f"no {MANIFEST_NAME} (a synchronous save was interrupted right after "
-            "orbax committed it, or the directory was not written by mms_jax)")
+    return (
+      f"no {MANIFEST_NAME} (a synchronous save was interrupted right after "
+      "orbax committed it, or the directory was not written by mms_jax)"
+    )
   try:
     manifest = json.loads(manifest_path.read_text())
     files = manifest["files"]
@@ -154,8 +158,7 @@ def verify_manifest(step_dir: os.PathLike) -> Optional[str]:
     if not path.is_file():
       return f"file {rel} is missing"
     if path.stat().st_size != want["size"]:
-      return (f"file {rel} has size {path.stat().st_size}, "
-              f"expected {want['size']}")
+      return f"file {rel} has size {path.stat().st_size}, expected {want['size']}"
     with open(path, "rb") as f:
       if hashlib.file_digest(f, algo).hexdigest() != want[algo]:
         return f"file {rel} has a wrong {algo} checksum"
@@ -179,12 +182,10 @@ def abstract_with_sharding(tree: PyTree, sharding) -> PyTree:
     A pytree of `jax.ShapeDtypeStruct` usable as a restore target.
   """
   if isinstance(sharding, jax.sharding.Sharding):
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        tree)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
   return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      tree, sharding)
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding
+  )
 
 
 def _encode_data_state(data_state) -> dict[str, Any]:
@@ -192,8 +193,7 @@ def _encode_data_state(data_state) -> dict[str, Any]:
   if data_state is None:
     return {"kind": "none"}
   if isinstance(data_state, (bytes, bytearray)):
-    return {"kind": "bytes",
-            "value": base64.b64encode(bytes(data_state)).decode("ascii")}
+    return {"kind": "bytes", "value": base64.b64encode(bytes(data_state)).decode("ascii")}
   return {"kind": "json", "value": data_state}
 
 
@@ -213,9 +213,10 @@ def _jsonable(obj) -> Any:
 
 def _restore_args(abstract_state: PyTree) -> ocp.args.Composite:
   return ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=ocp.args.JsonRestore(),
-      meta=ocp.args.JsonRestore())
+    state=ocp.args.StandardRestore(abstract_state),
+    data=ocp.args.JsonRestore(),
+    meta=ocp.args.JsonRestore(),
+  )
 
 
 def _is_primary() -> bool:
@@ -247,9 +248,15 @@ class Checkpointer:
     manager: the underlying `ocp.CheckpointManager` (for anything not wrapped).
   """
 
-  def __init__(self, workdir: os.PathLike, *, keep: int = 3,
-               keep_every: Optional[int] = None, async_save: bool = True,
-               program: str = ""):
+  def __init__(
+    self,
+    workdir: os.PathLike,
+    *,
+    keep: int = 3,
+    keep_every: Optional[int] = None,
+    async_save: bool = True,
+    program: str = "",
+  ):
     """Opens (or creates) `<workdir>/checkpoints`.
 
     Args:
@@ -266,19 +273,20 @@ class Checkpointer:
     self._async = async_save
     self._pending: list[int] = []  # saved steps still lacking a manifest
     self._saving_step: Optional[int] = None
-    async_options = (ocp.AsyncOptions(post_finalization_callback=self._manifest_at_commit)
-                     if async_save else None)
+    async_options = (
+      ocp.AsyncOptions(post_finalization_callback=self._manifest_at_commit) if async_save else None
+    )
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        keep_period=keep_every,
-        enable_async_checkpointing=async_save,
-        async_options=async_options,
-        cleanup_tmp_directories=True,
-        create=True,
+      max_to_keep=keep,
+      keep_period=keep_every,
+      enable_async_checkpointing=async_save,
+      async_options=async_options,
+      cleanup_tmp_directories=True,
+      create=True,
     )
     self.manager = ocp.CheckpointManager(
-        self.directory.absolute(), item_names=("state", "data", "meta"),
-        options=options)
+      self.directory.absolute(), item_names=("state", "data", "meta"), options=options
+    )
 
   def step_dir(self, step: int) -> pathlib.Path:
     return self.directory / str(step)
@@ -286,8 +294,9 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state: PyTree, *, data_state=None, config=None,
-           force: bool = False) -> bool:
+  def save(
+    self, step: int, state: PyTree, *, data_state=None, config=None, force: bool = False
+  ) -> bool:
     """Starts saving a checkpoint (asynchronously by default).
 
     Args:
@@ -304,21 +313,23 @@ class Checkpointer:
     """
     self._finalize_pending()
     meta = {
-        "program": self.program,
-        "step": int(step),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "process_count": jax.process_count(),
-        "device_count": jax.device_count(),
-        "config": _jsonable(config),
+      "program": self.program,
+      "step": int(step),
+      "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      "process_count": jax.process_count(),
+      "device_count": jax.device_count(),
+      "config": _jsonable(config),
     }
     self._saving_step = int(step)  # read by _manifest_at_commit in orbax's thread
     saved = self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(_encode_data_state(data_state)),
-            meta=ocp.args.JsonSave(meta)),
-        force=force)
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(_encode_data_state(data_state)),
+        meta=ocp.args.JsonSave(meta),
+      ),
+      force=force,
+    )
     if saved:
       self._pending.append(int(step))
       if not self._async:
@@ -335,17 +346,22 @@ class Checkpointer:
     """
     try:
       step = self._saving_step
-      tmp_dirs = [p for p in self.directory.glob(f"{step}{_ORBAX_TMP_SUFFIX}*")
-                  if p.is_dir()]
+      tmp_dirs = [p for p in self.directory.glob(f"{step}{_ORBAX_TMP_SUFFIX}*") if p.is_dir()]
       if len(tmp_dirs) == 1:
         write_manifest(tmp_dirs[0])
       else:
-        logging.warning("Checkpoint step %d: found %d orbax temporary directories; "
-                        "its manifest is written after the commit instead.",
-                        step, len(tmp_dirs))
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning("Could not write the checkpoint manifest before the commit "
-                      "(%s); it is written after the commit instead.", e)
+        logging.warning(
+          "Checkpoint step %d: found %d orbax temporary directories; "
+          "its manifest is written after the commit instead.",
+          step,
+          len(tmp_dirs),
+        )
+    except Exception as e:
+      logging.warning(
+        "Could not write the checkpoint manifest before the commit "
+        "(%s); it is written after the commit instead.",
+        e,
+      )
 
   def _finalize_pending(self):
     """Waits for outstanding saves; writes any manifest not written at commit."""
@@ -359,8 +375,10 @@ class Checkpointer:
         if not (step_dir / MANIFEST_NAME).exists():  # one written at commit is whole
           write_manifest(step_dir)
       else:
-        logging.warning("Checkpoint step %d was not committed (see orbax "
-                        "errors above); no manifest written.", step)
+        logging.warning(
+          "Checkpoint step %d was not committed (see orbax errors above); no manifest written.",
+          step,
+        )
 
   def wait_until_finished(self):
     """Blocks until every started save is committed and has its manifest."""
@@ -407,9 +425,13 @@ class Checkpointer:
           break
         moved = self._quarantine(step)
         logging.warning(
-            "Checkpoint at step %d in %s is corrupt: %s. Moved it to %s "
-            "(not deleted) and falling back to the previous checkpoint.",
-            step, self.directory, problem, moved)
+          "Checkpoint at step %d in %s is corrupt: %s. Moved it to %s "
+          "(not deleted) and falling back to the previous checkpoint.",
+          step,
+          self.directory,
+          problem,
+          moved,
+        )
     if jax.process_count() > 1:
       good = int(multihost_utils.broadcast_one_to_all(np.int64(good)))
       multihost_utils.sync_global_devices("mms_checkpoints_verified")
@@ -434,8 +456,7 @@ class Checkpointer:
 # ---------------------------------------------------------------------------
 
 
-def resolve_checkpoint(path: os.PathLike, *, what: str = "path"
-                       ) -> pathlib.Path:
+def resolve_checkpoint(path: os.PathLike, *, what: str = "path") -> pathlib.Path:
   """Finds a verified step directory given a step directory or a workdir.
 
   Foreign directories are only read: a corrupt step there is skipped with a
@@ -454,52 +475,53 @@ def resolve_checkpoint(path: os.PathLike, *, what: str = "path"
       requested checkpoint is corrupt.
   """
   p = pathlib.Path(path).expanduser()
-  hint = (f"Set {what} to a step directory (<workdir>/{CHECKPOINTS_DIR}/"
-          f"<step>) or to a workdir containing {CHECKPOINTS_DIR}/, or unset "
-          "it.")
+  hint = (
+    f"Set {what} to a step directory (<workdir>/{CHECKPOINTS_DIR}/"
+    f"<step>) or to a workdir containing {CHECKPOINTS_DIR}/, or unset "
+    "it."
+  )
   if not p.exists():
     raise CheckpointError(f"{what}={str(path)!r} does not exist. {hint}")
   if (p / "state").is_dir():
     problem = verify_manifest(p)
     if problem is not None:
       raise CheckpointError(
-          f"{what}={str(path)!r} is corrupt: {problem}. Point {what} at an "
-          "earlier step directory, or rewrite the manifest with "
-          "checkpoints.write_manifest() only if you trust the files.")
+        f"{what}={str(path)!r} is corrupt: {problem}. Point {what} at an "
+        "earlier step directory, or rewrite the manifest with "
+        "checkpoints.write_manifest() only if you trust the files."
+      )
     return p
   root = p / CHECKPOINTS_DIR if (p / CHECKPOINTS_DIR).is_dir() else p
   steps = _step_dirs(root)
   if not steps:
-    raise CheckpointError(
-        f"{what}={str(path)!r} contains no checkpoint steps. {hint}")
+    raise CheckpointError(f"{what}={str(path)!r} contains no checkpoint steps. {hint}")
   for step in steps:
     problem = verify_manifest(root / str(step))
     if problem is None:
       return root / str(step)
-    logging.warning("Skipping corrupt checkpoint %s: %s.", root / str(step),
-                    problem)
+    logging.warning("Skipping corrupt checkpoint %s: %s.", root / str(step), problem)
   raise CheckpointError(
-      f"{what}={str(path)!r}: every checkpoint step {steps} is corrupt (see "
-      f"warnings above). {hint}")
+    f"{what}={str(path)!r}: every checkpoint step {steps} is corrupt (see warnings above). {hint}"
+  )
 
 
-def restore_path(path: os.PathLike, abstract_state: PyTree, *,
-                 what: str = "path"):
+def restore_path(path: os.PathLike, abstract_state: PyTree, *, what: str = "path"):
   """Restores `(state, data_state, meta)` from a step directory or workdir."""
   step_dir = resolve_checkpoint(path, what=what)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     try:
-      out = ckptr.restore(step_dir.absolute(),
-                          args=_restore_args(abstract_state))
-    except Exception as e:  # pylint: disable=broad-except
+      out = ckptr.restore(step_dir.absolute(), args=_restore_args(abstract_state))
+    except Exception as e:
       raise CheckpointError(
-          f"Could not restore {what}={str(path)!r} from {step_dir}: {e}. "
-          "Check that the checkpoint matches the model config.") from e
+        f"Could not restore {what}={str(path)!r} from {step_dir}: {e}. "
+        "Check that the checkpoint matches the model config."
+      ) from e
   return out.state, _decode_data_state(out.data), out.meta
 
 
-def load_params(path: os.PathLike, abstract_params: Optional[PyTree] = None,
-                *, what: str = "init_from") -> PyTree:
+def load_params(
+  path: os.PathLike, abstract_params: Optional[PyTree] = None, *, what: str = "init_from"
+) -> PyTree:
   """Loads only `state['params']` of a checkpoint (no optimizer state).
 
   Args:
@@ -520,32 +542,37 @@ def load_params(path: os.PathLike, abstract_params: Optional[PyTree] = None,
       tree = ckptr.metadata(state_dir).item_metadata.tree
       if "params" not in tree:
         raise CheckpointError(
-            f"{what}={str(path)!r}: the saved state has no 'params' entry "
-            f"(top-level keys: {sorted(tree)}).")
+          f"{what}={str(path)!r}: the saved state has no 'params' entry "
+          f"(top-level keys: {sorted(tree)})."
+        )
       if abstract_params is None:
         target = tree["params"]
-        restore_args = jax.tree.map(
-            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
       else:
         target = abstract_params
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-      out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
-          item={"params": target}, restore_args={"params": restore_args},
-          partial_restore=True))
+      out = ckptr.restore(
+        state_dir,
+        args=ocp.args.PyTreeRestore(
+          item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
+        ),
+      )
     except CheckpointError:
       raise
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       raise CheckpointError(
-          f"Could not load params from {what}={str(path)!r} ({step_dir}): "
-          f"{e}") from e
+        f"Could not load params from {what}={str(path)!r} ({step_dir}): {e}"
+      ) from e
   return out["params"]
 
 
 def restore_or_initialize(
-    ckpt: Checkpointer, abstract_state: PyTree, *,
-    resume_from: Optional[os.PathLike] = None,
-    init_from: Optional[os.PathLike] = None,
-    merge_params: Optional[Callable[[PyTree], PyTree]] = None,
+  ckpt: Checkpointer,
+  abstract_state: PyTree,
+  *,
+  resume_from: Optional[os.PathLike] = None,
+  init_from: Optional[os.PathLike] = None,
+  merge_params: Optional[Callable[[PyTree], PyTree]] = None,
 ):
   """Restores a train state following the fixed priority.
 
@@ -570,19 +597,20 @@ def restore_or_initialize(
     "workdir", "resume_from", "init_from", "scratch".
   """
   if init_from is not None and merge_params is None:
-    raise ValueError("init_from is set but no merge_params function was "
-                     "given to turn the loaded params into a train state.")
+    raise ValueError(
+      "init_from is set but no merge_params function was "
+      "given to turn the loaded params into a train state."
+    )
   step = ckpt.latest_good_step()
   if step is not None:
     state, data_state, _ = ckpt.restore(step, abstract_state)
-    logging.info("Resumed from this workdir's checkpoint at step %d (%s).",
-                 step, ckpt.step_dir(step))
+    logging.info(
+      "Resumed from this workdir's checkpoint at step %d (%s).", step, ckpt.step_dir(step)
+    )
     return state, data_state, "workdir"
   if resume_from:
-    state, data_state, meta = restore_path(resume_from, abstract_state,
-                                           what="resume_from")
-    logging.info("Resumed from resume_from=%s (step %s).", resume_from,
-                 meta.get("step"))
+    state, data_state, meta = restore_path(resume_from, abstract_state, what="resume_from")
+    logging.info("Resumed from resume_from=%s (step %s).", resume_from, meta.get("step"))
     return state, data_state, "resume_from"
   if init_from:
     state = merge_params(load_params(init_from, what="init_from"))
@@ -642,8 +670,9 @@ class PreemptionWatcher:
     if stop and not self._logged:
       self._logged = True
       name = signal.Signals(self._signum).name if self._signum else "signal"
-      logging.warning("Preemption (%s) received at step %s: saving a "
-                      "checkpoint and exiting.", name, step)
+      logging.warning(
+        "Preemption (%s) received at step %s: saving a checkpoint and exiting.", name, step
+      )
     return stop
 
   def close(self):

@@ -3,6 +3,7 @@ optimizer and schedule, train state, metric writers and run bookkeeping.
 
 Trainers import these functions; nothing here knows which program runs.
 """
+
 import json
 import logging
 import os
@@ -14,10 +15,10 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
 
 from mms_jax import errors
 
@@ -31,7 +32,8 @@ def encoder_options(model_config):
   """{'stem', 'stem_channels', 'attention_bias'} of `config.model` for vit.Encoder,
   checked ('conv' needs power-of-two patch sides and one channel count per stage).
   Configs without the fields get the paper's plain ViT."""
-  from mms_jax.models import vit  # pylint: disable=g-import-not-at-top
+  from mms_jax.models import vit
+
   stem = model_config.get("stem") or "patch"
   channels = tuple(int(c) for c in (model_config.get("stem_channels") or ()))
   if stem not in vit.STEMS:
@@ -42,26 +44,29 @@ def encoder_options(model_config):
     except ValueError as e:
       raise ConfigError(f"config.model.patch: {e}") from None
     if channels and len(channels) != len(strides):
-      raise ConfigError(f"config.model.stem_channels={channels}: patch "
-                        f"{tuple(model_config.patch)} needs {len(strides)} stages (one "
-                        "per halving), or () for the default")
+      raise ConfigError(
+        f"config.model.stem_channels={channels}: patch "
+        f"{tuple(model_config.patch)} needs {len(strides)} stages (one "
+        "per halving), or () for the default"
+      )
   bias = model_config.get("attention_bias") or "none"
   if bias not in vit.ATTENTION_BIASES:
-    raise ConfigError(f"config.model.attention_bias={bias!r}: use one of "
-                      f"{vit.ATTENTION_BIASES}")
+    raise ConfigError(f"config.model.attention_bias={bias!r}: use one of {vit.ATTENTION_BIASES}")
   return {"stem": stem, "stem_channels": channels, "attention_bias": bias}
 
 
 def checked_model_dtype(model_config):
   """The compute dtype of `config.model`, after checking dtype and encoder variant."""
-  from mms_jax.models import vit  # pylint: disable=g-import-not-at-top
+  from mms_jax.models import vit
+
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(model_config.dtype)
   if dtype is None:
-    raise ConfigError(f"config.model.dtype={model_config.dtype!r}: use 'float32' or "
-                      "'bfloat16'")
+    raise ConfigError(f"config.model.dtype={model_config.dtype!r}: use 'float32' or 'bfloat16'")
   if model_config.encoder_variant not in (None, *vit.VARIANTS):
-    raise ConfigError(f"config.model.encoder_variant={model_config.encoder_variant!r}: "
-                      f"use one of {sorted(vit.VARIANTS)}")
+    raise ConfigError(
+      f"config.model.encoder_variant={model_config.encoder_variant!r}: "
+      f"use one of {sorted(vit.VARIANTS)}"
+    )
   return dtype
 
 
@@ -79,8 +84,11 @@ def maybe_initialize_distributed(config):
   if dist is None or jax.distributed.is_initialized():
     return
   if dist.get("coordinator_address"):
-    jax.distributed.initialize(coordinator_address=dist.coordinator_address,
-                               num_processes=dist.num_processes, process_id=dist.process_id)
+    jax.distributed.initialize(
+      coordinator_address=dist.coordinator_address,
+      num_processes=dist.num_processes,
+      process_id=dist.process_id,
+    )
   elif dist.get("auto", False):
     jax.distributed.initialize()
 
@@ -91,8 +99,9 @@ def make_mesh(config):
   num_devices = jax.device_count()
   if fsdp < 1 or num_devices % fsdp:
     raise ConfigError(f"config.fsdp={fsdp} must divide the device count {num_devices}")
-  return jax.make_mesh((num_devices // fsdp, fsdp), BATCH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return jax.make_mesh(
+    (num_devices // fsdp, fsdp), BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )
 
 
 def batch_sharding(mesh):
@@ -128,8 +137,7 @@ def state_shardings(abstract_state, mesh, min_fsdp_size=2**14):
 def global_batch(local_arrays, mesh):
   """Assembles per-process numpy batches into global arrays split over devices."""
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
-                      local_arrays)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_arrays)
 
 
 # ------------------------------------------------------------------------------------
@@ -138,12 +146,19 @@ def global_batch(local_arrays, mesh):
 def learning_rate_schedule(config, total_steps):
   """lr = base_lr * global_batch / 256, linear warmup, then cosine decay to 0."""
   peak = config.lr.base * config.batch_size / 256
-  warmup = int(round(config.lr.warmup_fraction * total_steps)) if config.lr.get(
-      "warmup_fraction") is not None else int(config.lr.warmup_steps)
+  warmup = (
+    int(round(config.lr.warmup_fraction * total_steps))
+    if config.lr.get("warmup_fraction") is not None
+    else int(config.lr.warmup_steps)
+  )
   warmup = min(max(warmup, 0), max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=max(warmup, 1),
-      decay_steps=max(total_steps, max(warmup, 1) + 1), end_value=config.lr.get("end", 0.0) * peak)
+    init_value=0.0,
+    peak_value=peak,
+    warmup_steps=max(warmup, 1),
+    decay_steps=max(total_steps, max(warmup, 1) + 1),
+    end_value=config.lr.get("end", 0.0) * peak,
+  )
 
 
 _NO_DECAY = re.compile(r"(bias|scale|cls_token|mask_token|pos_embed|position)")
@@ -152,8 +167,7 @@ _NO_DECAY = re.compile(r"(bias|scale|cls_token|mask_token|pos_embed|position)")
 def weight_decay_mask(params):
   """True where weight decay applies: not on biases, norms, position or special tokens."""
   flat = flax.traverse_util.flatten_dict(params, sep="/")
-  return flax.traverse_util.unflatten_dict(
-      {k: not _NO_DECAY.search(k) for k in flat}, sep="/")
+  return flax.traverse_util.unflatten_dict({k: not _NO_DECAY.search(k) for k in flat}, sep="/")
 
 
 def make_optimizer(config, total_steps):
@@ -162,15 +176,22 @@ def make_optimizer(config, total_steps):
   chain = []
   if config.get("grad_clip_norm"):
     chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  chain.append(optax.adamw(schedule, b1=config.optimizer.b1, b2=config.optimizer.b2,
-                           weight_decay=config.optimizer.weight_decay,
-                           mask=weight_decay_mask))
+  chain.append(
+    optax.adamw(
+      schedule,
+      b1=config.optimizer.b1,
+      b2=config.optimizer.b2,
+      weight_decay=config.optimizer.weight_decay,
+      mask=weight_decay_mask,
+    )
+  )
   return optax.chain(*chain), schedule
 
 
 @flax.struct.dataclass
 class TrainState:
   """Everything a checkpoint holds besides the data iterator."""
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -179,9 +200,12 @@ class TrainState:
 
 def new_train_state(params, optimizer, seed):
   """Step 0 of a run: `params`, a fresh optimizer state, the run's step-rng key."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params),
-                    rng=jax.random.key_data(jax.random.key(seed + 1)))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=optimizer.init(params),
+    rng=jax.random.key_data(jax.random.key(seed + 1)),
+  )
 
 
 def step_rng(state, *streams):
@@ -213,7 +237,8 @@ class MetricWriter:
     self._events = self._jsonl = None
     self.total_steps = None  # shown as [step/total] once set
     if jax.process_index() == 0:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
+      import tensorboardX
+
       self._events = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
@@ -276,8 +301,10 @@ class Throughput:
     steps = max(step - self.last_step, 1)
     seconds_per_step = (now - self.last_time) / steps
     self.last_time, self.last_step = now, step
-    return {"images_per_sec": self.images_per_step / seconds_per_step,
-            "eta_hours": seconds_per_step * (self.total_steps - step) / 3600}
+    return {
+      "images_per_sec": self.images_per_step / seconds_per_step,
+      "eta_hours": seconds_per_step * (self.total_steps - step) / 3600,
+    }
 
 
 def total_steps(config, num_train_examples=None):
@@ -300,12 +327,12 @@ def check_batch_size(config, mesh):
   accumulation = int(config.get("grad_accum_steps", 1))
   if config.batch_size % (devices * accumulation) or config.batch_size % processes:
     raise ConfigError(
-        f"config.batch_size={config.batch_size} must be a multiple of devices x "
-        f"grad_accum_steps = {devices} x {accumulation} (and of {processes} processes)")
+      f"config.batch_size={config.batch_size} must be a multiple of devices x "
+      f"grad_accum_steps = {devices} x {accumulation} (and of {processes} processes)"
+    )
 
 
 def log_parameter_summary(params, name):
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  logging.info("%s: %.2fM parameters in %d arrays", name, count / 1e6,
-               len(jax.tree.leaves(params)))
+  logging.info("%s: %.2fM parameters in %d arrays", name, count / 1e6, len(jax.tree.leaves(params)))
   return count

@@ -8,12 +8,15 @@ the mesh, the sharded state, resume / init_from, the loop, padded host-sharded e
 Sections, top to bottom: the task table -> config checks -> update step -> evaluation
 -> the program (mesh -> data -> model and optimizer -> resume -> loop).
 """
+
+from collections.abc import Callable
+from collections.abc import Mapping
 import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
-from typing import Any, Optional
+from typing import Any
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +42,7 @@ class Task:
   Batches are dicts of the keys in `fields(config)`; `input_key` is what the model reads.
   Functions that take (model, config) return the jitted-side function they describe.
   """
+
   program: str  # config.program; checkpoints and pictures are named after it
   eval_splits: Mapping[str, tuple[str, ...]]  # data source -> splits evaluated by default
   targets: str  # what a data source must provide, for the error message ("masks")
@@ -70,11 +74,20 @@ def eval_splits(task, config):
 def build_model(task, config):
   m = config.model
   return task.model_class(
-      encoder_variant=m.encoder_variant, encoder_width=m.get("encoder_width"),
-      encoder_depth=m.get("encoder_depth"), encoder_num_heads=m.get("encoder_num_heads"),
-      patch=tuple(m.patch), head_width=m.head_width, head_depth=m.head_depth,
-      head_num_heads=m.head_num_heads, gelu=m.gelu, dtype=common.checked_model_dtype(m),
-      scan_layers=m.scan_layers, **common.encoder_options(m), **task.model_options(config))
+    encoder_variant=m.encoder_variant,
+    encoder_width=m.get("encoder_width"),
+    encoder_depth=m.get("encoder_depth"),
+    encoder_num_heads=m.get("encoder_num_heads"),
+    patch=tuple(m.patch),
+    head_width=m.head_width,
+    head_depth=m.head_depth,
+    head_num_heads=m.head_num_heads,
+    gelu=m.gelu,
+    dtype=common.checked_model_dtype(m),
+    scan_layers=m.scan_layers,
+    **common.encoder_options(m),
+    **task.model_options(config),
+  )
 
 
 def check_config(task, config):
@@ -90,8 +103,9 @@ def check_config(task, config):
     raise common.ConfigError("config.model: widths must be divisible by their head counts")
   if config.data.source not in task.eval_splits:
     raise common.ConfigError(
-        f"config.data.source={config.data.source!r} has no {task.targets}: use "
-        + " or ".join(repr(s) for s in task.eval_splits))
+      f"config.data.source={config.data.source!r} has no {task.targets}: use "
+      + " or ".join(repr(s) for s in task.eval_splits)
+    )
   pipeline.validate(config.data)
   return model
 
@@ -103,16 +117,20 @@ def make_train_step(task, model, config, optimizer, schedule, mesh, shardings):
   loss_fn = task.loss(model, config)
 
   def train_step(state, batch):
-    (loss, task_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch)
+    (loss, task_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = finetune.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **task_metrics, "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state.step)}
+    metrics = {
+      "loss": loss,
+      **task_metrics,
+      "grad_norm": optax.tree.norm(grads),
+      "lr": schedule(state.step),
+    }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  return jax.jit(train_step, donate_argnums=(0,),
-                 out_shardings=(shardings, common.replicated(mesh)))
+  return jax.jit(
+    train_step, donate_argnums=(0,), out_shardings=(shardings, common.replicated(mesh))
+  )
 
 
 # ------------------------------------------------------------------------------------
@@ -122,9 +140,14 @@ def make_train_step(task, model, config, optimizer, schedule, mesh, shardings):
 def eval_batches(task, config, split):
   """This host's padded evaluation batches of `split` (pipeline.padded_eval_batches)."""
   return pipeline.padded_eval_batches(
-      config.data, split, config.eval_batch_size, task.fields(config),
-      image_size=tuple(config.image_size), worker_count=config.data.worker_count,
-      with_labels=task.with_labels)
+    config.data,
+    split,
+    config.eval_batch_size,
+    task.fields(config),
+    image_size=tuple(config.image_size),
+    worker_count=config.data.worker_count,
+    with_labels=task.with_labels,
+  )
 
 
 def make_eval_step(task, model, config, mesh, with_outputs=False):
@@ -150,12 +173,12 @@ def evaluate(task, eval_step, params, config, mesh, host_metrics=None):
       acc = image_metrics.Accumulator()
       for batch in eval_batches(task, config, bench):
         metrics, outputs = jax.device_get(
-            eval_step(params, common.global_batch({k: batch[k] for k in keys}, mesh)))
+          eval_step(params, common.global_batch({k: batch[k] for k in keys}, mesh))
+        )
         if host_metrics is not None:  # this host's rows (labels are host-local), gathered
           b = len(batch["valid"])
           rows = slice(jax.process_index() * b, (jax.process_index() + 1) * b)
-          metrics.update(_all_hosts(host_metrics({k: v[rows] for k, v in outputs.items()},
-                                                 batch)))
+          metrics.update(_all_hosts(host_metrics({k: v[rows] for k, v in outputs.items()}, batch)))
         valid = metrics.pop("valid")
         acc.update(metrics, valid)
         totals.update(metrics, valid)
@@ -174,8 +197,10 @@ def _all_hosts(per_image):
   if jax.process_count() == 1:
     return per_image
   from jax.experimental import multihost_utils  # only multi-host runs need it
+
   gathered = multihost_utils.process_allgather(
-      {k: np.asarray(v, np.float32) for k, v in per_image.items()}, tiled=True)
+    {k: np.asarray(v, np.float32) for k, v in per_image.items()}, tiled=True
+  )
   return {k: np.asarray(v) for k, v in gathered.items()}
 
 
@@ -196,8 +221,10 @@ def train_and_evaluate(task, config, workdir):
   mesh = common.make_mesh(config)
   common.check_batch_size(config, mesh)
   if config.eval_batch_size % mesh.devices.size:
-    raise common.ConfigError(f"config.eval_batch_size={config.eval_batch_size} must be a "
-                             f"multiple of the {mesh.devices.size} devices")
+    raise common.ConfigError(
+      f"config.eval_batch_size={config.eval_batch_size} must be a "
+      f"multiple of the {mesh.devices.size} devices"
+    )
 
   # ---- Data.
   num_train = None
@@ -215,8 +242,7 @@ def train_and_evaluate(task, config, workdir):
 
   abstract_params = jax.eval_shape(init_params, jax.random.key(config.seed))
   # (eval_only builds the optimizer only for the state's shapes.)
-  optimizer, schedule = finetune.make_finetune_optimizer(config, total_steps or 2,
-                                                         abstract_params)
+  optimizer, schedule = finetune.make_finetune_optimizer(config, total_steps or 2, abstract_params)
 
   def init_state(rng):
     params = init_params(rng)
@@ -230,8 +256,9 @@ def train_and_evaluate(task, config, workdir):
   picture_batch = None
   if config.pictures:  # the first images of the first eval split
     first = pipeline.list_benchmarks(config.data, eval_splits(task, config)[0])[0]
-    picture_batch = {k: v[:config.num_picture_images]
-                     for k, v in next(eval_batches(task, config, first)).items()}
+    picture_batch = {
+      k: v[: config.num_picture_images] for k, v in next(eval_batches(task, config, first)).items()
+    }
 
   def write_eval(step, params):
     metrics = evaluate(task, eval_step, params, config, mesh, host_metrics)
@@ -255,24 +282,40 @@ def train_and_evaluate(task, config, workdir):
 
   # ---- Resume: this workdir -> resume_from -> init_from (encoder only) -> scratch.
   data_iter = pipeline.make_pipeline(
-      config.data, config.train_split, config.batch_size, train=True, seed=config.seed,
-      image_size=tuple(config.image_size), worker_count=config.data.worker_count)
-  ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                  keep_every=config.checkpoint.keep_every,
-                                  program=task.program)
+    config.data,
+    config.train_split,
+    config.batch_size,
+    train=True,
+    seed=config.seed,
+    image_size=tuple(config.image_size),
+    worker_count=config.data.worker_count,
+  )
+  ckpt = checkpoints.Checkpointer(
+    workdir,
+    keep=config.checkpoint.keep,
+    keep_every=config.checkpoint.keep_every,
+    program=task.program,
+  )
   state, data_state, source = checkpoints.restore_or_initialize(
-      ckpt, checkpoints.abstract_with_sharding(abstract_state, shardings),
-      resume_from=config.resume_from or None, init_from=config.init_from or None,
-      merge_params=finetune.init_from_merger(lambda: fresh_state(init_rng),
-                                             source=config.init_from))
+    ckpt,
+    checkpoints.abstract_with_sharding(abstract_state, shardings),
+    resume_from=config.resume_from or None,
+    init_from=config.init_from or None,
+    merge_params=finetune.init_from_merger(lambda: fresh_state(init_rng), source=config.init_from),
+  )
   if state is None:
     state = fresh_state(init_rng)
   if data_state is not None:
     data_iter.set_state(data_state)
   start_step = int(state.step)
   common.log_parameter_summary(state.params, type(model).__name__)
-  logging.info("Starting at step %d (%s); training to step %d; encoder %s.", start_step,
-               source, total_steps, "frozen" if config.freeze_encoder else "trained")
+  logging.info(
+    "Starting at step %d (%s); training to step %d; encoder %s.",
+    start_step,
+    source,
+    total_steps,
+    "frozen" if config.freeze_encoder else "trained",
+  )
 
   train_step = make_train_step(task, model, config, optimizer, schedule, mesh, shardings)
   throughput = common.Throughput(total_steps, config.batch_size, start_step)
@@ -282,8 +325,7 @@ def train_and_evaluate(task, config, workdir):
   with ckpt, checkpoints.PreemptionWatcher() as watcher:
     for step in range(start_step + 1, total_steps + 1):
       batch = next(data_iter)
-      state, metrics = train_step(state, common.global_batch({k: batch[k] for k in fields},
-                                                             mesh))
+      state, metrics = train_step(state, common.global_batch({k: batch[k] for k in fields}, mesh))
 
       is_log = step % config.log_every == 0 or step == total_steps or step == start_step + 1
       is_save = step % config.checkpoint.every == 0 or step == total_steps

@@ -35,6 +35,7 @@ on another without any resampling. Only checkpoints that carry a learned
 model has one too, it is resized bilinearly to the new grid (resample_pos_embed);
 otherwise it is dropped, and the log says so.
 """
+
 import logging
 import os
 import pathlib
@@ -54,7 +55,7 @@ ENCODER = "encoder"
 
 
 def _flat(tree):
-  return flax.traverse_util.flatten_dict(vit._to_dict(tree), sep="/")  # pylint: disable=protected-access
+  return flax.traverse_util.flatten_dict(vit._to_dict(tree), sep="/")
 
 
 def _unflat(flat):
@@ -100,15 +101,17 @@ def extract_encoder(loaded_params, abstract_encoder_params, source=""):
     Encoder params (numpy) holding only tensors the fine-tuning encoder has; tensors
     it has but the checkpoint lacks are left out (merge_encoder keeps them fresh).
   """
-  loaded = vit._to_dict(loaded_params)  # pylint: disable=protected-access
+  loaded = vit._to_dict(loaded_params)
   if ENCODER in loaded:
     dropped_top = sorted(k for k in loaded if k != ENCODER)
     encoder = loaded[ENCODER]
   elif "patch_embed" in loaded:
     dropped_top, encoder = [], loaded
   else:
-    raise ValueError(f"init_from={source!r}: no '{ENCODER}' params in the checkpoint "
-                     f"(top-level keys: {sorted(loaded)})")
+    raise ValueError(
+      f"init_from={source!r}: no '{ENCODER}' params in the checkpoint "
+      f"(top-level keys: {sorted(loaded)})"
+    )
   target = _flat(abstract_encoder_params)
   # Scanned <-> unscanned block layouts convert losslessly.
   scanned = any(k.startswith("blocks/") for k in target)
@@ -120,33 +123,45 @@ def extract_encoder(loaded_params, abstract_encoder_params, source=""):
 
   if "pos_embed" in flat:
     if "pos_embed" not in target:
-      logging.info("init_from: dropping the checkpoint's learned pos_embed %s: this encoder "
-                   "uses fixed 2-D sin-cos embeddings computed for its own grid.",
-                   flat["pos_embed"].shape)
+      logging.info(
+        "init_from: dropping the checkpoint's learned pos_embed %s: this encoder "
+        "uses fixed 2-D sin-cos embeddings computed for its own grid.",
+        flat["pos_embed"].shape,
+      )
     elif flat["pos_embed"].shape != tuple(target["pos_embed"].shape):
       old, new = flat["pos_embed"].shape[1] - 1, target["pos_embed"].shape[1] - 1
       new_grid = _guess_grid(new, (1, 4))
       old_grid = _guess_grid(old, new_grid)
-      logging.info("init_from: resampling pos_embed bilinearly, grid %s -> %s.",
-                   old_grid, new_grid)
+      logging.info("init_from: resampling pos_embed bilinearly, grid %s -> %s.", old_grid, new_grid)
       flat["pos_embed"] = resample_pos_embed(flat["pos_embed"], old_grid, new_grid)
 
   taken = {k: v for k, v in flat.items() if k in target}
   new = sorted(set(target) - set(taken))
   unused = sorted(set(flat) - set(target))
-  logging.info("init_from %s: loaded %d of %d encoder tensors; new (fresh init): %s; "
-               "dropped from the checkpoint: %s (+ unused encoder tensors %s).%s",
-               source, len(taken), len(target), new or "none", dropped_top or "none",
-               unused or "none", "" if "pos_embed" in target else
-               " Position embeddings are fixed 2-D sin-cos computed for this grid: "
-               "a different image size needs no resampling.")
+  logging.info(
+    "init_from %s: loaded %d of %d encoder tensors; new (fresh init): %s; "
+    "dropped from the checkpoint: %s (+ unused encoder tensors %s).%s",
+    source,
+    len(taken),
+    len(target),
+    new or "none",
+    dropped_top or "none",
+    unused or "none",
+    ""
+    if "pos_embed" in target
+    else " Position embeddings are fixed 2-D sin-cos computed for this grid: "
+    "a different image size needs no resampling.",
+  )
   return _unflat(taken) if taken else {}
 
 
 def load_encoder_params(init_from, abstract_encoder_params):
   """params['encoder'] of the checkpoint at `init_from` (workdir or step dir), numpy."""
-  return extract_encoder(checkpoints.load_params(init_from, what="init_from"),
-                         abstract_encoder_params, source=str(init_from))
+  return extract_encoder(
+    checkpoints.load_params(init_from, what="init_from"),
+    abstract_encoder_params,
+    source=str(init_from),
+  )
 
 
 def merge_encoder(fresh_params, loaded_encoder, key=ENCODER):
@@ -157,20 +172,23 @@ def merge_encoder(fresh_params, loaded_encoder, key=ENCODER):
   extract_encoder first), as does any shape mismatch (named).
   """
   if key not in fresh_params:
-    raise ValueError(f"merge_encoder: the model params have no {key!r} entry "
-                     f"(keys: {sorted(fresh_params)})")
+    raise ValueError(
+      f"merge_encoder: the model params have no {key!r} entry (keys: {sorted(fresh_params)})"
+    )
   fresh = _flat(fresh_params[key])
   merged = dict(fresh)
   for name, value in _flat(loaded_encoder).items():
     if name not in fresh:
-      raise ValueError(f"merge_encoder: loaded tensor {key}/{name} {np.shape(value)} does "
-                       "not exist in the model")
+      raise ValueError(
+        f"merge_encoder: loaded tensor {key}/{name} {np.shape(value)} does not exist in the model"
+      )
     target = fresh[name]
     if tuple(np.shape(value)) != tuple(target.shape):
       raise ValueError(
-          f"merge_encoder: shape mismatch for {key}/{name}: checkpoint "
-          f"{tuple(np.shape(value))} vs model {tuple(target.shape)}. Check that "
-          "config.model matches the pretraining encoder (width, depth, heads, patch).")
+        f"merge_encoder: shape mismatch for {key}/{name}: checkpoint "
+        f"{tuple(np.shape(value))} vs model {tuple(target.shape)}. Check that "
+        "config.model matches the pretraining encoder (width, depth, heads, patch)."
+      )
     value = jnp.asarray(value, target.dtype)
     sharding = getattr(target, "sharding", None)
     merged[name] = jax.device_put(value, sharding) if sharding is not None else value
@@ -198,8 +216,7 @@ def init_from_merger(make_fresh_state, key=ENCODER, source=""):
 def trainable_mask(params, config, key=ENCODER):
   """True for every tensor the optimizer may change."""
   frozen = bool(config.get("freeze_encoder", False))
-  return {k: jax.tree.map(lambda _, k=k: not (frozen and k == key), v)
-          for k, v in params.items()}
+  return {k: jax.tree.map(lambda _, k=k: not (frozen and k == key), v) for k, v in params.items()}
 
 
 _BLOCK = re.compile(r"^blocks_(\d+)/")
@@ -219,7 +236,7 @@ def layer_lr_scales(params, decay, key=ENCODER):
   def scale(name, leaf):
     if name.startswith(("patch_embed/", "stem/", "cls_token", "pos_embed", "mask_token")):
       return np.float32(decay ** (depth + 1))
-    if (m := _BLOCK.match(name)):
+    if m := _BLOCK.match(name):
       return np.float32(decay ** (depth - int(m.group(1))))
     if name.startswith("blocks/"):
       s = decay ** (depth - np.arange(depth, dtype=np.float64))
@@ -251,17 +268,15 @@ def make_finetune_optimizer(config, total_steps, params, key=ENCODER):
   schedule = common.learning_rate_schedule(config, total_steps)
   trainable = trainable_mask(params, config, key)
   labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
-  decay_mask = jax.tree.map(lambda d, t: bool(d and t), common.weight_decay_mask(params),
-                            trainable)
+  decay_mask = jax.tree.map(lambda d, t: bool(d and t), common.weight_decay_mask(params), trainable)
   inner = []
   if config.get("grad_clip_norm"):  # the norm of the trainable gradients only
     inner.append(optax.clip_by_global_norm(config.grad_clip_norm))
   inner.append(optax.scale_by_adam(b1=config.optimizer.b1, b2=config.optimizer.b2))
   chain = [
-      optax.multi_transform({"train": optax.chain(*inner), "frozen": optax.set_to_zero()},
-                            labels),
-      optax.add_decayed_weights(config.optimizer.weight_decay, mask=decay_mask),
-      optax.scale_by_learning_rate(schedule),
+    optax.multi_transform({"train": optax.chain(*inner), "frozen": optax.set_to_zero()}, labels),
+    optax.add_decayed_weights(config.optimizer.weight_decay, mask=decay_mask),
+    optax.scale_by_learning_rate(schedule),
   ]
   layer_decay = config.get("layer_decay", 1.0)
   if layer_decay is not None and layer_decay != 1.0:

@@ -1,7 +1,9 @@
 """Run-time guards for training loops."""
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any
+from typing import Mapping
+from typing import Optional
 
 import numpy as np
 
@@ -25,15 +27,15 @@ class NonFiniteError(errors.UserError, FloatingPointError):
 
 def _first_non_finite(value) -> Optional[float]:
   arr = np.asarray(value)
-  if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(
-      arr.dtype, np.integer):
+  if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.integer):
     return None
   bad = arr[~np.isfinite(arr)]
   return float(bad.flat[0]) if bad.size else None
 
 
-def check_finite(metrics: Mapping[str, Any], step: int, *,
-                 last_checkpoint: Optional[str] = None) -> None:
+def check_finite(
+  metrics: Mapping[str, Any], step: int, *, last_checkpoint: Optional[str] = None
+) -> None:
   """Raises NonFiniteError if any float metric is NaN or Inf.
 
   Call it at log steps (it fetches the values to the host) and before saving
@@ -55,13 +57,15 @@ def check_finite(metrics: Mapping[str, Any], step: int, *,
       bad[name] = first
   if not bad:
     return
-  listed = ", ".join(f"{k}={'nan' if math.isnan(v) else v}"
-                     for k, v in sorted(bad.items()))
+  listed = ", ".join(f"{k}={'nan' if math.isnan(v) else v}" for k, v in sorted(bad.items()))
   where = f" ({last_checkpoint})" if last_checkpoint else ""
   raise NonFiniteError(
-      f"Non-finite training metrics at step {step}: {listed}. Training "
-      f"stopped; no checkpoint was written for this state, so the last good "
-      f"checkpoint{where} is left intact and a restart resumes from it. Try: "
-      "a lower learning rate or longer warmup, enabling gradient clipping "
-      "(clip by global norm), and checking the input data (empty, constant "
-      "or NaN images; bad labels).", step=step, bad=bad)
+    f"Non-finite training metrics at step {step}: {listed}. Training "
+    f"stopped; no checkpoint was written for this state, so the last good "
+    f"checkpoint{where} is left intact and a restart resumes from it. Try: "
+    "a lower learning rate or longer warmup, enabling gradient clipping "
+    "(clip by global norm), and checking the input data (empty, constant "
+    "or NaN images; bad labels).",
+    step=step,
+    bad=bad,
+  )

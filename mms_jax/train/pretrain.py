@@ -6,6 +6,7 @@ masking strategies (METHOD.md §2-3).
 Sections, top to bottom: config checks -> mesh -> data -> model and optimizer ->
 update step -> resume -> pictures -> loop.
 """
+
 import functools
 import logging
 import os
@@ -32,12 +33,21 @@ def build_model(config):
   m = config.model
   dtype = common.checked_model_dtype(m)
   return mae_lib.MAE(
-      encoder_variant=m.encoder_variant, encoder_width=m.get("encoder_width"),
-      encoder_depth=m.get("encoder_depth"), encoder_num_heads=m.get("encoder_num_heads"),
-      patch=tuple(m.patch), decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
-      decoder_num_heads=m.decoder_num_heads, encoder_mode=m.encoder_mode, gelu=m.gelu,
-      dtype=dtype, scan_layers=m.scan_layers, attention=m.get("attention", "auto"),
-      **common.encoder_options(m))
+    encoder_variant=m.encoder_variant,
+    encoder_width=m.get("encoder_width"),
+    encoder_depth=m.get("encoder_depth"),
+    encoder_num_heads=m.get("encoder_num_heads"),
+    patch=tuple(m.patch),
+    decoder_width=m.decoder_width,
+    decoder_depth=m.decoder_depth,
+    decoder_num_heads=m.decoder_num_heads,
+    encoder_mode=m.encoder_mode,
+    gelu=m.gelu,
+    dtype=dtype,
+    scan_layers=m.scan_layers,
+    attention=m.get("attention", "auto"),
+    **common.encoder_options(m),
+  )
 
 
 def check_config(config):
@@ -48,12 +58,15 @@ def check_config(config):
   common.encoder_options(config.model)
   spec = masking.build_spec(config.masking, image_size, patch)
   if config.model.encoder_mode not in ("mae", "simmim"):
-    raise common.ConfigError(f"config.model.encoder_mode={config.model.encoder_mode!r}: "
-                             "use 'mae' or 'simmim'")
-  width, _, heads = vit.Encoder(variant=config.model.encoder_variant,
-                                width=config.model.get("encoder_width"),
-                                depth=config.model.get("encoder_depth"),
-                                num_heads=config.model.get("encoder_num_heads")).dims()
+    raise common.ConfigError(
+      f"config.model.encoder_mode={config.model.encoder_mode!r}: use 'mae' or 'simmim'"
+    )
+  width, _, heads = vit.Encoder(
+    variant=config.model.encoder_variant,
+    width=config.model.get("encoder_width"),
+    depth=config.model.get("encoder_depth"),
+    num_heads=config.model.get("encoder_num_heads"),
+  ).dims()
   if width % heads or config.model.decoder_width % config.model.decoder_num_heads:
     raise common.ConfigError("config.model: widths must be divisible by their head counts")
   if config.loss.visible_weight < 0:
@@ -98,13 +111,19 @@ def micro_batches_per_step(model, config, spec, mesh, backend=None):
   if (backend or jax.default_backend()) != "cpu" or budget <= 0:
     return accumulation
   per_device = config.batch_size // (mesh.devices.size * accumulation)
-  width, _, _ = vit.Encoder(variant=model.encoder_variant, width=model.encoder_width,
-                            depth=model.encoder_depth, num_heads=model.encoder_num_heads).dims()
+  width, _, _ = vit.Encoder(
+    variant=model.encoder_variant,
+    width=model.encoder_width,
+    depth=model.encoder_depth,
+    num_heads=model.encoder_num_heads,
+  ).dims()
   widths = [width] + ([model.decoder_width] if model.encoder_mode == "mae" else [])
   per_example = spec.num_views * (1 + spec.num_cells) * model.mlp_ratio * max(widths) * 4
-  split = next(n for n in range(1, per_device + 1)
-               if per_device % n == 0 and (per_device // n) * per_example <= budget
-               or n == per_device)
+  split = next(
+    n
+    for n in range(1, per_device + 1)
+    if per_device % n == 0 and (per_device // n) * per_example <= budget or n == per_device
+  )
   return accumulation * split
 
 
@@ -115,10 +134,15 @@ def make_train_step(model, config, spec, optimizer, schedule, mesh, shardings):
   patch = tuple(config.model.patch)
 
   def loss_fn(params, images, mask, num_masked):
-    pred, _ = model.apply({"params": params}, images, mask, num_masked=num_masked,
-                          train=True)
-    loss, aux = mae_lib.mae_loss(images, pred, mask, patch, norm_pix=config.loss.norm_pix,
-                                 visible_weight=config.loss.visible_weight)
+    pred, _ = model.apply({"params": params}, images, mask, num_masked=num_masked, train=True)
+    loss, aux = mae_lib.mae_loss(
+      images,
+      pred,
+      mask,
+      patch,
+      norm_pix=config.loss.norm_pix,
+      visible_weight=config.loss.visible_weight,
+    )
     return loss, aux.get("per_view", aux["per_sample"][:, None])
 
   def train_step(state, images, num_masked):
@@ -129,24 +153,37 @@ def make_train_step(model, config, spec, optimizer, schedule, mesh, shardings):
     if accumulation == 1:
       (loss, per_view), grads = grad_fn(state.params, images, mask, num_masked)
     else:
+
       def accumulate(carry, xs):
         (loss, per_view), grads = grad_fn(state.params, *xs, num_masked)
         return jax.tree.map(jnp.add, carry, (loss, grads)), per_view
+
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
       (loss, grads), per_view = jax.lax.scan(
-          accumulate, zeros,
-          (common.micro_batches(images, accumulation), common.micro_batches(mask, accumulation)))
+        accumulate,
+        zeros,
+        (common.micro_batches(images, accumulation), common.micro_batches(mask, accumulation)),
+      )
       loss, grads = jax.tree.map(lambda x: x / accumulation, (loss, grads))
       per_view = per_view.swapaxes(0, 1).reshape(batch, -1)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = jax.tree.map(jnp.add, state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), "mask_ratio": num_masked / spec.num_cells,
-               **_per_strategy(spec, per_view, strategy_ids)}
+    metrics = {
+      "loss": loss,
+      "grad_norm": optax.tree.norm(grads),
+      "lr": schedule(state.step),
+      "mask_ratio": num_masked / spec.num_cells,
+      **_per_strategy(spec, per_view, strategy_ids),
+    }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
-  return jax.jit(train_step, static_argnums=(2,), donate_argnums=(0,),
-                 out_shardings=(shardings, common.replicated(mesh)))
+  return jax.jit(
+    train_step,
+    static_argnums=(2,),
+    donate_argnums=(0,),
+    out_shardings=(shardings, common.replicated(mesh)),
+  )
 
 
 # ------------------------------------------------------------------------------------
@@ -162,8 +199,10 @@ def reconstruct(images, pred, mask, patch, norm_pix):
   mixed = jnp.where(mask[..., None], pred, target)
   grid = vit.grid_shape(images.shape[1:3], patch)
   masked = jnp.where(mask[..., None], 0.0, target)  # grey = 0 in [-1, 1]
-  return (vit.unpatchify(masked, patch, grid, images.shape[-1]),
-          vit.unpatchify(mixed, patch, grid, images.shape[-1]))
+  return (
+    vit.unpatchify(masked, patch, grid, images.shape[-1]),
+    vit.unpatchify(mixed, patch, grid, images.shape[-1]),
+  )
 
 
 def reconstruction_picture(model, params, images, config, spec, path, step):
@@ -173,8 +212,9 @@ def reconstruction_picture(model, params, images, config, spec, path, step):
   num_masked = spec.num_masked(step, config.total_steps)
   for s, name in enumerate(spec.strategies):
     params_s = dict(spec.params[s])
-    mask = getattr(masking, name)(jax.random.key(s), images.shape[0], spec.grid, num_masked,
-                                  **params_s)
+    mask = getattr(masking, name)(
+      jax.random.key(s), images.shape[0], spec.grid, num_masked, **params_s
+    )
     pred, _ = _apply_eval(model, params, images, mask, num_masked)
     masked, recon = reconstruct(images, pred, mask, patch, config.loss.norm_pix)
     for kind, batch in (("input", images), ("masked", masked), ("reconstruction", recon)):
@@ -210,13 +250,24 @@ def train_and_evaluate(config, workdir):
   # ---- Mesh.
   mesh = common.make_mesh(config)
   common.check_batch_size(config, mesh)
-  logging.info("Mesh %s over %d devices in %d processes; global batch %d.",
-               dict(mesh.shape), jax.device_count(), jax.process_count(), config.batch_size)
+  logging.info(
+    "Mesh %s over %d devices in %d processes; global batch %d.",
+    dict(mesh.shape),
+    jax.device_count(),
+    jax.process_count(),
+    config.batch_size,
+  )
 
   # ---- Data: each process reads its own shard; batches are assembled globally.
   data_iter = pipeline.make_pipeline(
-      config.data, "train", config.batch_size, train=True, seed=config.seed,
-      image_size=tuple(config.image_size), worker_count=config.data.get("worker_count", 0))
+    config.data,
+    "train",
+    config.batch_size,
+    train=True,
+    seed=config.seed,
+    image_size=tuple(config.image_size),
+    worker_count=config.data.get("worker_count", 0),
+  )
 
   # ---- Model and optimizer, created already sharded.
   model = build_model(config)
@@ -238,26 +289,31 @@ def train_and_evaluate(config, workdir):
   fresh_state = jax.jit(init_state, out_shardings=shardings)
 
   # ---- Resume: this workdir -> resume_from -> init_from -> scratch.
-  ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                  keep_every=config.checkpoint.get("keep_every"),
-                                  program="pretrain")
+  ckpt = checkpoints.Checkpointer(
+    workdir,
+    keep=config.checkpoint.keep,
+    keep_every=config.checkpoint.get("keep_every"),
+    program="pretrain",
+  )
 
   def merge_params(loaded):
     state = fresh_state(init_rng)
     return state.replace(params=_merge(state.params, loaded))
 
   state, data_state, source = checkpoints.restore_or_initialize(
-      ckpt, checkpoints.abstract_with_sharding(abstract_state, shardings),
-      resume_from=config.get("resume_from") or None, init_from=config.get("init_from") or None,
-      merge_params=merge_params)
+    ckpt,
+    checkpoints.abstract_with_sharding(abstract_state, shardings),
+    resume_from=config.get("resume_from") or None,
+    init_from=config.get("init_from") or None,
+    merge_params=merge_params,
+  )
   if state is None:
     state = fresh_state(init_rng)
   if data_state is not None:
     data_iter.set_state(data_state)
   start_step = int(state.step)
   common.log_parameter_summary(state.params, "MAE")
-  logging.info("Starting at step %d (%s); training to step %d.", start_step, source,
-               total_steps)
+  logging.info("Starting at step %d (%s); training to step %d.", start_step, source, total_steps)
 
   train_step = make_train_step(model, config, spec, optimizer, schedule, mesh, shardings)
   eval_images = None
@@ -272,7 +328,7 @@ def train_and_evaluate(config, workdir):
     for step in range(start_step + 1, total_steps + 1):
       batch = next(data_iter)
       if eval_images is None:
-        eval_images = jnp.asarray(batch["image"][:config.get("num_picture_images", 4)])
+        eval_images = jnp.asarray(batch["image"][: config.get("num_picture_images", 4)])
       images = common.global_batch(batch["image"], mesh)
       state, metrics = train_step(state, images, spec.num_masked(step - 1, total_steps))
 
@@ -303,7 +359,8 @@ def train_and_evaluate(config, workdir):
 
 def _merge(fresh, loaded):
   """Takes every loaded array whose path and shape match; logs the rest."""
-  import flax  # pylint: disable=g-import-not-at-top
+  import flax
+
   fresh_flat = flax.traverse_util.flatten_dict(fresh, sep="/")
   loaded_flat = flax.traverse_util.flatten_dict(loaded, sep="/")
   merged, taken = {}, []
@@ -314,6 +371,10 @@ def _merge(fresh, loaded):
       taken.append(name)
     else:
       merged[name] = value
-  logging.info("init_from: loaded %d of %d arrays; new: %s", len(taken), len(fresh_flat),
-               sorted(set(fresh_flat) - set(taken)))
+  logging.info(
+    "init_from: loaded %d of %d arrays; new: %s",
+    len(taken),
+    len(fresh_flat),
+    sorted(set(fresh_flat) - set(taken)),
+  )
   return flax.traverse_util.unflatten_dict(merged, sep="/")

@@ -23,6 +23,7 @@ Writes metrics.jsonl (the final 'eval/<split>/...' row at step config.total_step
 probe.json. Short enough to rerun: an interrupted probe starts again. Shapes: N images,
 L = gh * gw tokens, D encoder width, K classes, P = ph * pw (* 3) pixels per patch.
 """
+
 import dataclasses
 import json
 import logging
@@ -54,6 +55,7 @@ TASKS = ("recognition", "segmentation", "super_resolution")
 @dataclasses.dataclass
 class ProbeResult:
   """What train_and_evaluate returns: the step reached (= config.total_steps), metrics."""
+
   step: int
   metrics: dict
 
@@ -63,11 +65,17 @@ class ProbeResult:
 # ------------------------------------------------------------------------------------
 def build_encoder(config):
   m = config.model
-  return vit.Encoder(variant=m.encoder_variant, width=m.get("encoder_width"),
-                     depth=m.get("encoder_depth"), num_heads=m.get("encoder_num_heads"),
-                     patch=tuple(m.patch), gelu=m.gelu,
-                     dtype=common.checked_model_dtype(m), scan_layers=m.scan_layers,
-                     **common.encoder_options(m))
+  return vit.Encoder(
+    variant=m.encoder_variant,
+    width=m.get("encoder_width"),
+    depth=m.get("encoder_depth"),
+    num_heads=m.get("encoder_num_heads"),
+    patch=tuple(m.patch),
+    gelu=m.gelu,
+    dtype=common.checked_model_dtype(m),
+    scan_layers=m.scan_layers,
+    **common.encoder_options(m),
+  )
 
 
 def feature_encoder(config):
@@ -88,32 +96,43 @@ def check_config(config):
   except ValueError as e:
     raise common.ConfigError(f"config.image_size / config.model.patch: {e}") from e
   if "recognition" in tasks and gw < config.data.max_label_length:
-    raise common.ConfigError(f"CTC needs at least config.data.max_label_length="
-                             f"{config.data.max_label_length} columns; the grid has {gw}")
-  if ({"segmentation", "super_resolution"} & set(tasks)
-      and config.data.source != "synthetic"):
-    raise common.ConfigError(f"config.data.source={config.data.source!r}: the "
-                             "segmentation and SR probes need the synthetic source (masks "
-                             "and LR copies of every image)")
+    raise common.ConfigError(
+      f"CTC needs at least config.data.max_label_length="
+      f"{config.data.max_label_length} columns; the grid has {gw}"
+    )
+  if {"segmentation", "super_resolution"} & set(tasks) and config.data.source != "synthetic":
+    raise common.ConfigError(
+      f"config.data.source={config.data.source!r}: the "
+      "segmentation and SR probes need the synthetic source (masks "
+      "and LR copies of every image)"
+    )
   if not config.get("total_steps"):
     raise common.ConfigError("config.total_steps (recognition head steps) is not set")
   if config.segmentation.iterations < 1 or config.segmentation.l2 <= 0:
-    raise common.ConfigError("config.segmentation: iterations >= 1 and l2 > 0 (the L2 "
-                             "term keeps separable pixels from driving weights to inf)")
+    raise common.ConfigError(
+      "config.segmentation: iterations >= 1 and l2 > 0 (the L2 "
+      "term keeps separable pixels from driving weights to inf)"
+    )
   if config.super_resolution.ridge <= 0:
     raise common.ConfigError("config.super_resolution.ridge must be > 0")
   if jax.process_count() > 1:
-    raise common.ConfigError("the probe runs in one process (its features are cached on "
-                             "one host); launch it without config.distributed")
+    raise common.ConfigError(
+      "the probe runs in one process (its features are cached on "
+      "one host); launch it without config.distributed"
+    )
   pipeline.validate(config.data)
   depth = build_encoder(config).dims()[1]
   read_depth = config.get("read_depth")
   if read_depth is not None and not 0 <= read_depth <= depth:
-    raise common.ConfigError(f"config.read_depth={read_depth}: the encoder depth is {depth}; "
-                             f"use 0 (patch embeddings) to {depth}, or unset it")
+    raise common.ConfigError(
+      f"config.read_depth={read_depth}: the encoder depth is {depth}; "
+      f"use 0 (patch embeddings) to {depth}, or unset it"
+    )
   if read_depth is not None and config.model.scan_layers:
-    raise common.ConfigError("config.read_depth needs config.model.scan_layers=False "
-                             "(a scanned stack cannot be cut after a block)")
+    raise common.ConfigError(
+      "config.read_depth needs config.model.scan_layers=False "
+      "(a scanned stack cannot be cut after a block)"
+    )
 
 
 def encoder_params(config, encoder):
@@ -122,8 +141,10 @@ def encoder_params(config, encoder):
   fresh = encoder.init(jax.random.PRNGKey(config.seed), sample)["params"]
   if not config.init_from:
     return fresh
-  return finetune.merge_encoder({"encoder": fresh}, finetune.load_encoder_params(
-      config.init_from, jax.eval_shape(lambda: fresh)))["encoder"]
+  return finetune.merge_encoder(
+    {"encoder": fresh},
+    finetune.load_encoder_params(config.init_from, jax.eval_shape(lambda: fresh)),
+  )["encoder"]
 
 
 # ------------------------------------------------------------------------------------
@@ -138,9 +159,13 @@ def encode_split(config, encode, split, tasks):
   """
   gh, gw = vit.grid_shape(tuple(config.image_size), tuple(config.model.patch))
   batch_size = config.encode_batch_size
-  loader = pipeline.make_loader(config.data, split, batch_size,
-                                image_size=tuple(config.image_size),
-                                worker_count=config.data.get("worker_count", 0))
+  loader = pipeline.make_loader(
+    config.data,
+    split,
+    batch_size,
+    image_size=tuple(config.image_size),
+    worker_count=config.data.get("worker_count", 0),
+  )
   out = {}
   for batch in loader:
     n = len(batch["image"])
@@ -187,6 +212,7 @@ def sr_output(head, params, lr_tokens, upsampled, patch, grid):
 
 def task_losses(task, head, patch, grid, l2=0.0):
   """(params, batch) -> scalar loss, for one task's cached arrays (+ l2 * |kernel|^2)."""
+
   def recognition(params, b):
     logits = head.apply({"params": params}, b["columns"])
     return rec.ctc_loss(logits, b["ids"], b["lengths"], blank_id=tokenizer_lib.BLANK)
@@ -200,12 +226,16 @@ def task_losses(task, head, patch, grid, l2=0.0):
     sr = sr_output(head, params, b["lr_tokens"], b["upsampled"], patch, grid)
     return jnp.mean((sr - b["image"]) ** 2)
 
-  return {"recognition": recognition, "segmentation": segmentation,
-          "super_resolution": super_resolution}[task]
+  return {
+    "recognition": recognition,
+    "segmentation": segmentation,
+    "super_resolution": super_resolution,
+  }[task]
 
 
-def fit_head(loss_fn, params, data, *, steps, batch_size, lr, weight_decay, seed,
-             log=None, log_every=0):
+def fit_head(
+  loss_fn, params, data, *, steps, batch_size, lr, weight_decay, seed, log=None, log_every=0
+):
   """AdamW on minibatches of the cached `data` (dict of arrays [N, ...]); returns params.
 
   Warmup over the first 5% of steps, then cosine decay to 0. log(step, loss) is called
@@ -247,8 +277,9 @@ def fit_lbfgs(loss_fn, params, data, iterations):
     def body(_, carry):
       params, state = carry
       value, grad = value_and_grad(params, state=state)
-      updates, state = optimizer.update(grad, state, params, value=value, grad=grad,
-                                        value_fn=value_fn)
+      updates, state = optimizer.update(
+        grad, state, params, value=value, grad=grad, value_fn=value_fn
+      )
       return optax.apply_updates(params, updates), state
 
     return jax.lax.fori_loop(0, iterations, body, (params, optimizer.init(params)))[0]
@@ -275,15 +306,30 @@ def fit_task(task, head, params, data, config, patch, grid, log=None):
   if task == "super_resolution":
     width = data["lr_tokens"].shape[-1]
     residual = vit.patchify(data["image"] - data["upsampled"], patch)
-    return fit_ridge(data["lr_tokens"].reshape(-1, width),
-                     residual.reshape(-1, residual.shape[-1]), config.super_resolution.ridge)
+    return fit_ridge(
+      data["lr_tokens"].reshape(-1, width),
+      residual.reshape(-1, residual.shape[-1]),
+      config.super_resolution.ridge,
+    )
   if task == "segmentation":
-    return fit_lbfgs(task_losses(task, head, patch, grid, config.segmentation.l2), params,
-                     data, config.segmentation.iterations)
-  return fit_head(task_losses(task, head, patch, grid), params, data,
-                  steps=config.total_steps, batch_size=config.batch_size,
-                  lr=config.recognition.lr, weight_decay=config.recognition.weight_decay,
-                  seed=config.seed, log=log, log_every=config.log_every)
+    return fit_lbfgs(
+      task_losses(task, head, patch, grid, config.segmentation.l2),
+      params,
+      data,
+      config.segmentation.iterations,
+    )
+  return fit_head(
+    task_losses(task, head, patch, grid),
+    params,
+    data,
+    steps=config.total_steps,
+    batch_size=config.batch_size,
+    lr=config.recognition.lr,
+    weight_decay=config.recognition.weight_decay,
+    seed=config.seed,
+    log=log,
+    log_every=config.log_every,
+  )
 
 
 def _batched(fn, params, arrays, batch_size):
@@ -292,10 +338,11 @@ def _batched(fn, params, arrays, batch_size):
   n = len(next(iter(arrays.values())))
   outs = []
   for i in range(0, n, batch_size):
-    part = {k: v[i:i + batch_size] for k, v in arrays.items()}
+    part = {k: v[i : i + batch_size] for k, v in arrays.items()}
     m = len(next(iter(part.values())))
-    part = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - m, axis=0)])
-            for k, v in part.items()}
+    part = {
+      k: np.concatenate([v, np.repeat(v[-1:], batch_size - m, axis=0)]) for k, v in part.items()
+    }
     outs.append(jax.tree.map(lambda x, m=m: np.asarray(x)[:m], fn(params, part)))
   return jax.tree.map(lambda *x: np.concatenate(x), *outs)
 
@@ -304,38 +351,57 @@ def evaluate_task(task, head, params, data, config, tokenizer, patch, grid):
   """{metric: value} of one task's probe on one split's cached arrays."""
   batch_size = config.encode_batch_size
   if task == "recognition":
-    ids, lengths = recognition.encode_labels(data["label"], tokenizer,
-                                             config.data.max_label_length)
+    ids, lengths = recognition.encode_labels(data["label"], tokenizer, config.data.max_label_length)
 
     def predict(p, b):
       logits = head.apply({"params": p}, b["columns"])
       return rec.ctc_greedy(logits)[0], rec.ctc_loss_per_char(
-          logits, b["ids"], b["lengths"], tokenizer_lib.BLANK)
+        logits, b["ids"], b["lengths"], tokenizer_lib.BLANK
+      )
 
-    pred_ids, per_char = _batched(jax.jit(predict), params, {
-        "columns": data["columns"], "ids": ids, "lengths": lengths}, batch_size)
-    scores = text_metrics.score([str(t) for t in data["label"]], tokenizer.decode(pred_ids),
-                                config.eval_charset)
+    pred_ids, per_char = _batched(
+      jax.jit(predict),
+      params,
+      {"columns": data["columns"], "ids": ids, "lengths": lengths},
+      batch_size,
+    )
+    scores = text_metrics.score(
+      [str(t) for t in data["label"]], tokenizer.decode(pred_ids), config.eval_charset
+    )
     # The CTC loss per character on the split: still informative on the blank plateau.
-    return {"word_accuracy": scores["word_accuracy"],
-            "one_minus_ned": scores["one_minus_ned"],
-            "ctc_loss": float(np.mean(per_char))}
+    return {
+      "word_accuracy": scores["word_accuracy"],
+      "one_minus_ned": scores["one_minus_ned"],
+      "ctc_loss": float(np.mean(per_char)),
+    }
   if task == "segmentation":
-    counts = jax.jit(lambda p, b: image_metrics.confusion_counts(
+    counts = jax.jit(
+      lambda p, b: image_metrics.confusion_counts(
         jax.nn.sigmoid(segmentation_logits(head, p, b["tokens"], patch, grid)),
-        b["mask"], config.threshold))
+        b["mask"],
+        config.threshold,
+      )
+    )
     c = _batched(counts, params, {k: data[k] for k in ("tokens", "mask")}, batch_size)
     summary = image_metrics.segmentation_summary(c["tp"], c["fp"], c["fn"])
     return {"iou": summary["iou"], "fscore": summary["fscore"]}
-  quality = jax.jit(lambda p, b: {
+  quality = jax.jit(
+    lambda p, b: {
       "sr": image_metrics.image_quality(
-          sr_output(head, p, b["lr_tokens"], b["upsampled"], patch, grid), b["image"]),
-      "bicubic": image_metrics.image_quality(b["upsampled"], b["image"])})
-  q = _batched(quality, params, {k: data[k] for k in ("lr_tokens", "upsampled", "image")},
-               batch_size)
-  return {"psnr": float(np.mean(q["sr"]["psnr"])), "ssim": float(np.mean(q["sr"]["ssim"])),
-          "bicubic_psnr": float(np.mean(q["bicubic"]["psnr"])),
-          "bicubic_ssim": float(np.mean(q["bicubic"]["ssim"]))}
+        sr_output(head, p, b["lr_tokens"], b["upsampled"], patch, grid), b["image"]
+      ),
+      "bicubic": image_metrics.image_quality(b["upsampled"], b["image"]),
+    }
+  )
+  q = _batched(
+    quality, params, {k: data[k] for k in ("lr_tokens", "upsampled", "image")}, batch_size
+  )
+  return {
+    "psnr": float(np.mean(q["sr"]["psnr"])),
+    "ssim": float(np.mean(q["sr"]["ssim"])),
+    "bicubic_psnr": float(np.mean(q["bicubic"]["psnr"])),
+    "bicubic_ssim": float(np.mean(q["bicubic"]["ssim"])),
+  }
 
 
 # ------------------------------------------------------------------------------------
@@ -351,31 +417,42 @@ def train_and_evaluate(config, workdir):
   encoder = build_encoder(config)
   params = encoder_params(config, encoder)
   read_depth = config.get("read_depth")
-  logging.info("Probe of %s (%s): tasks %s.",
-               config.init_from or f"a random encoder (seed {config.seed})",
-               "all blocks" if read_depth is None else f"the first {read_depth} blocks",
-               tasks)
+  logging.info(
+    "Probe of %s (%s): tasks %s.",
+    config.init_from or f"a random encoder (seed {config.seed})",
+    "all blocks" if read_depth is None else f"the first {read_depth} blocks",
+    tasks,
+  )
   features = feature_encoder(config)
   apply = jax.jit(lambda p, x: features.apply({"params": p}, x)[0][:, 1:])
   encode = lambda images: apply(params, images)
 
   started = time.time()
-  splits = {s: encode_split(config, encode, s, tasks)
-            for s in (config.train_split, *config.eval_splits)}
-  logging.info("Probe: encoded %s in %.0f s.",
-               {s: len(next(iter(v.values()))) for s, v in splits.items()},
-               time.time() - started)
+  splits = {
+    s: encode_split(config, encode, s, tasks) for s in (config.train_split, *config.eval_splits)
+  }
+  logging.info(
+    "Probe: encoded %s in %.0f s.",
+    {s: len(next(iter(v.values()))) for s, v in splits.items()},
+    time.time() - started,
+  )
   tokenizer = tokenizer_lib.Tokenizer(labels_lib.get_charset(config.charset), "ctc")
   width = encoder.dims()[0]
-  outputs = {"recognition": len(tokenizer), "segmentation": patch[0] * patch[1],
-             "super_resolution": patch[0] * patch[1] * 3}
+  outputs = {
+    "recognition": len(tokenizer),
+    "segmentation": patch[0] * patch[1],
+    "super_resolution": patch[0] * patch[1] * 3,
+  }
   train = splits[config.train_split]
   if "recognition" in tasks:
     train["ids"], train["lengths"] = recognition.encode_labels(
-        train.pop("label"), tokenizer, config.data.max_label_length)
-  fields = {"recognition": ("columns", "ids", "lengths"),
-            "segmentation": ("tokens", "mask"),
-            "super_resolution": ("lr_tokens", "upsampled", "image")}
+      train.pop("label"), tokenizer, config.data.max_label_length
+    )
+  fields = {
+    "recognition": ("columns", "ids", "lengths"),
+    "segmentation": ("tokens", "mask"),
+    "super_resolution": ("lr_tokens", "upsampled", "image"),
+  }
 
   writer = common.MetricWriter(workdir)
   results = {}
@@ -388,17 +465,27 @@ def train_and_evaluate(config, workdir):
     data = {k: train[k] for k in fields[task]}
     head_params = fit_task(task, head, head_params, data, config, patch, grid, log)
     loss = float(jax.jit(task_losses(task, head, patch, grid))(head_params, data))
-    logging.info("Probe: %s head fitted in %.0f s; training loss %.4g.", task,
-                 time.time() - t0, loss)
+    logging.info(
+      "Probe: %s head fitted in %.0f s; training loss %.4g.", task, time.time() - t0, loss
+    )
     for split in config.eval_splits:
-      metrics = evaluate_task(task, head, head_params, splits[split], config, tokenizer,
-                              patch, grid)
+      metrics = evaluate_task(
+        task, head, head_params, splits[split], config, tokenizer, patch, grid
+      )
       results.update({f"eval/{split}/{task}/{k}": v for k, v in metrics.items()})
   writer.write_scalars(config.total_steps, results)
   writer.close()
   with open(os.path.join(workdir, "probe.json"), "w") as f:
-    json.dump({"init_from": config.init_from, "read_depth": read_depth,
-               "seconds": round(time.time() - started, 1),
-               "metrics": results}, f, indent=1, sort_keys=True)
+    json.dump(
+      {
+        "init_from": config.init_from,
+        "read_depth": read_depth,
+        "seconds": round(time.time() - started, 1),
+        "metrics": results,
+      },
+      f,
+      indent=1,
+      sort_keys=True,
+    )
   logging.info("Probe done in %.0f s.", time.time() - started)
   return ProbeResult(step=int(config.total_steps), metrics=results)

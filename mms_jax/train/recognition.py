@@ -7,6 +7,7 @@
 Sections, top to bottom: config checks -> mesh -> data -> model and optimizer ->
 update step -> resume -> evaluation and pictures -> loop.
 """
+
 import json
 import logging
 import os
@@ -42,11 +43,15 @@ def check_config(config):
   if m.dtype not in ("float32", "bfloat16"):
     raise common.ConfigError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")
   if m.encoder_variant not in (None, *vit.VARIANTS):
-    raise common.ConfigError(f"config.model.encoder_variant={m.encoder_variant!r}: use "
-                             f"one of {sorted(vit.VARIANTS)}")
-  width, _, heads = vit.Encoder(variant=m.encoder_variant, width=m.get("encoder_width"),
-                                depth=m.get("encoder_depth"),
-                                num_heads=m.get("encoder_num_heads")).dims()
+    raise common.ConfigError(
+      f"config.model.encoder_variant={m.encoder_variant!r}: use one of {sorted(vit.VARIANTS)}"
+    )
+  width, _, heads = vit.Encoder(
+    variant=m.encoder_variant,
+    width=m.get("encoder_width"),
+    depth=m.get("encoder_depth"),
+    num_heads=m.get("encoder_num_heads"),
+  ).dims()
   if width % heads or m.decoder_width % m.decoder_num_heads:
     raise common.ConfigError("config.model: widths must be divisible by their head counts")
   common.encoder_options(m)
@@ -54,17 +59,24 @@ def check_config(config):
   charset = labels_lib.get_charset(config.charset)
   data_charset = labels_lib.get_charset(config.data.charset or config.charset)
   if not set(data_charset) <= set(charset):
-    raise common.ConfigError(f"config.data.charset={config.data.charset!r} has characters "
-                             f"outside config.charset={config.charset!r}")
+    raise common.ConfigError(
+      f"config.data.charset={config.data.charset!r} has characters "
+      f"outside config.charset={config.charset!r}"
+    )
   if not config.data.charset:
-    raise common.ConfigError("config.data.charset is empty: set it (e.g. to config.charset) "
-                             "so labels are normalised to the model's charset")
+    raise common.ConfigError(
+      "config.data.charset is empty: set it (e.g. to config.charset) "
+      "so labels are normalised to the model's charset"
+    )
   if config.data.max_label_length > m.max_length:
-    raise common.ConfigError(f"config.data.max_label_length={config.data.max_label_length} "
-                             f"> config.model.max_length={m.max_length}")
+    raise common.ConfigError(
+      f"config.data.max_label_length={config.data.max_label_length} "
+      f"> config.model.max_length={m.max_length}"
+    )
   if m.head == "ctc" and gw < m.max_length:
-    raise common.ConfigError(f"CTC needs at least max_length={m.max_length} columns; the "
-                             f"patch grid has gw={gw}")
+    raise common.ConfigError(
+      f"CTC needs at least max_length={m.max_length} columns; the patch grid has gw={gw}"
+    )
   if not 0 <= config.loss.label_smoothing < 1:
     raise common.ConfigError("config.loss.label_smoothing must be in [0, 1)")
   pipeline.validate(config.data)
@@ -80,16 +92,19 @@ def check_benchmarks_path(config):
   path = config.eval.get("benchmarks_path")
   if not path:
     return
-  fix = ("set it to a folder of STR LMDB benchmarks (<path>/<name>/data.mdb, or one "
-         "benchmark's own folder; docs/recognition.md) or to '' to skip them")
+  fix = (
+    "set it to a folder of STR LMDB benchmarks (<path>/<name>/data.mdb, or one "
+    "benchmark's own folder; docs/recognition.md) or to '' to skip them"
+  )
   if not os.path.isdir(os.path.expanduser(path)):
     raise common.ConfigError(f"config.eval.benchmarks_path={path!r} is not a folder: {fix}")
   _, data, split = eval_targets(config)[-1]
   try:
     pipeline.list_benchmarks(data, split)
   except (formats.DataError, ValueError) as e:
-    raise common.ConfigError(f"config.eval.benchmarks_path={path!r} "
-                             f"(config.eval.benchmarks_split={split!r}): {e}; {fix}") from None
+    raise common.ConfigError(
+      f"config.eval.benchmarks_path={path!r} (config.eval.benchmarks_split={split!r}): {e}; {fix}"
+    ) from None
 
 
 def build_model(config, tokenizer):
@@ -124,12 +139,17 @@ def make_train_step(model, config, tokenizer, optimizer, schedule, mesh, shardin
     if accumulation == 1:
       (loss, accuracy), grads = grad_fn(state.params, *inputs)
     else:
+
       def accumulate(carry, xs):
         return jax.tree.map(jnp.add, carry, grad_fn(state.params, *xs)), None
-      zeros = ((jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-               jax.tree.map(jnp.zeros_like, state.params))
-      total, _ = jax.lax.scan(accumulate, zeros,
-                              tuple(common.micro_batches(x, accumulation) for x in inputs))
+
+      zeros = (
+        (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+        jax.tree.map(jnp.zeros_like, state.params),
+      )
+      total, _ = jax.lax.scan(
+        accumulate, zeros, tuple(common.micro_batches(x, accumulation) for x in inputs)
+      )
       (loss, accuracy), grads = jax.tree.map(lambda x: x / accumulation, total)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = finetune.apply_updates(state.params, updates)
@@ -138,15 +158,17 @@ def make_train_step(model, config, tokenizer, optimizer, schedule, mesh, shardin
       metrics["token_accuracy"] = accuracy
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  return jax.jit(train_step, donate_argnums=(0,),
-                 out_shardings=(shardings, common.replicated(mesh)))
+  return jax.jit(
+    train_step, donate_argnums=(0,), out_shardings=(shardings, common.replicated(mesh))
+  )
 
 
 def encode_labels(labels, tokenizer, max_length):
   """(ids, lengths) of raw labels, normalised to the model charset first (the synthetic
   source yields raw labels); a longer label is cut to max_length."""
-  texts = [(labels_lib.normalize_label(str(t), tokenizer.charset, None) or "")[:max_length]
-           for t in labels]
+  texts = [
+    (labels_lib.normalize_label(str(t), tokenizer.charset, None) or "")[:max_length] for t in labels
+  ]
   return tokenizer.encode(texts, max_length)
 
 
@@ -169,6 +191,7 @@ def make_predict(model, tokenizer, batch_size):
       padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
       padded[:n] = images[:batch_size]
       return tokenizer.decode(np.asarray(apply(params, padded)))[:n]
+
     return predict
 
   return predictor
@@ -176,8 +199,9 @@ def make_predict(model, tokenizer, batch_size):
 
 def eval_targets(config):
   """[(table name, data config, split)] to evaluate."""
-  targets = [(s.replace("/", "_").strip("._") or "benchmarks", config.data, s)
-             for s in config.eval.splits]
+  targets = [
+    (s.replace("/", "_").strip("._") or "benchmarks", config.data, s) for s in config.eval.splits
+  ]
   if config.eval.get("benchmarks_path"):
     data = config.data.copy_and_resolve_references()
     data.unlock()
@@ -198,16 +222,28 @@ def run_evals(predict, config, workdir, step, writer, picture=True):
 
   for name, data, split in eval_targets(config):
     rows = str_benchmarks.evaluate(
-        predict, data, split, batch_size=config.eval.batch_size,
-        image_size=tuple(config.image_size), charset=eval_charset,
-        max_batches=config.eval.get("max_batches"), on_batch=keep if not results else None)
+      predict,
+      data,
+      split,
+      batch_size=config.eval.batch_size,
+      image_size=tuple(config.image_size),
+      charset=eval_charset,
+      max_batches=config.eval.get("max_batches"),
+      on_batch=keep if not results else None,
+    )
     results[name] = rows
     title = f"{name} at step {step} (charset {eval_charset})"
     if jax.process_index() == 0:
       str_benchmarks.write_tables(rows, workdir, f"eval_{name}", title)
       print(str_benchmarks.format_table(rows, title), flush=True)
-    writer.write_scalars(step, {f"eval/{name}/{r['benchmark']}/{k}": r[k] for r in rows
-                                for k in ("word_accuracy", "one_minus_ned", "skipped")})
+    writer.write_scalars(
+      step,
+      {
+        f"eval/{name}/{r['benchmark']}/{k}": r[k]
+        for r in rows
+        for k in ("word_accuracy", "one_minus_ned", "skipped")
+      },
+    )
   if picture and kept and config.get("picture_every", 1) and jax.process_index() == 0:
     path = os.path.join(workdir, f"predictions_{step:07d}.png")
     pictures.save_prediction_grid(kept, path, eval_charset)
@@ -220,17 +256,21 @@ def record_synthetic_fonts(config, workdir):
   and test splits draw on this machine (they follow the installed fonts)."""
   splits = ("train", *[s for s in config.eval.splits if s != "train"])
   report = pipeline.synthetic_fonts(config.data, splits)
-  logging.info("Synthetic fonts on this machine: %s (workdir/synthetic_fonts.json; "
-               "results compare across machines with the same fingerprints).",
-               ", ".join(f"{s} {r['count']} [{r['fingerprint']}]" for s, r in report.items()))
-  differ = [s for s, r in report.items()
-            if r["reference_fingerprint"] not in (None, r["fingerprint"])]
+  logging.info(
+    "Synthetic fonts on this machine: %s (workdir/synthetic_fonts.json; "
+    "results compare across machines with the same fingerprints).",
+    ", ".join(f"{s} {r['count']} [{r['fingerprint']}]" for s, r in report.items()),
+  )
+  differ = [
+    s for s, r in report.items() if r["reference_fingerprint"] not in (None, r["fingerprint"])
+  ]
   if differ:
     logging.warning(
-        "The fonts of %s differ from those docs/results.md was measured with, so its "
-        "figures do not compare with this run's. To get the same fonts, run "
-        "launch/install.sh on Debian 12 with apt (it installs the font packages).",
-        ", ".join(differ))
+      "The fonts of %s differ from those docs/results.md was measured with, so its "
+      "figures do not compare with this run's. To get the same fonts, run "
+      "launch/install.sh on Debian 12 with apt (it installs the font packages).",
+      ", ".join(differ),
+    )
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "synthetic_fonts.json"), "w") as f:
@@ -264,8 +304,12 @@ def train_and_evaluate(config, workdir):
   # ---- Mesh.
   mesh = common.make_mesh(config)
   common.check_batch_size(config, mesh)
-  logging.info("Mesh %s over %d devices; global batch %d.", dict(mesh.shape),
-               jax.device_count(), config.batch_size)
+  logging.info(
+    "Mesh %s over %d devices; global batch %d.",
+    dict(mesh.shape),
+    jax.device_count(),
+    config.batch_size,
+  )
 
   # ---- Model and optimizer, created already sharded.
   model = build_model(config, tokenizer)
@@ -273,8 +317,11 @@ def train_and_evaluate(config, workdir):
 
   def init_params(rng):
     images = jnp.zeros((1, height, width, 3), jnp.float32)
-    args = (images, jnp.zeros((1, max_length + 1), jnp.int32)) if config.model.head == "ar" \
-        else (images,)
+    args = (
+      (images, jnp.zeros((1, max_length + 1), jnp.int32))
+      if config.model.head == "ar"
+      else (images,)
+    )
     return model.init({"params": rng}, *args)["params"]
 
   init_rng = jax.random.key(config.seed)
@@ -293,26 +340,40 @@ def train_and_evaluate(config, workdir):
   # ---- Evaluate-only: score a checkpoint and exit.
   if config.get("eval_only"):
     params, step = finetune.load_for_eval(
-        finetune.eval_checkpoint(config, workdir),
-        checkpoints.abstract_with_sharding(abstract_state.params, shardings.params))
+      finetune.eval_checkpoint(config, workdir),
+      checkpoints.abstract_with_sharding(abstract_state.params, shardings.params),
+    )
     results = run_evals(predictor(params), config, workdir, step, writer)
     writer.close()
     return results
 
   # ---- Data: each process reads its own shard; batches are assembled globally.
   data_iter = pipeline.make_pipeline(
-      config.data, "train", config.batch_size, train=True, seed=config.seed,
-      image_size=tuple(config.image_size), worker_count=config.data.get("worker_count", 0))
+    config.data,
+    "train",
+    config.batch_size,
+    train=True,
+    seed=config.seed,
+    image_size=tuple(config.image_size),
+    worker_count=config.data.get("worker_count", 0),
+  )
 
   # ---- Resume: this workdir -> resume_from -> init_from (encoder only) -> scratch.
-  ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                  keep_every=config.checkpoint.get("keep_every"),
-                                  program="recognition")
+  ckpt = checkpoints.Checkpointer(
+    workdir,
+    keep=config.checkpoint.keep,
+    keep_every=config.checkpoint.get("keep_every"),
+    program="recognition",
+  )
   state, data_state, source = checkpoints.restore_or_initialize(
-      ckpt, checkpoints.abstract_with_sharding(abstract_state, shardings),
-      resume_from=config.get("resume_from") or None, init_from=config.get("init_from") or None,
-      merge_params=finetune.init_from_merger(lambda: fresh_state(init_rng),
-                                           source=config.get("init_from", "")))
+    ckpt,
+    checkpoints.abstract_with_sharding(abstract_state, shardings),
+    resume_from=config.get("resume_from") or None,
+    init_from=config.get("init_from") or None,
+    merge_params=finetune.init_from_merger(
+      lambda: fresh_state(init_rng), source=config.get("init_from", "")
+    ),
+  )
   if state is None:
     logging.warning("No init_from: the encoder starts from random weights.")
     state = fresh_state(init_rng)
@@ -321,8 +382,13 @@ def train_and_evaluate(config, workdir):
   start_step = int(state.step)
   common.log_parameter_summary(state.params["encoder"], "encoder")
   common.log_parameter_summary(state.params["head"], f"{config.model.head} head")
-  logging.info("Starting at step %d (%s); training to step %d%s.", start_step, source,
-               total_steps, " with the encoder frozen" if config.get("freeze_encoder") else "")
+  logging.info(
+    "Starting at step %d (%s); training to step %d%s.",
+    start_step,
+    source,
+    total_steps,
+    " with the encoder frozen" if config.get("freeze_encoder") else "",
+  )
 
   train_step = make_train_step(model, config, tokenizer, optimizer, schedule, mesh, shardings)
   throughput = common.Throughput(total_steps, config.batch_size, start_step)

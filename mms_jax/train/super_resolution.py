@@ -11,6 +11,7 @@ Evaluation only: --config.eval_only=True [--config.eval_from=CHECKPOINT].
 With --config.sr_eval_recognizer=RECOGNITION_WORKDIR the evaluation also reads the
 bicubic, SR and HR images with that recognizer and reports word accuracy.
 """
+
 import functools
 import json
 import logging
@@ -39,8 +40,9 @@ SCALE = 2  # the pipeline's lr_image is always half the image size (TextZoom 16x
 def _check(config):
   height, width = config.image_size
   if height % SCALE or width % SCALE:
-    raise common.ConfigError(f"config.image_size={tuple(config.image_size)} must be even "
-                             "(the LR image is half of it)")
+    raise common.ConfigError(
+      f"config.image_size={tuple(config.image_size)} must be even (the LR image is half of it)"
+    )
   if min(height, width) < 11:
     raise common.ConfigError("config.image_size: SSIM needs images of at least 11x11")
   if config.loss.gradient_weight < 0:
@@ -66,8 +68,7 @@ def sr_loss(sr, hr, gradient_weight=0.0):
   Returns (loss, {'l2', 'gradient'}).
   """
   l2 = jnp.mean((sr - hr) ** 2)
-  gradient = sum(jnp.mean(jnp.abs(a - b))
-                 for a, b in zip(image_gradients(sr), image_gradients(hr)))
+  gradient = sum(jnp.mean(jnp.abs(a - b)) for a, b in zip(image_gradients(sr), image_gradients(hr)))
   return l2 + gradient_weight * gradient, {"l2": l2, "gradient": gradient}
 
 
@@ -77,6 +78,7 @@ def _loss(model, config):
     loss, parts = sr_loss(sr, batch["image"], config.loss.gradient_weight)
     mse = jnp.mean((image_metrics.to_unit(sr) - image_metrics.to_unit(batch["image"])) ** 2)
     return loss, {**parts, "train_psnr": -10.0 * jnp.log10(mse)}
+
   return loss_fn
 
 
@@ -87,11 +89,15 @@ def _per_image(model, config):
 
   def per_image(params, batch):
     sr, aux = model.apply({"params": params}, batch["lr_image"])
-    sr_q, bic_q = (image_metrics.image_quality(x, batch["image"])
-                   for x in (sr, aux["upsampled"]))
-    metrics = {"psnr": sr_q["psnr"], "ssim": sr_q["ssim"], "bicubic_psnr": bic_q["psnr"],
-               "bicubic_ssim": bic_q["ssim"]}
+    sr_q, bic_q = (image_metrics.image_quality(x, batch["image"]) for x in (sr, aux["upsampled"]))
+    metrics = {
+      "psnr": sr_q["psnr"],
+      "ssim": sr_q["ssim"],
+      "bicubic_psnr": bic_q["psnr"],
+      "bicubic_ssim": bic_q["ssim"],
+    }
     return metrics, {"sr": jnp.clip(sr, -1, 1), "bicubic": aux["upsampled"]}
+
   return per_image
 
 
@@ -105,6 +111,7 @@ def _word_accuracies(config):
   def host_metrics(outputs, batch):
     images = {"bicubic": outputs["bicubic"], "sr": outputs["sr"], "hr": batch["image"]}
     return {f"word_accuracy_{k}": recognizer(v, batch["label"]) for k, v in images.items()}
+
   return host_metrics
 
 
@@ -113,8 +120,7 @@ def _word_accuracies(config):
 # ------------------------------------------------------------------------------------
 def _recognizer_from_config(rc):
   """(Recognizer, Tokenizer) from a recognition run's config.json (a dict)."""
-  tokenizer = tokenizer_lib.Tokenizer(labels_lib.get_charset(rc["charset"]),
-                                      rc["model"]["head"])
+  tokenizer = tokenizer_lib.Tokenizer(labels_lib.get_charset(rc["charset"]), rc["model"]["head"])
   model = recognition.from_config(rc["model"], tokenizer)
   return model, tokenizer
 
@@ -131,28 +137,39 @@ def load_recognizer(path):
   config_path = step_dir.parent.parent / "config.json"
   if not config_path.exists():
     raise checkpoints.CheckpointError(
-        f"sr_eval_recognizer={str(path)!r}: no config.json in {step_dir.parent.parent}; "
-        "point it at a recognition workdir.")
+      f"sr_eval_recognizer={str(path)!r}: no config.json in {step_dir.parent.parent}; "
+      "point it at a recognition workdir."
+    )
   rec_config = json.loads(config_path.read_text())
   if rec_config.get("program") != "recognition":
-    raise common.ConfigError(f"sr_eval_recognizer={str(path)!r} is a "
-                             f"{rec_config.get('program')!r} run, not 'recognition'")
+    raise common.ConfigError(
+      f"sr_eval_recognizer={str(path)!r} is a {rec_config.get('program')!r} run, not 'recognition'"
+    )
   model, tokenizer = _recognizer_from_config(rec_config)
-  params = jax.tree.map(jnp.asarray, checkpoints.load_params(step_dir,
-                                                             what="sr_eval_recognizer"))
+  params = jax.tree.map(jnp.asarray, checkpoints.load_params(step_dir, what="sr_eval_recognizer"))
   image_size = tuple(rec_config["image_size"])
   charset = (rec_config.get("eval") or {}).get("charset") or text_metrics.DEFAULT_CHARSET
   predict = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.predict))
-  logging.info("sr_eval_recognizer: %s (%s head, input %s, scored on charset %r).",
-               step_dir, model.head, image_size, charset)
+  logging.info(
+    "sr_eval_recognizer: %s (%s head, input %s, scored on charset %r).",
+    step_dir,
+    model.head,
+    image_size,
+    charset,
+  )
 
   def read(images, labels):
     images = jnp.asarray(images, jnp.float32)
     if tuple(images.shape[1:3]) != image_size:
       images = jax.image.resize(images, (images.shape[0], *image_size, 3), "bilinear")
     texts = tokenizer.decode(np.asarray(predict(params, images)))
-    return np.array([text_metrics.normalize(t, charset) == text_metrics.normalize(g, charset)
-                     for t, g in zip(texts, labels)], np.float32)
+    return np.array(
+      [
+        text_metrics.normalize(t, charset) == text_metrics.normalize(g, charset)
+        for t, g in zip(texts, labels)
+      ],
+      np.float32,
+    )
 
   return read
 
@@ -172,19 +189,30 @@ def sr_picture(model, config, params, batch, path):
   sr, up = (np.asarray(x) for x in _predict(model, params, jnp.asarray(batch["lr_image"])))
   lr = np.repeat(np.repeat(np.asarray(batch["lr_image"]), SCALE, axis=1), SCALE, axis=2)
   kinds = (("LR (pixels x2)", lr), ("bicubic", up), ("SR", sr), ("HR", batch["image"]))
-  pictures.save_labelled_rows([pictures.side_by_side(pictures.to_uint8(x)) for _, x in kinds],
-                              [k for k, _ in kinds], path)
+  pictures.save_labelled_rows(
+    [pictures.side_by_side(pictures.to_uint8(x)) for _, x in kinds], [k for k, _ in kinds], path
+  )
 
 
 TASK = dense.Task(
-    program="super_resolution",
-    eval_splits={"synthetic": ("val", "test_heldout_fonts", "test_hard"),
-                 "textzoom": ("test",)},  # -> test/easy, test/medium, test/hard
-    targets="LR/HR pairs", model_class=dense_heads.SuperResolver,
-    model_options=lambda config: {"scale": SCALE, "residual": config.model.residual},
-    check_config=_check, fields=_fields, input_key="lr_image", loss=_loss,
-    per_image=_per_image, summarize=lambda acc: acc.means(), picture=sr_picture,
-    host_metrics=_word_accuracies, with_labels=True)
+  program="super_resolution",
+  eval_splits={
+    "synthetic": ("val", "test_heldout_fonts", "test_hard"),
+    "textzoom": ("test",),
+  },  # -> test/easy, test/medium, test/hard
+  targets="LR/HR pairs",
+  model_class=dense_heads.SuperResolver,
+  model_options=lambda config: {"scale": SCALE, "residual": config.model.residual},
+  check_config=_check,
+  fields=_fields,
+  input_key="lr_image",
+  loss=_loss,
+  per_image=_per_image,
+  summarize=lambda acc: acc.means(),
+  picture=sr_picture,
+  host_metrics=_word_accuracies,
+  with_labels=True,
+)
 
 
 # What programs.py and the tests call.
