@@ -117,11 +117,12 @@ DRY_RUN_TESTS = [
   "tests/test_pretrain.py::test_train_step_on_a_mesh_of_the_devices",
 ]
 
-# (seconds limit, seconds limit in a dry run)
+# (seconds limit, seconds limit in a dry run). The dry run's test stage compiles on
+# a 2-core CPU, which the suite may share with other work: 120 s timed out there once.
 LIMITS = {
   "install": (90, 60),
   "env": (60, 60),
-  "tests": (180, 120),
+  "tests": (180, 300),
   "bench": (240, 240),
   "pretrain": (120, 120),
 }

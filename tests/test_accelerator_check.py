@@ -25,7 +25,7 @@ def test_dry_run_runs_every_stage_and_writes_one_summary(tmp_path):
     env=subprocess_env(),
     capture_output=True,
     text=True,
-    timeout=600,
+    timeout=900,
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   results = {r["stage"]: r for r in json.loads((out / "accelerator_check.json").read_text())}
