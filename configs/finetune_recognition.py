@@ -7,8 +7,11 @@ Variants (`--config=configs/finetune_recognition.py:VARIANT`):
                     32x128, masked conv stem, 2-D ALiBi bias) + CTC, batch 32, peak lr
                     1e-3, 6,000 steps on fresh generated images of the test splits'
                     distribution (training fonts). From scratch or --config.init_from.
-                    44 min on a quiet 2-core CPU, 81.4 % held-out fonts, 6.4 % hard;
-                    evaluates those synthetic splits every 1,000 steps.
+                    44 min on a quiet 2-core CPU, 81.4 % held-out fonts, 6.4 % hard
+                    on a machine with fewer fonts; on the documented full font set
+                    (launch/install.sh) it leaves the CTC plateau later (8.8 % held-out
+                    at the end of a 3,000-step run, docs/results.md 2026-12-04).
+                    Evaluates those synthetic splits every 1,000 steps.
   quick             The same recipe, 1,500 steps (~11 min on 2 CPU cores).
   robust            The second stage of the 60-minute recipe: from a `small` run
                     (--config.init_from=<its workdir>), 1,500 steps on a mixture of
