@@ -145,7 +145,6 @@ def eval_batches(task, config, split):
     config.eval_batch_size,
     task.fields(config),
     image_size=tuple(config.image_size),
-    worker_count=config.data.worker_count,
     with_labels=task.with_labels,
   )
 
@@ -288,7 +287,6 @@ def train_and_evaluate(task, config, workdir):
     train=True,
     seed=config.seed,
     image_size=tuple(config.image_size),
-    worker_count=config.data.worker_count,
   )
   ckpt = checkpoints.Checkpointer(
     workdir,
