@@ -119,7 +119,7 @@ def get_config(variant="small"):
 
   c.finetune = _sibling("finetune_recognition", "quick" if variant == "small" else "tiny")
   c.finetune.data.synthetic.seed = data_seed
-  c.finetune.picture_every = 0
+  c.finetune.pictures = False
   c.probe = _sibling("probe", variant)
   c.probe.data.synthetic.seed = data_seed
 
@@ -128,18 +128,21 @@ def get_config(variant="small"):
   for stage in (c.segmentation, c.super_resolution):
     stage.data.synthetic.seed = data_seed
     stage.pictures = False
-    stage.eval_splits = ("test_heldout_fonts",)
+    stage.eval.splits = ("test_heldout_fonts",)
 
   if variant == "small":
     c.pretrain.total_steps = 600
     # The recognition recipe (configs/finetune_recognition.py:quick, 1,500 steps) on
     # 4,096 labelled images of the test distribution: the low-label setting.
     c.finetune.data.size = dict(train=4096, val=256, test_heldout_fonts=500, test_hard=500)
+    # A fixed labelled set: no clean-start curriculum (it needs fresh generated images).
+    c.finetune.data.synthetic_train.clean_fraction = 0.0
+    c.finetune.data.curriculum.clean_until_step = 0
     c.finetune.eval.every = 0
     c.finetune.checkpoint.every = 500
     for stage in (c.segmentation, c.super_resolution):
       stage.total_steps = 300
-      stage.eval_every = 0
+      stage.eval.every = 0
       stage.data.size = dict(train=2048, test_heldout_fonts=256)
   else:
     c.arms = ("none", "random_patch", "mms_multi_view")

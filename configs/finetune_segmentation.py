@@ -58,12 +58,8 @@ def get_config(variant="small"):
   c.data.size = dict(train=20_000, val=256, test_heldout_fonts=256, test_hard=256)
   c.data.worker_count = 0
   c.train_split = "train"
-  # () = by source: synthetic val, test_heldout_fonts, test_hard; TextSeg val, test;
-  # TextZoom test (-> test/easy, test/medium, test/hard).
-  c.eval_splits = ()
 
   c.batch_size = 32
-  c.eval_batch_size = 64
   c.total_steps = 300
   c.num_epochs = placeholder(float)
   c.fsdp = 1
@@ -74,7 +70,8 @@ def get_config(variant="small"):
   c.layer_decay = 0.75
 
   c.log_every = 25
-  c.eval_every = 100
+  # Evaluated splits, () = by source: synthetic val, test_heldout_fonts, test_hard; TextSeg val, test.
+  c.eval = dict(splits=(), every=100, batch_size=64)
   c.pictures = True  # a PNG with every evaluation
   c.num_picture_images = 4
   c.checkpoint = dict(every=100, keep=2, keep_every=placeholder(int))
@@ -99,11 +96,11 @@ def get_config(variant="small"):
     )
     c.data.size = dict(train=64, val=12, test_heldout_fonts=8, test_hard=8)
     c.batch_size = 8
-    c.eval_batch_size = 8
+    c.eval.batch_size = 8
     c.total_steps = 4
     c.lr.warmup_steps = 1
     c.log_every = 2
-    c.eval_every = 0
+    c.eval.every = 0
     c.checkpoint.every = 2
     c.num_picture_images = 3
   elif variant == "paper":
@@ -122,13 +119,13 @@ def get_config(variant="small"):
     c.data.augment = True
     c.data.worker_count = 4
     c.batch_size = 64
-    c.eval_batch_size = 128
+    c.eval.batch_size = 128
     c.total_steps = 0
     c.num_epochs = 100.0
     c.lr = dict(base=1e-3, warmup_steps=0, warmup_fraction=0.05, end=0.0)
     c.optimizer.b2 = 0.999
     c.log_every = 100
-    c.eval_every = 2000
+    c.eval.every = 2000
     c.checkpoint = dict(every=2000, keep=2, keep_every=placeholder(int))
   else:
     raise ValueError(f"unknown variant {variant!r}: small, tiny or paper")

@@ -30,7 +30,6 @@ def get_config(variant="small"):
   c.seed = 0
   c.image_size = (32, 128)
   c.charset = "36"  # the CTC head's output characters
-  c.eval_charset = "36"  # the scoring protocol (case-insensitive 0-9a-z)
   c.tasks = ("recognition", "segmentation", "super_resolution")
 
   # The configs/pretrain.py default encoder (8x4 patches, conv stem, 2-D ALiBi);
@@ -57,7 +56,8 @@ def get_config(variant="small"):
   c.data.synthetic_train = dict(fraction_random_strings=0.0, max_label_length=12)
   c.data.worker_count = 0
   c.train_split = "train"
-  c.eval_splits = ("test_heldout_fonts", "test_hard")
+  # Scored splits; charset: the scoring protocol (case-insensitive 0-9a-z).
+  c.eval = dict(splits=("test_heldout_fonts", "test_hard"), charset="36")
 
   c.encode_batch_size = 64
   # Recognition: CTC head, AdamW on minibatches (warmup 5%, cosine decay).

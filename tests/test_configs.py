@@ -1,5 +1,7 @@
 """Every config variant loads, and every field can be overridden from the command line."""
 
+import functools
+
 from conftest import load_config
 import ml_collections
 import pytest
@@ -61,3 +63,36 @@ def test_fine_tuning_defaults_have_the_pretraining_encoder(name, variant):
   # `--config.init_from=<a pretraining workdir of the same variant>` must load as it is.
   pretrained, tuned = load_config("pretrain", variant).model, load_config(name, variant).model
   assert {f: tuned[f] for f in ENCODER_FIELDS} == {f: pretrained[f] for f in ENCODER_FIELDS}
+
+
+@functools.cache
+def _names_the_code_reads():
+  """Every name mms_jax/ can read a config field by: attribute accesses, string
+  constants (`config.get("x")`, `config["x"]`), keyword arguments, parameters and
+  dataclass fields (fields handed on as `**config.x` or through `from_dict`)."""
+  import ast
+  import pathlib
+
+  names = set()
+  for path in (pathlib.Path(__file__).parents[1] / "mms_jax").rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Attribute):
+        names.add(node.attr)
+      elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+        names.add(node.value)
+      elif isinstance(node, ast.keyword) and node.arg:
+        names.add(node.arg)
+      elif isinstance(node, ast.arg):
+        names.add(node.arg)
+      elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        names.add(node.target.id)
+  return names
+
+
+@pytest.mark.parametrize("name,variant", VARIANTS)
+def test_every_field_is_read(name, variant):
+  # A field no code can read does nothing: setting it from the command line would
+  # silently change nothing. Implement it or remove it.
+  read = _names_the_code_reads()
+  unread = [k for k, _ in _leaf_types(load_config(name, variant)) if k.split(".")[-1] not in read]
+  assert not unread, f"configs/{name}.py:{variant} fields never read by mms_jax/: {unread}"

@@ -127,7 +127,7 @@ def test_probe_program_probes_the_given_encoder(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "probe/metrics.jsonl").read_text().splitlines()]
   final = rows[-1]
   assert final["step"] == config.total_steps
-  for split in config.eval_splits:
+  for split in config.eval.splits:
     assert 0 <= final[f"eval/{split}/segmentation/iou"] <= 1
     assert 0 <= final[f"eval/{split}/recognition/one_minus_ned"] <= 1
     assert np.isfinite(final[f"eval/{split}/super_resolution/psnr"])

@@ -4,6 +4,7 @@ optimizer and schedule, train state, metric writers and run bookkeeping.
 Trainers import these functions; nothing here knows which program runs.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ import numpy as np
 import optax
 
 from mms_jax import errors
+from mms_jax.train import checkpoints
+from mms_jax.train import guards
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -219,6 +222,80 @@ def step_rng(state, *streams):
 # ------------------------------------------------------------------------------------
 # Bookkeeping.
 # ------------------------------------------------------------------------------------
+def log_run_header(program, config, mesh, workdir):
+  """The first line of every run: what runs where, on which data, into which workdir."""
+  device = jax.devices()[0]
+  data = config.get("data") or {}
+  logging.info(
+    "%s: mesh %s over %d devices in %d processes; global batch %d; %s (%s); "
+    "data %s (%s reader); workdir %s.",
+    program,
+    dict(mesh.shape),
+    jax.device_count(),
+    jax.process_count(),
+    config.batch_size,
+    device.platform,
+    device.device_kind,
+    data.get("source", "?"),
+    data.get("reader", "?"),
+    os.path.abspath(workdir),
+  )
+
+
+def is_due(step, every, total_steps):
+  """True every `every` steps (0: never) and at the last step."""
+  return step == total_steps or bool(every and step % every == 0)
+
+
+class StepBookkeeping:
+  """What every training loop does after its update, the same in each program: the
+  NaN check, the log line, the checkpoint and the stop on preemption. Evaluations and
+  pictures stay in the trainer's own loop. A context manager: inside it the
+  checkpointer and a PreemptionWatcher are open; whatever ends the loop, started saves
+  are finished and get their manifest.
+
+    with common.StepBookkeeping(config, total_steps, start_step, ckpt, data_iter, writer) as bk:
+      for step in range(start_step + 1, total_steps + 1):
+        state, metrics = train_step(state, batch)
+        if bk(step, state, metrics):
+          break
+  """
+
+  def __init__(self, config, total_steps, start_step, ckpt, data_iter, writer):
+    self.config, self.total_steps, self.start_step = config, total_steps, start_step
+    self.ckpt, self.data_iter, self.writer = ckpt, data_iter, writer
+    self.throughput = Throughput(total_steps, config.batch_size, start_step)
+    self.last_saved = start_step
+    self.watcher = None
+    self._stack = contextlib.ExitStack()
+
+  def __enter__(self):
+    self._stack.enter_context(self.ckpt)
+    self.watcher = self._stack.enter_context(checkpoints.PreemptionWatcher())
+    return self
+
+  def __exit__(self, *exc_info):
+    return self._stack.__exit__(*exc_info)
+
+  def __call__(self, step, state, metrics):
+    """Returns True when the loop must stop (a checkpoint of `step` was saved)."""
+    is_log = step == self.start_step + 1 or is_due(step, self.config.log_every, self.total_steps)
+    is_save = is_due(step, self.config.checkpoint.every, self.total_steps)
+    stop = self.watcher.should_stop(step)
+    if is_log or is_save or stop:
+      metrics = jax.device_get(metrics)
+      guards.check_finite(metrics, step, last_checkpoint=self.last_saved or None)
+    if is_log:
+      self.writer.write_scalars(step, {**metrics, **self.throughput(step)})
+    if is_save or stop:
+      data_state = self.data_iter.get_state()
+      self.ckpt.save(step, state, data_state=data_state, config=self.config, force=True)
+      self.last_saved = step
+    if stop:
+      logging.warning("Stopped at step %d after saving a checkpoint.", step)
+    return stop
+
+
 def write_config(config, workdir):
   if jax.process_index() == 0:
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -250,6 +327,7 @@ class MetricWriter:
     for name, value in scalars.items():
       self._events.add_scalar(name, value, step)
     self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    self._jsonl.flush()  # readable while the run goes on (a line per log step)
 
   def write_image(self, step, name, image_uint8):
     if self._events is not None:

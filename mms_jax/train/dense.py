@@ -29,7 +29,6 @@ from mms_jax.models import vit
 from mms_jax.train import checkpoints
 from mms_jax.train import common
 from mms_jax.train import finetune
-from mms_jax.train import guards
 
 
 # ------------------------------------------------------------------------------------
@@ -68,7 +67,7 @@ class Task:
 # Config checks (before anything compiles).
 # ------------------------------------------------------------------------------------
 def eval_splits(task, config):
-  return tuple(config.eval_splits) or task.eval_splits[config.data.source]
+  return tuple(config.eval.splits) or task.eval_splits[config.data.source]
 
 
 def build_model(task, config):
@@ -142,7 +141,7 @@ def eval_batches(task, config, split):
   return pipeline.padded_eval_batches(
     config.data,
     split,
-    config.eval_batch_size,
+    config.eval.batch_size,
     task.fields(config),
     image_size=tuple(config.image_size),
     with_labels=task.with_labels,
@@ -219,9 +218,10 @@ def train_and_evaluate(task, config, workdir):
   # ---- Mesh.
   mesh = common.make_mesh(config)
   common.check_batch_size(config, mesh)
-  if config.eval_batch_size % mesh.devices.size:
+  common.log_run_header(task.program, config, mesh, workdir)
+  if config.eval.batch_size % mesh.devices.size:
     raise common.ConfigError(
-      f"config.eval_batch_size={config.eval_batch_size} must be a "
+      f"config.eval.batch_size={config.eval.batch_size} must be a "
       f"multiple of the {mesh.devices.size} devices"
     )
 
@@ -316,31 +316,17 @@ def train_and_evaluate(task, config, workdir):
   )
 
   train_step = make_train_step(task, model, config, optimizer, schedule, mesh, shardings)
-  throughput = common.Throughput(total_steps, config.batch_size, start_step)
-  last_saved = start_step
 
   # ---- Loop.
-  with ckpt, checkpoints.PreemptionWatcher() as watcher:
+  with common.StepBookkeeping(
+    config, total_steps, start_step, ckpt, data_iter, writer
+  ) as bookkeeping:
     for step in range(start_step + 1, total_steps + 1):
       batch = next(data_iter)
       state, metrics = train_step(state, common.global_batch({k: batch[k] for k in fields}, mesh))
-
-      is_log = step % config.log_every == 0 or step == total_steps or step == start_step + 1
-      is_save = step % config.checkpoint.every == 0 or step == total_steps
-      is_eval = (config.eval_every and step % config.eval_every == 0) or step == total_steps
-      stop = watcher.should_stop(step)
-      if is_log or is_save or stop:
-        metrics = jax.device_get(metrics)
-        guards.check_finite(metrics, step, last_checkpoint=last_saved or None)
-      if is_log:
-        writer.write_scalars(step, {**metrics, **throughput(step)})
-      if is_save or stop:
-        ckpt.save(step, state, data_state=data_iter.get_state(), config=config, force=True)
-        last_saved = step
-      if is_eval and not stop:
-        write_eval(step, state.params)
-      if stop:
-        logging.warning("Stopped at step %d after saving a checkpoint.", step)
+      if bookkeeping(step, state, metrics):
         break
+      if common.is_due(step, config.eval.every, total_steps):
+        write_eval(step, state.params)
   writer.close()
   return state

@@ -23,7 +23,6 @@ from mms_jax.models import mae as mae_lib
 from mms_jax.models import vit
 from mms_jax.train import checkpoints
 from mms_jax.train import common
-from mms_jax.train import guards
 
 
 # ------------------------------------------------------------------------------------
@@ -250,13 +249,7 @@ def train_and_evaluate(config, workdir):
   # ---- Mesh.
   mesh = common.make_mesh(config)
   common.check_batch_size(config, mesh)
-  logging.info(
-    "Mesh %s over %d devices in %d processes; global batch %d.",
-    dict(mesh.shape),
-    jax.device_count(),
-    jax.process_count(),
-    config.batch_size,
-  )
+  common.log_run_header("pretrain", config, mesh, workdir)
 
   # ---- Data: each process reads its own shard; batches are assembled globally.
   data_iter = pipeline.make_pipeline(
@@ -317,42 +310,26 @@ def train_and_evaluate(config, workdir):
 
   train_step = make_train_step(model, config, spec, optimizer, schedule, mesh, shardings)
   eval_images = None
-  throughput = common.Throughput(total_steps, config.batch_size, start_step)
-  last_saved = start_step
 
-  def save(step):
-    ckpt.save(step, state, data_state=data_iter.get_state(), config=config, force=True)
-
-  # ---- Loop. Whatever stops it, started saves are finished and get their manifest.
-  with ckpt, checkpoints.PreemptionWatcher() as watcher:
+  # ---- Loop.
+  with common.StepBookkeeping(
+    config, total_steps, start_step, ckpt, data_iter, writer
+  ) as bookkeeping:
     for step in range(start_step + 1, total_steps + 1):
       batch = next(data_iter)
       if eval_images is None:
-        eval_images = jnp.asarray(batch["image"][: config.get("num_picture_images", 4)])
+        eval_images = jnp.asarray(batch["image"][: config.num_picture_images])
       images = common.global_batch(batch["image"], mesh)
       state, metrics = train_step(state, images, spec.num_masked(step - 1, total_steps))
-
-      is_log = step % config.log_every == 0 or step == total_steps or step == start_step + 1
-      is_save = step % config.checkpoint.every == 0 or step == total_steps
-      stop = watcher.should_stop(step)
-      if is_log or is_save or stop:
-        metrics = jax.device_get(metrics)
-        guards.check_finite(metrics, step, last_checkpoint=last_saved or None)
-      if is_log:
-        writer.write_scalars(step, {**metrics, **throughput(step)})
-      if is_save or stop:
-        save(step)
-        last_saved = step
-      if config.picture_every and (step % config.picture_every == 0 or step == total_steps):
+      if bookkeeping(step, state, metrics):
+        break
+      if config.picture_every and common.is_due(step, config.picture_every, total_steps):
         # Every process takes part: with fsdp across hosts no host holds all params.
         params = multihost_utils.process_allgather(state.params, tiled=True)
         if jax.process_index() == 0:
           path = os.path.join(workdir, f"reconstruction_{step:07d}.png")
           reconstruction_picture(model, params, eval_images, config, spec, path, step)
           logging.info("Wrote %s", path)
-      if stop:
-        logging.warning("Stopped at step %d after saving a checkpoint.", step)
-        break
   writer.close()
   return state
 

@@ -366,7 +366,7 @@ def evaluate_task(task, head, params, data, config, tokenizer, patch, grid):
       batch_size,
     )
     scores = text_metrics.score(
-      [str(t) for t in data["label"]], tokenizer.decode(pred_ids), config.eval_charset
+      [str(t) for t in data["label"]], tokenizer.decode(pred_ids), config.eval.charset
     )
     # The CTC loss per character on the split: still informative on the blank plateau.
     return {
@@ -429,7 +429,7 @@ def train_and_evaluate(config, workdir):
 
   started = time.time()
   splits = {
-    s: encode_split(config, encode, s, tasks) for s in (config.train_split, *config.eval_splits)
+    s: encode_split(config, encode, s, tasks) for s in (config.train_split, *config.eval.splits)
   }
   logging.info(
     "Probe: encoded %s in %.0f s.",
@@ -468,7 +468,7 @@ def train_and_evaluate(config, workdir):
     logging.info(
       "Probe: %s head fitted in %.0f s; training loss %.4g.", task, time.time() - t0, loss
     )
-    for split in config.eval_splits:
+    for split in config.eval.splits:
       metrics = evaluate_task(
         task, head, head_params, splits[split], config, tokenizer, patch, grid
       )

@@ -29,7 +29,6 @@ from mms_jax.models import vit
 from mms_jax.train import checkpoints
 from mms_jax.train import common
 from mms_jax.train import finetune
-from mms_jax.train import guards
 
 
 # ------------------------------------------------------------------------------------
@@ -89,7 +88,7 @@ def check_config(config):
 def check_benchmarks_path(config):
   """config.eval.benchmarks_path, if set, must hold LMDB benchmarks: checked before any
   compiling or scoring, with the field's name in the message."""
-  path = config.eval.get("benchmarks_path")
+  path = config.eval.benchmarks_path
   if not path:
     return
   fix = (
@@ -119,7 +118,7 @@ def make_train_step(model, config, tokenizer, optimizer, schedule, mesh, shardin
   micro-batches (rows j, j + a, ...: each device keeps its rows) whose gradients are
   averaged in a scan: CTC's per-sample mean is then the full batch's; the AR loss is
   the mean of the micro-batches' token means."""
-  frozen = bool(config.get("freeze_encoder", False))
+  frozen = bool(config.freeze_encoder)
   accumulation = int(config.grad_accum_steps)
 
   def loss_fn(params, images, ids, lengths):
@@ -202,22 +201,22 @@ def eval_targets(config):
   targets = [
     (s.replace("/", "_").strip("._") or "benchmarks", config.data, s) for s in config.eval.splits
   ]
-  if config.eval.get("benchmarks_path"):
+  if config.eval.benchmarks_path:
     data = config.data.copy_and_resolve_references()
     data.unlock()
     data.update(source="str_lmdb", path=config.eval.benchmarks_path, reader="direct")
-    targets.append(("benchmarks", data, config.eval.get("benchmarks_split") or "."))
+    targets.append(("benchmarks", data, config.eval.benchmarks_split or "."))
   return targets
 
 
-def run_evals(predict, config, workdir, step, writer, picture=True):
+def run_evals(predict, config, workdir, step, writer):
   """Scores every eval target; writes eval_<name>.{md,csv}; returns {name: rows}."""
   results, kept = {}, []
-  eval_charset = config.eval.get("charset") or text_metrics.DEFAULT_CHARSET
+  eval_charset = config.eval.charset or text_metrics.DEFAULT_CHARSET
 
   def keep(batch, preds):
-    if len(kept) < config.get("num_picture_images", 8):
-      take = config.get("num_picture_images", 8) - len(kept)
+    if len(kept) < config.num_picture_images:
+      take = config.num_picture_images - len(kept)
       kept.extend(zip(batch["image"][:take], batch["label"][:take], preds[:take]))
 
   for name, data, split in eval_targets(config):
@@ -228,7 +227,7 @@ def run_evals(predict, config, workdir, step, writer, picture=True):
       batch_size=config.eval.batch_size,
       image_size=tuple(config.image_size),
       charset=eval_charset,
-      max_batches=config.eval.get("max_batches"),
+      max_batches=config.eval.max_batches,
       on_batch=keep if not results else None,
     )
     results[name] = rows
@@ -244,7 +243,7 @@ def run_evals(predict, config, workdir, step, writer, picture=True):
         for k in ("word_accuracy", "one_minus_ned", "skipped")
       },
     )
-  if picture and kept and config.get("picture_every", 1) and jax.process_index() == 0:
+  if config.pictures and kept and jax.process_index() == 0:
     path = os.path.join(workdir, f"predictions_{step:07d}.png")
     pictures.save_prediction_grid(kept, path, eval_charset)
     logging.info("Wrote %s", path)
@@ -289,13 +288,11 @@ def train_and_evaluate(config, workdir):
   """
   tokenizer = check_config(config)
   common.maybe_initialize_distributed(config)
-  if not config.get("eval_only"):  # keep the training run's config.json
+  if not config.eval_only:  # keep the training run's config.json
     common.write_config(config, workdir)
-    if config.data.source == "synthetic":
-      record_synthetic_fonts(config, workdir)
   writer = common.MetricWriter(workdir)
   num_train = None
-  if not config.get("total_steps"):  # num_epochs: count the training set
+  if not config.total_steps:  # num_epochs: count the training set
     num_train = len(pipeline.make_source(config.data, "train"))
   total_steps = common.total_steps(config, num_train)
   writer.total_steps = total_steps
@@ -304,12 +301,9 @@ def train_and_evaluate(config, workdir):
   # ---- Mesh.
   mesh = common.make_mesh(config)
   common.check_batch_size(config, mesh)
-  logging.info(
-    "Mesh %s over %d devices; global batch %d.",
-    dict(mesh.shape),
-    jax.device_count(),
-    config.batch_size,
-  )
+  common.log_run_header("recognition", config, mesh, workdir)
+  if config.data.source == "synthetic" and not config.eval_only:
+    record_synthetic_fonts(config, workdir)
 
   # ---- Model and optimizer, created already sharded.
   model = build_model(config, tokenizer)
@@ -338,7 +332,7 @@ def train_and_evaluate(config, workdir):
   predictor = make_predict(model, tokenizer, config.eval.batch_size)
 
   # ---- Evaluate-only: score a checkpoint and exit.
-  if config.get("eval_only"):
+  if config.eval_only:
     params, step = finetune.load_for_eval(
       finetune.eval_checkpoint(config, workdir),
       checkpoints.abstract_with_sharding(abstract_state.params, shardings.params),
@@ -355,24 +349,22 @@ def train_and_evaluate(config, workdir):
     train=True,
     seed=config.seed,
     image_size=tuple(config.image_size),
-    worker_count=config.data.get("worker_count", 0),
+    worker_count=config.data.worker_count,
   )
 
   # ---- Resume: this workdir -> resume_from -> init_from (encoder only) -> scratch.
   ckpt = checkpoints.Checkpointer(
     workdir,
     keep=config.checkpoint.keep,
-    keep_every=config.checkpoint.get("keep_every"),
+    keep_every=config.checkpoint.keep_every,
     program="recognition",
   )
   state, data_state, source = checkpoints.restore_or_initialize(
     ckpt,
     checkpoints.abstract_with_sharding(abstract_state, shardings),
-    resume_from=config.get("resume_from") or None,
-    init_from=config.get("init_from") or None,
-    merge_params=finetune.init_from_merger(
-      lambda: fresh_state(init_rng), source=config.get("init_from", "")
-    ),
+    resume_from=config.resume_from or None,
+    init_from=config.init_from or None,
+    merge_params=finetune.init_from_merger(lambda: fresh_state(init_rng), source=config.init_from),
   )
   if state is None:
     logging.warning("No init_from: the encoder starts from random weights.")
@@ -387,35 +379,21 @@ def train_and_evaluate(config, workdir):
     start_step,
     source,
     total_steps,
-    " with the encoder frozen" if config.get("freeze_encoder") else "",
+    " with the encoder frozen" if config.freeze_encoder else "",
   )
 
   train_step = make_train_step(model, config, tokenizer, optimizer, schedule, mesh, shardings)
-  throughput = common.Throughput(total_steps, config.batch_size, start_step)
-  last_saved = start_step
 
-  # ---- Loop. Whatever stops it, started saves are finished and get their manifest.
-  with ckpt, checkpoints.PreemptionWatcher() as watcher:
+  # ---- Loop.
+  with common.StepBookkeeping(
+    config, total_steps, start_step, ckpt, data_iter, writer
+  ) as bookkeeping:
     for step in range(start_step + 1, total_steps + 1):
       batch = common.global_batch(host_batch(next(data_iter), tokenizer, max_length), mesh)
       state, metrics = train_step(state, batch)
-
-      is_log = step % config.log_every == 0 or step == total_steps or step == start_step + 1
-      is_save = step % config.checkpoint.every == 0 or step == total_steps
-      is_eval = step == total_steps or (config.eval.every and step % config.eval.every == 0)
-      stop = watcher.should_stop(step)
-      if is_log or is_save or stop:
-        metrics = jax.device_get(metrics)
-        guards.check_finite(metrics, step, last_checkpoint=last_saved or None)
-      if is_log:
-        writer.write_scalars(step, {**metrics, **throughput(step)})
-      if is_save or stop:
-        ckpt.save(step, state, data_state=data_iter.get_state(), config=config, force=True)
-        last_saved = step
-      if is_eval and not stop:
-        run_evals(predictor(state.params), config, workdir, step, writer)
-      if stop:
-        logging.warning("Stopped at step %d after saving a checkpoint.", step)
+      if bookkeeping(step, state, metrics):
         break
+      if common.is_due(step, config.eval.every, total_steps):
+        run_evals(predictor(state.params), config, workdir, step, writer)
   writer.close()
   return state
