@@ -89,6 +89,12 @@ def _names_the_code_reads():
   return names
 
 
+def test_the_read_check_sees_real_fields_and_not_made_up_ones():
+  read = _names_the_code_reads()
+  assert {"clean_until_step", "benchmarks_path", "num_picture_images"} <= read
+  assert "on_resume_finished" not in read
+
+
 @pytest.mark.parametrize("name,variant", VARIANTS)
 def test_every_field_is_read(name, variant):
   # A field no code can read does nothing: setting it from the command line would

@@ -225,7 +225,6 @@ def step_rng(state, *streams):
 def log_run_header(program, config, mesh, workdir):
   """The first line of every run: what runs where, on which data, into which workdir."""
   device = jax.devices()[0]
-  data = config.get("data") or {}
   logging.info(
     "%s: mesh %s over %d devices in %d processes; global batch %d; %s (%s); "
     "data %s (%s reader); workdir %s.",
@@ -236,8 +235,8 @@ def log_run_header(program, config, mesh, workdir):
     config.batch_size,
     device.platform,
     device.device_kind,
-    data.get("source", "?"),
-    data.get("reader", "?"),
+    config.data.source,
+    config.data.reader,
     os.path.abspath(workdir),
   )
 
