@@ -99,7 +99,9 @@ def font_table(split, fonts, gts, preds_by_reader):
   return "\n".join(lines)
 
 
-def tesseract_reader():
+def tesseract_reader(scale=3, height=None):
+  """(read, version) or (None, why): read(uint8 images, any sizes) -> texts. Each crop is
+  upscaled `scale` times, or to `height` pixels when given (bicubic), on a white border."""
   if shutil.which("tesseract") is None:
     return None, "not installed (apt-get install tesseract-ocr tesseract-ocr-eng)"
   version = subprocess.run(["tesseract", "--version"], capture_output=True, text=True).stdout.split(
@@ -111,9 +113,9 @@ def tesseract_reader():
       paths = []
       for i, image in enumerate(images):
         h, w = image.shape[:2]
-        big = Image.fromarray(image).resize(
-          (w * FLAGS.tesseract_scale, h * FLAGS.tesseract_scale), Image.BICUBIC
-        )
+        factor = height / h if height else scale
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        big = Image.fromarray(image).resize(size, Image.BICUBIC)
         canvas = Image.new("RGB", (big.width + 20, big.height + 20), "white")
         canvas.paste(big, (10, 10))
         paths.append(os.path.join(tmp, f"{i:05d}.png"))
@@ -148,6 +150,22 @@ def rapidocr_reader():
   return read, f"rapidocr_onnxruntime {importlib.metadata.version('rapidocr_onnxruntime')}"
 
 
+def installed_peers(names, **tesseract_options):
+  """{name: (read, about)} of the named peers that are installed (a '[skip]' line for
+  each one that is not); tesseract_options go to tesseract_reader."""
+  makers = {"tesseract": lambda: tesseract_reader(**tesseract_options), "rapidocr": rapidocr_reader}
+  readers = {}
+  for name in names:
+    if name not in makers:
+      raise app.UsageError(f"unknown peer {name!r}: tesseract or rapidocr")
+    read, about = makers[name]()
+    if read is None:
+      print(f"[skip] {name}: {about}")
+      continue
+    readers[name] = (read, about)
+  return readers
+
+
 def ours_reader(workdir):
   from mms_jax import read as read_lib
 
@@ -171,15 +189,7 @@ def main(argv):
     from configs import finetune_recognition
 
     data_config = finetune_recognition.get_config().data
-  for name in FLAGS.peers:
-    make = {"tesseract": tesseract_reader, "rapidocr": rapidocr_reader}.get(name)
-    if make is None:
-      raise app.UsageError(f"unknown peer {name!r}: tesseract or rapidocr")
-    read, about = make()
-    if read is None:
-      print(f"[skip] {name}: {about}")
-      continue
-    readers[name] = (read, about)
+  readers.update(installed_peers(FLAGS.peers, scale=FLAGS.tesseract_scale))
 
   rows, font_tables = [], []
   for split in FLAGS.splits:

@@ -4,11 +4,24 @@
 
 Loads the latest good checkpoint of a recognition workdir (its config.json decides the
 model, image size and charset), reads every image given or found under a folder
-(recursively; any size or PIL mode), resizes and normalises it as training does, and
-prints one line per image: `path<TAB>text<TAB>confidence`. The confidence is the
+(recursively; any size or PIL mode), fits it to the model's input size as its training
+images were laid out (`--fit`, below), normalises it as training does, and prints one
+line per image: `path<TAB>text<TAB>confidence`. The confidence is the
 probability of the greedy decoding path (models.recognition.Recognizer.predict_scored).
 Unreadable files are skipped, counted and named on stderr; the exit status is non-zero
 when no image could be read.
+
+--fit (how a crop of any size becomes an H x W input):
+  center       scaled to height H at its own aspect ratio (squeezed to W if wider) and
+               centred on a canvas of its border colour: how the synthetic generator lays
+               out a word, so the default for a recognizer trained on generated images.
+  stretch      resized to H x W (the pipeline's Resize): the default for real training
+               data read without data.keep_aspect.
+  keep_aspect  the pipeline's Resize with keep_aspect (scaled to height H, grey padding
+               on the right): the default when the training config set data.keep_aspect.
+  auto         (default) the one that matches the workdir's training data, as above.
+On real word crops `center` reads far more words than `stretch` for the default
+recognizer (docs/results.md, "Real text").
 """
 
 import csv
@@ -50,6 +63,8 @@ IMAGE_SUFFIXES = (
   ".pbm",
 )
 
+FITS = ("center", "stretch", "keep_aspect")
+
 FLAGS = flags.FLAGS
 
 
@@ -62,6 +77,7 @@ def define_flags():
   )
   flags.DEFINE_string("csv", "", "Also write path,text,confidence rows to this CSV file.")
   flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
+  flags.DEFINE_enum("fit", "auto", ("auto",) + FITS, "How a crop becomes the model's input.")
 
 
 class ReadError(errors.UserError):
@@ -140,15 +156,47 @@ def to_rgb(image: Image.Image) -> np.ndarray:
   return np.asarray(image.convert("RGB"))
 
 
-def load_image(path, image_size: Tuple[int, int], keep_aspect: bool) -> np.ndarray:
-  """float32 [H, W, 3] in [-1, 1], resized as the training pipeline does."""
+def default_fit(config) -> str:
+  """The --fit that matches a recognition config's training images (module docstring)."""
+  if config.data.get("source", "synthetic") == "synthetic":
+    return "center"
+  return "keep_aspect" if config.data.get("keep_aspect", False) else "stretch"
+
+
+def center(array: np.ndarray, image_size: Tuple[int, int]) -> np.ndarray:
+  """uint8 [h, w, 3] -> uint8 [H, W, 3]: scaled to height H at its aspect ratio (at most
+  W wide), centred on a canvas filled with the median colour of its border pixels."""
+  height, width = image_size
+  h, w = array.shape[:2]
+  new_w = max(1, min(width, int(round(w * height / h))))
+  resized = np.asarray(Image.fromarray(array).resize((new_w, height), Image.BILINEAR))
+  border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+  canvas = np.empty((height, width, 3), np.uint8)
+  canvas[:] = np.median(border, axis=0).astype(np.uint8)
+  left = (width - new_w) // 2
+  canvas[:, left : left + new_w] = resized
+  return canvas
+
+
+def fit_array(array: np.ndarray, image_size: Tuple[int, int], fit: str) -> np.ndarray:
+  """uint8 [h, w, 3] -> float32 [H, W, 3] in [-1, 1] (`fit`: one of FITS)."""
+  if fit == "center":
+    example = {"image": center(array, tuple(image_size))}
+  elif fit in ("stretch", "keep_aspect"):
+    example = pipeline.Resize(tuple(image_size), fit == "keep_aspect").map({"image": array})
+  else:
+    raise ValueError(f"fit={fit!r}: one of {FITS}")
+  return pipeline.Normalize().map(example)["image"]
+
+
+def load_image(path, image_size: Tuple[int, int], fit: str = "stretch") -> np.ndarray:
+  """float32 [H, W, 3] in [-1, 1]: the file at `path` as `fit_array` fits it."""
   with Image.open(path) as image:
     image.load()
     array = to_rgb(image)
   if array.shape[0] == 0 or array.shape[1] == 0:
     raise ValueError("zero-size image")
-  example = pipeline.Resize(tuple(image_size), keep_aspect).map({"image": array})
-  return pipeline.Normalize().map(example)["image"]
+  return fit_array(array, image_size, fit)
 
 
 def read_arrays(predict, images: np.ndarray, batch_size=64):
@@ -165,9 +213,10 @@ def read_arrays(predict, images: np.ndarray, batch_size=64):
   return texts, confidences
 
 
-def read(predict, paths: Iterable[pathlib.Path], image_size, keep_aspect=False, batch_size=64):
+def read(predict, paths: Iterable[pathlib.Path], image_size, fit="stretch", batch_size=64):
   """Yields (path, text, confidence) per readable image and (path, None, error) per
-  unreadable one, in input order (read_arrays, batch by batch)."""
+  unreadable one, in input order (read_arrays, batch by batch). `fit`: one of FITS
+  (default_fit(config) gives the layout of the workdir's training images)."""
   pending, images = [], []
 
   def flush():
@@ -178,7 +227,7 @@ def read(predict, paths: Iterable[pathlib.Path], image_size, keep_aspect=False, 
 
   for path in paths:
     try:
-      images.append(load_image(path, image_size, keep_aspect))
+      images.append(load_image(path, image_size, fit))
     except Exception as e:  # PIL raises many kinds
       yield path, None, f"{type(e).__name__}: {e}"
       continue
@@ -209,7 +258,7 @@ def main(argv):
     predict,
     files,
     tuple(config.image_size),
-    bool(config.data.get("keep_aspect", False)),
+    default_fit(config) if FLAGS.fit == "auto" else FLAGS.fit,
     FLAGS.batch_size,
   ):
     if text is None:

@@ -86,7 +86,7 @@ def test_batching_and_padding_do_not_change_the_results(rec_dir, images):
   assert [r[1] for r in one] == [r[1] for r in many]
   np.testing.assert_allclose([r[2] for r in one], [r[2] for r in many], rtol=1e-4)
   # The same image as the program's evaluation sees it: resized and scaled to [-1, 1].
-  array = read_lib.load_image(files[0], (32, 128), keep_aspect=False)
+  array = read_lib.load_image(files[0], (32, 128), "stretch")
   assert array.shape == (32, 128, 3) and -1.0 <= array.min() and array.max() <= 1.0
 
 
@@ -112,3 +112,35 @@ def test_clear_errors(rec_dir, images, tmp_path):
 
   result = run_read(f"--workdir={rec_dir}", images / "h_corrupt.png")
   assert result.returncode == 1 and "read 0 image(s), skipped 1" in result.stderr
+
+
+def test_center_lays_a_crop_out_as_the_generator_does():
+  crop = np.full((10, 20, 3), (200, 180, 160), np.uint8)
+  crop[3:7, 4:16] = 0  # a dark "word" on a uniform background
+  out = read_lib.center(crop, (32, 128))
+  assert out.shape == (32, 128, 3) and out.dtype == np.uint8
+  # Height 10 -> 32 at the crop's aspect ratio: 64 columns, centred; the rest is the
+  # border colour, not grey padding.
+  np.testing.assert_array_equal(out[:, :32], np.full((32, 32, 3), (200, 180, 160)))
+  np.testing.assert_array_equal(out[:, 96:], np.full((32, 32, 3), (200, 180, 160)))
+  dark_columns = np.flatnonzero(out.min(axis=(0, 2)) < 50)
+  assert 32 < dark_columns.min() and dark_columns.max() < 96
+  # Wider than W at height H: squeezed to W, nothing cut off.
+  wide = np.zeros((10, 200, 3), np.uint8)
+  wide[:, -1] = 255
+  assert read_lib.center(wide, (32, 128))[:, -1].min() > 0
+
+
+def test_default_fit_follows_the_training_images():
+  config = load_config("finetune_recognition", "tiny")
+  assert read_lib.default_fit(config) == "center"  # generated images
+  config.data.source = "str_lmdb"
+  assert read_lib.default_fit(config) == "stretch"
+  config.data.keep_aspect = True
+  assert read_lib.default_fit(config) == "keep_aspect"
+  array = np.zeros((10, 20, 3), np.uint8)
+  for fit in read_lib.FITS:
+    out = read_lib.fit_array(array, (32, 128), fit)
+    assert out.shape == (32, 128, 3) and out.dtype == np.float32
+  with pytest.raises(ValueError, match="fit='squash'"):
+    read_lib.fit_array(array, (32, 128), "squash")

@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pytest
 
 from benchmarks import recognition_peers
 from configs import finetune_recognition
@@ -33,3 +34,13 @@ def test_font_table_sorts_by_the_first_readers_accuracy():
     "| A.ttf | 2 | 100 | 50 |",
     "| C.ttf | 1 | 100 | 0 |",
   ]
+
+
+def test_installed_peers_refuses_an_unknown_name_and_skips_a_missing_one(monkeypatch, capsys):
+  from absl import app
+
+  with pytest.raises(app.UsageError, match="unknown peer 'nope'"):
+    recognition_peers.installed_peers(["nope"])
+  monkeypatch.setattr(recognition_peers.shutil, "which", lambda name: None)
+  assert recognition_peers.installed_peers(["tesseract"]) == {}
+  assert "[skip] tesseract: not installed" in capsys.readouterr().out
