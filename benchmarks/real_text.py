@@ -183,12 +183,30 @@ def pdf_jpeg(pdf_bytes):
   return image.convert("RGB")
 
 
+def _tar_members(archive, names):
+  """{name: bytes} of the named files in a tar archive (a path or bytes); a missing file
+  or an unreadable archive is SourceUnavailable."""
+  label = archive if isinstance(archive, pathlib.Path) else "the package's files"
+  try:
+    opened = (
+      tarfile.open(archive)
+      if isinstance(archive, pathlib.Path)
+      else tarfile.open(fileobj=io.BytesIO(archive))
+    )
+    with opened as tar:
+      return {name: tar.extractfile(name).read() for name in names}
+  except KeyError as e:
+    raise SourceUnavailable(f"{label} has no {e}") from None
+  except (tarfile.TarError, OSError) as e:
+    raise SourceUnavailable(f"cannot read {label}: {e}") from None
+
+
 def gutenberg_page(cache):
   page_path = cache / "gutenberg_c03-29.png"
   if not page_path.exists():
     name, version, member = GUTENBERG_SDIST
-    with tarfile.open(pypi_sdist(name, version, cache)) as tar:
-      pdf = tar.extractfile(f"{name}-{version}/{member}").read()
+    path = f"{name}-{version}/{member}"
+    pdf = _tar_members(pypi_sdist(name, version, cache), [path])[path]
     pdf_jpeg(pdf).save(page_path)
   page = Image.open(page_path).convert("RGB")
   if page.size != GUTENBERG_PAGE_SIZE:
@@ -208,16 +226,16 @@ def opencv_text_dir(cache):
     debs = sorted(cache.glob("opencv-doc_*.deb"))
     if r.returncode or not debs:
       raise SourceUnavailable(f"apt-get download opencv-doc failed: {r.stderr.decode()[-300:]}")
-  tar_bytes = subprocess.run(
-    ["dpkg-deb", "--fsys-tarfile", str(debs[-1])], capture_output=True, check=True
-  ).stdout
+  try:
+    r = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(debs[-1])], capture_output=True)
+  except FileNotFoundError:
+    raise SourceUnavailable("dpkg-deb not found (it unpacks Debian's opencv-doc)") from None
+  if r.returncode:
+    raise SourceUnavailable(f"dpkg-deb cannot unpack {debs[-1]}: {r.stderr.decode()[-300:]}")
+  files = _tar_members(r.stdout, [f"./{OPENCV_TEXT_DIR}/{f}" for f in OPENCV_WORDS])
   out.mkdir(exist_ok=True)
-  with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
-    for f in OPENCV_WORDS:
-      member = tar.extractfile(f"./{OPENCV_TEXT_DIR}/{f}")
-      if member is None:
-        raise SourceUnavailable(f"{debs[-1].name} has no {OPENCV_TEXT_DIR}/{f}")
-      (out / f).write_bytes(member.read())
+  for f in OPENCV_WORDS:
+    (out / f).write_bytes(files[f"./{OPENCV_TEXT_DIR}/{f}"])
   return out
 
 
@@ -264,6 +282,11 @@ def ours_reader(workdir, fit="auto"):
   return read
 
 
+def read_correctly(text, pred):
+  """Whether `pred` reads `text` under the 36-character protocol."""
+  return text_metrics.score([text], [pred], "36")["word_accuracy"] == 1.0
+
+
 def summary_table(crops, preds_by_reader):
   lines = [
     "| reader | source | crops | word acc (%) | 1 - NED (%) |",
@@ -290,16 +313,16 @@ def crop_table(crops, preds_by_reader, confidences=None):
     cells = []
     for n in names:
       pred = preds_by_reader[n][i]
-      ok = text_metrics.score([c.text], [pred], "36")["word_accuracy"] == 1.0
       cell = f"`{pred}`" if pred else "(empty)"
       if n == "mms_jax" and confidences is not None:
         cell += f" {confidences[i]:.2f}"
-      cells.append(cell + (" ✓" if ok else ""))
+      cells.append(cell + (" ✓" if read_correctly(c.text, pred) else ""))
     lines.append(f"| {c.name} | {c.text} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def draw(crops, preds_by_reader, path):
+def draw(crops, preds, path):
+  """Every crop with our reading above it (green where read correctly)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -312,9 +335,8 @@ def draw(crops, preds_by_reader, path):
     ax.axis("off")
   for ax, (i, c) in zip(np.ravel(axes), enumerate(crops)):
     ax.imshow(c.image)
-    pred = preds_by_reader.get("mms_jax", [""] * len(crops))[i]
-    ok = text_metrics.score([c.text], [pred], "36")["word_accuracy"] == 1.0
-    ax.set_title(f"{pred or '(empty)'}", fontsize=12, color="green" if ok else "red")
+    color = "green" if read_correctly(c.text, preds[i]) else "red"
+    ax.set_title(preds[i] or "(empty)", fontsize=12, color=color)
   fig.suptitle("mms_jax on real crops (green: read correctly under the 36-char protocol)")
   fig.tight_layout()
   buffer = io.BytesIO()
@@ -326,6 +348,8 @@ def draw(crops, preds_by_reader, path):
 
 def main(argv):
   del argv
+  if FLAGS.picture and not FLAGS.workdir:
+    raise app.UsageError("--picture draws our readings: give --workdir too")
   cache = pathlib.Path(FLAGS.cache_dir)
   cache.mkdir(parents=True, exist_ok=True)
   crops = load_crops(FLAGS.sources, cache)
@@ -346,7 +370,7 @@ def main(argv):
     pathlib.Path(FLAGS.out).write_text(tables + "\n")
   if FLAGS.picture:
     os.makedirs(os.path.dirname(FLAGS.picture) or ".", exist_ok=True)
-    draw(crops, preds_by_reader, FLAGS.picture)
+    draw(crops, preds_by_reader["mms_jax"], FLAGS.picture)
     print(f"wrote {FLAGS.picture}")
 
 

@@ -2,6 +2,7 @@
 themselves are downloaded only when the benchmark runs)."""
 
 import io
+import tarfile
 
 import numpy as np
 from PIL import Image
@@ -57,3 +58,18 @@ def test_tables_score_with_the_36_character_protocol():
   rows = real_text.crop_table(crops, preds, confidences=[0.9, 0.5, 0.1]).splitlines()
   assert rows[2] == "| a_1 | Watson, | `watson` 0.90 ✓ | (empty) |"
   assert rows[4] == "| b_1 | CHINA | `chna` 0.10 | `CHINA` ✓ |"
+
+
+def test_a_broken_source_is_skipped_with_its_reason(tmp_path, monkeypatch, capsys):
+  # An sdist without the scanned page, and a .deb that is not one: each source is
+  # skipped with a line that says why, instead of stopping the benchmark.
+  sdist = tmp_path / "ocrmypdf-17.13.0.tar.gz"
+  with tarfile.open(sdist, "w:gz") as tar:
+    info = tarfile.TarInfo("ocrmypdf-17.13.0/README.md")
+    tar.addfile(info, io.BytesIO(b""))
+  monkeypatch.setattr(real_text, "pypi_sdist", lambda name, version, cache: sdist)
+  (tmp_path / "opencv-doc_0_all.deb").write_bytes(b"not a deb")
+  assert real_text.load_crops(["gutenberg", "opencv"], tmp_path) == []
+  out = capsys.readouterr().out
+  assert "[skip] gutenberg:" in out and "tests/resources/c03-29.pdf" in out
+  assert "[skip] opencv:" in out and ("dpkg-deb" in out or "cannot read" in out)
