@@ -51,15 +51,8 @@ def _define_flags():  # only when run as a program: other benchmarks import this
 def model_config(name, dtype, batch, scan=False):
   config = load_config("pretrain", "tiny")
   if name == "S":
-    config.model.update(
-      encoder_variant="S",
-      encoder_width=None,
-      encoder_depth=None,
-      encoder_num_heads=None,
-      decoder_width=512,
-      decoder_depth=8,
-      decoder_num_heads=16,
-    )
+    config.model.encoder.update(variant="S", width=None, depth=None, num_heads=None)
+    config.model.update(decoder_width=512, decoder_depth=8, decoder_num_heads=16)
   config.model.dtype, config.model.scan_layers = dtype, scan
   config.batch_size = batch
   config.total_steps = 1000
@@ -68,14 +61,9 @@ def model_config(name, dtype, batch, scan=False):
 
 def analytic_flops_per_image(config, spec):
   """Forward + backward model FLOPs of one image (3x forward; matmuls only)."""
-  encoder = vit.Encoder(
-    variant=config.model.encoder_variant,
-    width=config.model.get("encoder_width"),
-    depth=config.model.get("encoder_depth"),
-    num_heads=config.model.get("encoder_num_heads"),
-  )
+  encoder = vit.Encoder(**config.model.encoder)
   width, depth, _ = encoder.dims()
-  patch_dim = int(np.prod(config.model.patch)) * 3
+  patch_dim = int(np.prod(config.model.encoder.patch)) * 3
   num_cells, visible = spec.num_cells, spec.num_cells - spec.num_masked()
 
   def blocks(tokens, d, layers):  # qkv + proj + MLP (ratio 4) + two attention matmuls

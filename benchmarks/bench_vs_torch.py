@@ -50,6 +50,7 @@ import bench_pretrain
 
 from mms_jax import convert as cv
 from mms_jax.models import mae as mae_lib
+from mms_jax.models import vit
 from mms_jax.train import pretrain
 
 _MODELS = flags.DEFINE_list(
@@ -230,7 +231,7 @@ def _config(name, dtype, batch):
 
 def _model_config(config, params):
   m = config.model
-  heads = m.get("encoder_num_heads") or {"S": 6, "Ti": 3, "B": 12, "tiny": 2}[m.encoder_variant]
+  _, _, heads = vit.Encoder(**m.encoder).dims()
   return cv.ModelConfig(
     image_size=tuple(config.image_size),
     num_heads=heads,
@@ -251,7 +252,11 @@ def _check_losses(config, params, spec, torch_side):
     {"params": params}, images, jnp.asarray(mask), num_masked=num_masked
   )
   ours, _ = mae_lib.mae_loss(
-    images, pred, jnp.asarray(mask), tuple(config.model.patch), norm_pix=config.loss.norm_pix
+    images,
+    pred,
+    jnp.asarray(mask),
+    tuple(config.model.encoder.patch),
+    norm_pix=config.loss.norm_pix,
   )
   theirs, same_mask = torch_side.call("loss", (images, mask))
   return float(ours), theirs, same_mask

@@ -36,7 +36,7 @@ from mms_jax.data import labels
 from mms_jax.data import synthetic
 from mms_jax.data import tokenizer as tokenizer_lib
 from mms_jax.models import recognition as rec
-from mms_jax.train import finetune
+from mms_jax.train import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["vit", "cnn"], "vit and/or cnn")
@@ -107,11 +107,7 @@ def build(name, tokenizer):
   )
   variables = model.init(jax.random.key(0), images)
   if FLAGS.init_from:
-    params = dict(variables["params"])
-    params["encoder"] = finetune.load_encoder_params(
-      FLAGS.init_from, jax.eval_shape(lambda: params["encoder"])
-    )
-    variables = {"params": params}
+    variables = {"params": common.load_pretrained(variables["params"], FLAGS.init_from)}
   return model.apply, variables
 
 

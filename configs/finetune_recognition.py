@@ -54,6 +54,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from mms_jax.data import pipeline
+from mms_jax.models import encoder_config
 
 
 def get_config(variant="small"):
@@ -64,18 +65,12 @@ def get_config(variant="small"):
   c.image_size = (32, 128)
   c.charset = "36"  # model output charset: a labels.CHARSETS name or the characters
 
-  # The encoder of configs/pretrain.py's default: 128 wide, 4 deep, 8x4 patches (a 4 x 32
-  # grid), the masked conv stem and the 2-D ALiBi bias (docs/model.md); `paper` variants
-  # have the paper's plain ViT. Must match the pretraining encoder (init_from).
+  # The encoder (models/encoder_config.py): unset fields come from init_from's config.json,
+  # else configs/pretrain.py's default (128 wide, 4 deep, 4 heads, 8x4 patches, the masked
+  # conv stem, the 2-D ALiBi bias); a field set here (tiny and paper variants, the
+  # command line) wins and must match init_from's encoder.
   c.model = dict(
-    encoder_variant=placeholder(str),
-    encoder_width=128,
-    encoder_depth=4,
-    encoder_num_heads=4,
-    patch=(8, 4),
-    stem="conv",
-    stem_channels=(),
-    attention_bias="alibi_2d",
+    encoder=encoder_config.unset(),
     head="ctc",
     decoder_width=128,
     decoder_depth=2,
@@ -136,7 +131,6 @@ def get_config(variant="small"):
   c.init_from = ""  # a pretraining (or fine-tuning) workdir or step directory
   c.distributed = dict(coordinator_address="", num_processes=1, process_id=0, auto=False)
 
-  paper_vit = dict(patch=(4, 4), stem="patch", attention_bias="none")
   if variant == "small":
     pass
   elif variant == "quick":
@@ -157,17 +151,14 @@ def get_config(variant="small"):
     c.data.synthetic_train.hard_fraction = 0.5
     c.eval.every = 500
   elif variant == "plain":
-    c.model.update(paper_vit)
+    c.model.encoder.update(encoder_config.PAPER_VIT)
   elif variant == "tiny":
+    c.model.encoder.update(width=32, depth=1, num_heads=2, **encoder_config.PAPER_VIT)
     c.model.update(
-      encoder_width=32,
-      encoder_depth=1,
-      encoder_num_heads=2,
       head="ar",
       decoder_width=32,
       decoder_depth=1,
       decoder_num_heads=2,
-      **paper_vit,
     )
     c.data.size = dict(train=256, val=16, test_heldout_fonts=16, test_hard=16)
     c.batch_size = 8
@@ -179,17 +170,13 @@ def get_config(variant="small"):
     c.num_picture_images = 4
   elif variant == "S_union14m":
     c.charset = "94"
+    c.model.encoder.update(variant="S", **encoder_config.PAPER_VIT)
     c.model.update(
-      encoder_variant="S",
-      encoder_width=placeholder(int),
-      encoder_depth=placeholder(int),
-      encoder_num_heads=placeholder(int),
       head="ar",
       decoder_width=384,
       decoder_depth=6,
       decoder_num_heads=8,
       dtype="bfloat16",
-      **paper_vit,
     )
     c.data.source = "str_lmdb"
     c.data.reader = "tfds"

@@ -24,6 +24,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from mms_jax.data import pipeline
+from mms_jax.models import encoder_config
 
 
 def get_config(variant="small"):
@@ -33,23 +34,18 @@ def get_config(variant="small"):
   c.seed = 0
   c.image_size = (32, 128)
 
-  # The configs/pretrain.py default encoder (8x4 patches, conv stem, 2-D ALiBi);
-  # tiny and paper variants have the paper's plain ViT. Must match init_from.
+  # The encoder (models/encoder_config.py): unset fields come from init_from's config.json,
+  # else configs/pretrain.py's default (128 wide, 4 deep, 4 heads, 8x4 patches, the masked
+  # conv stem, the 2-D ALiBi bias); a field set here (tiny and paper variants, the
+  # command line) wins and must match init_from's encoder.
   c.model = dict(
-    encoder_variant=placeholder(str),
-    encoder_width=128,
-    encoder_depth=4,
-    encoder_num_heads=4,
-    patch=(8, 4),
+    encoder=encoder_config.unset(),
     head_width=128,
     head_depth=2,
     head_num_heads=2,
     gelu="erf",
     dtype="float32",
     scan_layers=False,
-    stem="conv",
-    stem_channels=(),
-    attention_bias="alibi_2d",
   )
   c.threshold = 0.5  # foreground if sigmoid(logit) >= threshold (metrics, pictures)
 
@@ -81,18 +77,14 @@ def get_config(variant="small"):
   c.eval_from = ""  # eval_only: workdir or step directory (default: this workdir)
   c.distributed = dict(coordinator_address="", num_processes=1, process_id=0, auto=False)
 
-  paper_vit = dict(patch=(4, 4), stem="patch", attention_bias="none")
   if variant == "small":
     pass
   elif variant == "tiny":
+    c.model.encoder.update(width=32, depth=1, num_heads=2, **encoder_config.PAPER_VIT)
     c.model.update(
-      encoder_width=32,
-      encoder_depth=1,
-      encoder_num_heads=2,
       head_width=32,
       head_depth=1,
       head_num_heads=2,
-      **paper_vit,
     )
     c.data.size = dict(train=64, val=12, test_heldout_fonts=8, test_hard=8)
     c.batch_size = 8
@@ -104,15 +96,11 @@ def get_config(variant="small"):
     c.checkpoint.every = 2
     c.num_picture_images = 3
   elif variant == "paper":
+    c.model.encoder.update(variant="S", **encoder_config.PAPER_VIT)
     c.model.update(
-      encoder_variant="S",
-      encoder_width=placeholder(int),
-      encoder_depth=placeholder(int),
-      encoder_num_heads=placeholder(int),
       head_width=384,
       head_depth=3,
       head_num_heads=2,
-      **paper_vit,
     )
     c.data.source = "textseg"
     c.data.reader = "tfds"

@@ -28,6 +28,7 @@ from ml_collections.config_dict import placeholder
 
 from mms_jax import masking
 from mms_jax.data import pipeline
+from mms_jax.models import encoder_config
 
 
 def get_config(variant="small"):
@@ -41,14 +42,16 @@ def get_config(variant="small"):
   # the encoder that learns to read on a CPU (docs/model.md, docs/results.md). The
   # `plain` variant is the paper's ViT (4x4 linear patches, no bias).
   c.model = dict(
-    encoder_variant=placeholder(str),
-    encoder_width=128,
-    encoder_depth=4,
-    encoder_num_heads=4,
-    patch=(8, 4),
-    stem="conv",
-    stem_channels=(),
-    attention_bias="alibi_2d",
+    encoder=dict(
+      variant=placeholder(str),
+      width=128,
+      depth=4,
+      num_heads=4,
+      patch=(8, 4),
+      stem="conv",
+      stem_channels=(),
+      attention_bias="alibi_2d",
+    ),
     decoder_width=128,
     decoder_depth=2,
     decoder_num_heads=4,
@@ -88,20 +91,16 @@ def get_config(variant="small"):
   c.init_from = ""
   c.distributed = dict(coordinator_address="", num_processes=1, process_id=0, auto=False)
 
-  paper_vit = dict(patch=(4, 4), stem="patch", attention_bias="none")
   if variant == "small":
     pass
   elif variant == "plain":
-    c.model.update(paper_vit)
+    c.model.encoder.update(encoder_config.PAPER_VIT)
   elif variant == "tiny":
+    c.model.encoder.update(width=32, depth=1, num_heads=2, **encoder_config.PAPER_VIT)
     c.model.update(
-      encoder_width=32,
-      encoder_depth=1,
-      encoder_num_heads=2,
       decoder_width=32,
       decoder_depth=1,
       decoder_num_heads=2,
-      **paper_vit,
     )
     c.batch_size = 8
     c.total_steps = 6
@@ -111,17 +110,19 @@ def get_config(variant="small"):
     c.checkpoint.every = 3
     c.data.size = dict(train=256)
   elif variant == "S4_union14m":
+    c.model.encoder.update(
+      variant="S",
+      width=placeholder(int),
+      depth=placeholder(int),
+      num_heads=placeholder(int),
+      **encoder_config.PAPER_VIT,
+    )
     c.model.update(
-      encoder_variant="S",
-      encoder_width=placeholder(int),
-      encoder_depth=placeholder(int),
-      encoder_num_heads=placeholder(int),
       decoder_width=512,
       decoder_depth=8,
       decoder_num_heads=16,
       scan_layers=True,
       dtype="bfloat16",
-      **paper_vit,
     )
     c.data.source = "unlabeled"
     c.data.reader = "tfds"

@@ -21,6 +21,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from mms_jax.data import pipeline
+from mms_jax.models import encoder_config
 
 
 def get_config(variant="small"):
@@ -32,20 +33,15 @@ def get_config(variant="small"):
   c.charset = "36"  # the CTC head's output characters
   c.tasks = ("recognition", "segmentation", "super_resolution")
 
-  # The configs/pretrain.py default encoder (8x4 patches, conv stem, 2-D ALiBi);
-  # tiny and paper variants have the paper's plain ViT. Must match init_from.
+  # The encoder (models/encoder_config.py): unset fields come from init_from's config.json,
+  # else configs/pretrain.py's default (128 wide, 4 deep, 4 heads, 8x4 patches, the masked
+  # conv stem, the 2-D ALiBi bias); a field set here (tiny and paper variants, the
+  # command line) wins and must match init_from's encoder.
   c.model = dict(
-    encoder_variant=placeholder(str),
-    encoder_width=128,
-    encoder_depth=4,
-    encoder_num_heads=4,
-    patch=(8, 4),
+    encoder=encoder_config.unset(),
     gelu="erf",
     dtype="float32",
     scan_layers=False,
-    stem="conv",
-    stem_channels=(),
-    attention_bias="alibi_2d",
   )
 
   c.data = pipeline.default_config()
@@ -74,11 +70,10 @@ def get_config(variant="small"):
   # the patch embeddings plus position. Unset: the whole encoder.
   c.read_depth = placeholder(int)
 
-  paper_vit = dict(patch=(4, 4), stem="patch", attention_bias="none")
   if variant == "small":
     pass
   elif variant == "tiny":
-    c.model.update(encoder_width=32, encoder_depth=1, encoder_num_heads=2, **paper_vit)
+    c.model.encoder.update(width=32, depth=1, num_heads=2, **encoder_config.PAPER_VIT)
     c.data.size = dict(train=64, test_heldout_fonts=16, test_hard=16)
     c.encode_batch_size = 16
     c.batch_size = 16

@@ -45,6 +45,7 @@ from mms_jax import errors
 from mms_jax.data import labels
 from mms_jax.data import pipeline
 from mms_jax.data import tokenizer as tokenizer_lib
+from mms_jax.models import encoder_config
 from mms_jax.models import recognition as rec
 from mms_jax.train import checkpoints
 from mms_jax.train import common
@@ -106,7 +107,7 @@ def load_recognizer(workdir, checkpoint=""):
       "(configs/finetune_recognition.py)"
     )
   try:  # the model fields only: the training data need not exist where we read
-    common.encoder_options(config.model)
+    encoder_config.check(encoder_config.of_model(config.model))
     tokenizer = tokenizer_lib.Tokenizer(labels.get_charset(config.charset), config.model.head)
   except (common.ConfigError, ValueError, KeyError) as e:
     raise ReadError(f"{config_path}: {e}") from None

@@ -201,40 +201,25 @@ def test_all_corrupt_means_scratch(tmp_path):
 @pytest.fixture(name="sources")
 def fixture_sources(tmp_path):
   save_steps(tmp_path / "resume_src", [3])
-  save_steps(tmp_path / "init_src", [9])
   return tmp_path
 
 
 def test_priority_order(sources):
   resume = sources / "resume_src"
-  init = sources / "init_src"
-  got = {}
-
-  def merge(raw_params):
-    got["params"] = raw_params
-    return make_state(seed=0).replace(params=raw_params)
 
   def run(workdir, **kw):
     with checkpoints.Checkpointer(workdir) as ckpt:
       return checkpoints.restore_or_initialize(ckpt, abstract(), **kw)
 
-  # (d) nothing -> scratch.
+  # (c) nothing -> scratch (the trainer builds a fresh state, then merges init_from).
   assert run(sources / "w0") == (None, None, "scratch")
-  # (c) init_from only: params of step 9, through merge_params.
-  state, data_state, source = run(sources / "w1", init_from=init, merge_params=merge)
-  assert source == "init_from" and data_state is None
-  assert_tree_equal(got["params"], make_state(seed=9).params)
-  assert isinstance(jax.tree.leaves(got["params"])[0], np.ndarray)
-  assert int(state.step) == 0
-  # (b) resume_from beats init_from.
-  state, data_state, source = run(
-    sources / "w2", resume_from=resume, init_from=init, merge_params=merge
-  )
+  # (b) resume_from: full state and data state.
+  state, data_state, source = run(sources / "w2", resume_from=resume)
   assert source == "resume_from" and int(state.step) == 3
   assert data_state == {"pos": 3}
-  # (a) the workdir's own checkpoint beats both.
+  # (a) the workdir's own checkpoint beats resume_from.
   save_steps(sources / "w3", [5])
-  state, _, source = run(sources / "w3", resume_from=resume, init_from=init, merge_params=merge)
+  state, _, source = run(sources / "w3", resume_from=resume)
   assert source == "workdir" and int(state.step) == 5
 
 
@@ -257,9 +242,6 @@ def test_explicit_path_errors_are_clear(tmp_path):
   (step_dir / checkpoints.MANIFEST_NAME).unlink()
   with pytest.raises(checkpoints.CheckpointError, match="corrupt"):
     checkpoints.restore_path(step_dir, abstract())
-  with pytest.raises(ValueError, match="merge_params"):
-    with checkpoints.Checkpointer(tmp_path / "w") as ckpt:
-      checkpoints.restore_or_initialize(ckpt, abstract(), init_from=step_dir)
 
 
 def test_load_params_with_abstract_target(tmp_path):

@@ -1,10 +1,19 @@
 """Every config variant loads, and every field can be overridden from the command line."""
 
 import functools
+import json
 
 from conftest import load_config
 import ml_collections
+import numpy as np
 import pytest
+
+from mms_jax.data import labels
+from mms_jax.data import tokenizer as tok_lib
+from mms_jax.models import encoder_config
+from mms_jax.models import recognition as rec
+from mms_jax.train import common
+from mms_jax.train import recognition
 
 VARIANTS = (
   [("pretrain", v) for v in ("small", "plain", "tiny", "S4_union14m")]
@@ -44,25 +53,64 @@ def test_the_data_seed_can_be_set_from_the_command_line(name, variant):
   assert isinstance(data.synthetic.seed, int)
 
 
-ENCODER_FIELDS = (
-  "encoder_width",
-  "encoder_depth",
-  "encoder_num_heads",
-  "patch",
-  "stem",
-  "stem_channels",
-  "attention_bias",
-)
-
-
 @pytest.mark.parametrize(
   "name", ["finetune_recognition", "finetune_segmentation", "finetune_sr", "probe"]
 )
 @pytest.mark.parametrize("variant", ["small", "tiny"])
 def test_fine_tuning_defaults_have_the_pretraining_encoder(name, variant):
-  # `--config.init_from=<a pretraining workdir of the same variant>` must load as it is.
-  pretrained, tuned = load_config("pretrain", variant).model, load_config(name, variant).model
-  assert {f: tuned[f] for f in ENCODER_FIELDS} == {f: pretrained[f] for f in ENCODER_FIELDS}
+  # `--config.init_from=<a pretraining workdir of the same variant>` must load as it is,
+  # and without init_from a fine-tune builds the pretraining encoder of its variant.
+  pretrained = encoder_config.check(load_config("pretrain", variant).model.encoder)
+  assert common.encoder_of(load_config(name, variant)) == pretrained
+  if variant == "small":
+    assert pretrained == encoder_config.check(encoder_config.DEFAULT)
+
+
+def _run_config(tmp_path, model):
+  """A finished-looking pretraining workdir whose config.json has this model field."""
+  from mms_jax.train import checkpoints
+
+  workdir = tmp_path / "pretrained"
+  with checkpoints.Checkpointer(workdir) as ckpt:
+    ckpt.save(1, {"params": {"w": np.zeros(2, np.float32)}, "step": np.int32(1)})
+  (workdir / "config.json").write_text(json.dumps({"program": "pretrain", "model": model}))
+  return workdir
+
+
+def test_fine_tuning_takes_the_encoder_of_init_from(tmp_path):
+  encoder = dict(encoder_config.DEFAULT, width=64, depth=2, num_heads=2, patch=[4, 4])
+  workdir = _run_config(tmp_path, {"encoder": encoder, "gelu": "erf"})
+  config = load_config("finetune_recognition", "small")
+  config.init_from = str(workdir)
+  assert common.encoder_of(config) == encoder_config.check(encoder)
+  # An explicit field that agrees is fine; one that differs is named before any compile.
+  config.model.encoder.width = 64
+  assert common.encoder_of(config)["width"] == 64
+  config.model.encoder.update(width=128, stem="patch")
+  with pytest.raises(common.ConfigError, match=r"width=128 vs 64, stem='patch' vs 'conv'"):
+    recognition.check_config(config)
+
+
+def test_configs_from_before_the_encoder_section_still_load(tmp_path):
+  flat = dict(
+    encoder_variant=None,
+    encoder_width=64,
+    encoder_depth=2,
+    encoder_num_heads=2,
+    patch=[4, 4],
+    gelu="erf",
+  )  # a config.json of 2026-12-05 and before: flat fields, the plain ViT by default
+  expected = dict(encoder_config.DEFAULT, width=64, depth=2, num_heads=2, patch=(4, 4))
+  expected.update(stem="patch", attention_bias="none")
+  assert encoder_config.of_model(flat) == expected
+  config = load_config("finetune_segmentation", "small")
+  config.init_from = str(_run_config(tmp_path, flat))
+  assert common.encoder_of(config) == expected
+  recognizer = rec.from_config(
+    dict(flat, head="ctc", max_length=25, decoder_width=32, decoder_depth=1, decoder_num_heads=2),
+    tok_lib.Tokenizer(labels.get_charset("36"), "ctc"),
+  )
+  assert (recognizer.encoder_width, recognizer.patch, recognizer.stem) == (64, (4, 4), "patch")
 
 
 @functools.cache

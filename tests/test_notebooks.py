@@ -99,6 +99,6 @@ def test_notebooks_run_in_order_on_cpu(tmp_path):
   export = tmp_path / "export_hf"
   assert json.loads((export / "config.json").read_text())["model_type"] == "vit_mae"
   assert (export / "model.safetensors").stat().st_size > 10_000
-  width = load_config("pretrain", "tiny").model.encoder_width
+  width = load_config("pretrain", "tiny").model.encoder.width
   found = re.search(rf"features \(4, 257, {width}\): max \|torch - jax\| = (\S+)", text)
   assert found and float(found.group(1)) < 1e-4, text[-3000:]

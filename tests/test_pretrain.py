@@ -57,6 +57,16 @@ def test_main_job_runs_end_to_end_and_rerun_resumes(tmp_path, tiny_pretrain_conf
   _assert_trees(jax.device_get(again.params), _params(workdir))
 
 
+def test_init_from_continues_a_pretraining_decoder_included(tmp_path, tiny_pretrain_config):
+  source = tmp_path / "source"
+  pretrain.train_and_evaluate(tiny_pretrain_config, str(source))
+  config = load_config("pretrain", "tiny")
+  config.init_from, config.lr.base, config.total_steps = str(source), 0.0, 1
+  state = pretrain.train_and_evaluate(config, str(tmp_path / "continued"))
+  # At lr 0 the one step changes nothing: every tensor is the source's, decoder too.
+  _assert_trees(jax.device_get(state.params), _params(source))
+
+
 def test_invalid_config_fails_before_compiling(tmp_path, tiny_pretrain_config):
   tiny_pretrain_config.masking.strategies = ("random_patch", "spam")
   with pytest.raises(ValueError, match=r"masking.strategies\[1\]='spam'"):
@@ -166,7 +176,7 @@ def test_eight_devices_and_fsdp_match_one_device(tmp_path):
     tmp_path / "fsdp",
     *steps,
     "--config.fsdp=4",
-    "--config.model.encoder_width=64",
+    "--config.model.encoder.width=64",
     "--config.model.decoder_width=64",
     devices=8,
   )
@@ -174,7 +184,7 @@ def test_eight_devices_and_fsdp_match_one_device(tmp_path):
     "pretrain.py:tiny",
     tmp_path / "one_wide",
     *steps,
-    "--config.model.encoder_width=64",
+    "--config.model.encoder.width=64",
     "--config.model.decoder_width=64",
   )
   _assert_trees(_params(tmp_path / "one"), _params(tmp_path / "eight"), rtol=1e-4, atol=1e-5)

@@ -156,7 +156,7 @@ def test_read_depth_cuts_the_encoder_after_that_block():
   is the unset default, later blocks do not touch it, and 0 depends on no block."""
   config = load_config("probe", "tiny")
   with config.unlocked():
-    config.model.encoder_depth = 2
+    config.model.encoder.depth = 2
   images = np.random.default_rng(0).uniform(-1, 1, (2, H, W, 3)).astype(np.float32)
   params = probe.encoder_params(config, probe.build_encoder(config))
   full = _features(config, params, images)

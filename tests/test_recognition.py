@@ -168,8 +168,7 @@ def test_loading_transfers_the_encoder_and_keeps_the_head_new(pretrain_dir):
   config = _tiny_config()
   fresh = _model_params(config)
   saved = jax.tree.map(np.asarray, checkpoints.load_params(pretrain_dir))
-  encoder = finetune.load_encoder_params(pretrain_dir, fresh["encoder"])
-  merged = finetune.merge_encoder(fresh, encoder)
+  merged = common.load_pretrained(fresh, pretrain_dir)
   leaves = jax.tree.leaves_with_path(merged["encoder"])
   assert leaves and len(leaves) == len(jax.tree.leaves(saved["encoder"]))
   for (path, a), b in zip(leaves, jax.tree.leaves(saved["encoder"])):
@@ -178,10 +177,15 @@ def test_loading_transfers_the_encoder_and_keeps_the_head_new(pretrain_dir):
   assert set(merged) == {"encoder", "head"}
   for a, b in zip(jax.tree.leaves(merged["head"]), jax.tree.leaves(fresh["head"])):
     np.testing.assert_array_equal(a, b)
-  # A different encoder shape fails, naming the tensor.
-  config.model.encoder_width = 64
+  # A different encoder shape fails, naming the tensor; the lenient merge of continued
+  # pretraining keeps such tensors fresh instead.
+  config.model.encoder.width = 64
+  wider = _model_params(config)
   with pytest.raises(ValueError, match=r"encoder/.*checkpoint \(.*32.*\) vs model"):
-    finetune.merge_encoder(_model_params(config), encoder)
+    common.load_pretrained(wider, pretrain_dir)
+  lenient = common.load_pretrained(wider, pretrain_dir, strict=False)
+  for a, b in zip(jax.tree.leaves(lenient), jax.tree.leaves(wider)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_frozen_probe_leaves_the_encoder_bit_identical(pretrain_dir, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 
 from mms_jax import convert as cv
 from mms_jax.masking import ids_from_mask
+from mms_jax.models import encoder_config
 from mms_jax.models import mae
 from mms_jax.models import vit
 from mms_jax.train import checkpoints
@@ -57,14 +58,14 @@ def test_stem_refuses_patches_it_cannot_tile():
   with pytest.raises(ValueError, match="power-of-two"):
     vit.stem_strides((6, 4))
   config = load_config("pretrain", "tiny")
-  config.model.update(stem="conv", patch=(6, 4))
-  with pytest.raises(common.ConfigError, match="config.model.patch"):
+  config.model.encoder.update(stem="conv", patch=(6, 4))
+  with pytest.raises(common.ConfigError, match="config.model.encoder.patch"):
     pretrain.check_config(config)
-  config.model.update(patch=(4, 4), stem_channels=(8, 8, 8))
+  config.model.encoder.update(patch=(4, 4), stem_channels=(8, 8, 8))
   with pytest.raises(common.ConfigError, match="stem_channels.*2 stages"):
     pretrain.build_model(config)
-  config.model.update(stem="convolution", stem_channels=())
-  with pytest.raises(common.ConfigError, match="config.model.stem="):
+  config.model.encoder.update(stem="convolution", stem_channels=())
+  with pytest.raises(common.ConfigError, match="config.model.encoder.stem="):
     pretrain.build_model(config)
 
 
@@ -145,7 +146,7 @@ def test_full_image_pass_matches_all_visible_tokens():
 def conv_pretrain_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("conv_pretrain")
   config = load_config("pretrain", "tiny")
-  config.model.update(stem="conv", patch=(8, 4), attention_bias="alibi_2d")
+  config.model.encoder.update(stem="conv", patch=(8, 4), attention_bias="alibi_2d")
   config.total_steps, config.picture_every, config.checkpoint.every = 2, 0, 2
   pretrain.train_and_evaluate(config, str(workdir))
   return workdir
@@ -164,7 +165,7 @@ def test_every_program_fine_tunes_a_conv_stem_encoder(conv_pretrain_dir, tmp_pat
     "probe": (probe, "probe"),
   }[program]
   config = load_config(name, "tiny")
-  config.model.update(stem="conv", patch=(8, 4), attention_bias="alibi_2d")
+  config.model.encoder.update(stem="conv", patch=(8, 4), attention_bias="alibi_2d")
   config.data.size = dict(train=32, val=8, test_heldout_fonts=8, test_hard=8)
   config.total_steps = 1
   config.init_from = str(conv_pretrain_dir)
@@ -211,9 +212,11 @@ def test_converter_refuses_a_conv_stem_with_the_reason(tmp_path):
   with pytest.raises(cv.ConversionError, match="convolutional stem"):
     cv.to_hf_vitmae(params, config, tmp_path / "hf")
   # The bias has no params: the run config is what says it is there.
-  run_config = {"image_size": IMAGE, "model": {"attention_bias": "alibi_2d", "patch": (4, 4)}}
-  with pytest.raises(cv.ConversionError, match="attention_bias='alibi_2d'.*no attention bias"):
-    cv.ModelConfig.from_run_config(run_config)
+  # (A run config of today, and a flat one of 2026-12-05 and before.)
+  encoder = {"attention_bias": "alibi_2d", "patch": (4, 4)}
+  for model in ({"encoder": dict(encoder_config.DEFAULT, **encoder)}, encoder):
+    with pytest.raises(cv.ConversionError, match="attention_bias='alibi_2d'.*no attention bias"):
+      cv.ModelConfig.from_run_config({"image_size": IMAGE, "model": model})
 
 
 def test_alibi_bias_is_the_distance_penalty_of_the_kept_tokens():

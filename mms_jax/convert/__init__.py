@@ -360,19 +360,7 @@ def load_mms_checkpoint(path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   from mms_jax.train import checkpoints
 
   step_dir = checkpoints.resolve_checkpoint(path, what="src")
-  params = checkpoints.load_params(step_dir, what="src")
-  config = {}
-  meta = step_dir / "meta" / "metadata"
-  if meta.exists():
-    config = json.loads(meta.read_text()).get("config") or {}
-  if not config:
-    for cand in (step_dir.parent.parent / "config.json", step_dir.parent / "config.json"):
-      if cand.exists():
-        config = json.loads(cand.read_text())
-        break
-  if isinstance(config, str):
-    config = json.loads(config)
-  return params, config
+  return checkpoints.load_params(step_dir, what="src"), checkpoints.run_config(step_dir)
 
 
 def save_mms_checkpoint(params, config: Optional[ModelConfig], workdir, *, step: int = 0):

@@ -29,6 +29,7 @@ from typing import Tuple
 import numpy as np
 
 from mms_jax import errors
+from mms_jax.models import encoder_config
 from mms_jax.models import vit
 
 LAYOUTS = ("hf", "timm", "mae")
@@ -84,18 +85,15 @@ class ModelConfig:
     """
     config = dict(config or {})
     model = dict(config.get("model") or {})
-    if (model.get("attention_bias") or "none") != "none":
+    encoder = encoder_config.of_model(model) or {}
+    if (encoder.get("attention_bias") or "none") != "none":
       raise ConversionError(
-        f"the run config has model.attention_bias={model['attention_bias']!r}: PyTorch "
-        "ViT layouts (hf, timm, mae) have no attention bias, so the exported model "
+        f"the run config has model.encoder.attention_bias={encoder['attention_bias']!r}: "
+        "PyTorch ViT layouts (hf, timm, mae) have no attention bias, so the exported model "
         "would compute something else; pretrain with attention_bias='none' to export"
       )
-    width, depth, heads = (
-      model.get("encoder_width"),
-      model.get("encoder_depth"),
-      model.get("encoder_num_heads"),
-    )
-    variant = model.get("encoder_variant")
+    width, depth, heads = (encoder.get(k) for k in ("width", "depth", "num_heads"))
+    variant = encoder.get("variant")
     if variant in vit.VARIANTS:
       base = vit.VARIANTS[variant]
       width, depth, heads = (o if o is not None else b for o, b in zip((width, depth, heads), base))
@@ -103,7 +101,7 @@ class ModelConfig:
     loss = dict(config.get("loss") or {})
     values = dict(
       image_size=config.get("image_size"),
-      patch=model.get("patch"),
+      patch=encoder.get("patch"),
       channels=model.get("channels"),
       width=width,
       depth=depth,
@@ -133,11 +131,16 @@ class ModelConfig:
   def to_run_config(self):
     """The mms_jax run-config fields this describes (written into imported checkpoints)."""
     model = dict(
-      encoder_variant=None,
-      encoder_width=self.width,
-      encoder_depth=self.depth,
-      encoder_num_heads=self.num_heads,
-      patch=list(self.patch),
+      encoder=dict(
+        variant=None,
+        width=self.width,
+        depth=self.depth,
+        num_heads=self.num_heads,
+        patch=list(self.patch),
+        stem="patch",
+        stem_channels=[],
+        attention_bias="none",
+      ),
       channels=self.channels,
       mlp_ratio=self.mlp_ratio,
       gelu=self.gelu,
@@ -234,9 +237,9 @@ def normalize_params(params):
       raise ConversionError(f"params have no 'encoder' subtree (top-level keys: {sorted(params)})")
   if "stem" in params["encoder"]:
     raise ConversionError(
-      "the encoder has a convolutional stem (model.stem='conv'): the hf, timm and mae "
+      "the encoder has a convolutional stem (model.encoder.stem='conv'): the hf, timm and mae "
       "PyTorch layouts hold only a linear patch embedding (patch_embed.proj), so this "
-      "checkpoint has no PyTorch ViT equivalent; pretrain with model.stem='patch' to "
+      "checkpoint has no PyTorch ViT equivalent; pretrain with model.encoder.stem='patch' to "
       "export, or keep it as an orbax checkpoint"
     )
   return vit.unscan_params(params)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mms_jax.models import encoder_config
 from mms_jax.models import vit
 
 
@@ -244,9 +245,10 @@ class Recognizer(nn.Module):
     return ids, jnp.exp(jnp.sum(jnp.where(eos_before == 0, best, 0.0), axis=-1))
 
 
-def from_config(m, tokenizer) -> Recognizer:
+def from_config(m, tokenizer, encoder=None) -> Recognizer:
   """The Recognizer of a recognition config's `model` field (ConfigDict or the dict of
-  a run's config.json) and its tokenizer (data/tokenizer.py)."""
+  a run's config.json, older flat ones too) and its tokenizer (data/tokenizer.py);
+  `encoder` (a complete encoder section) replaces the one in `m`."""
   return Recognizer(
     num_classes=tokenizer.num_classes,
     head=m["head"],
@@ -254,11 +256,6 @@ def from_config(m, tokenizer) -> Recognizer:
     bos=tokenizer.bos or 0,
     eos=tokenizer.eos,
     max_length=m["max_length"],
-    encoder_variant=m.get("encoder_variant"),
-    encoder_width=m.get("encoder_width"),
-    encoder_depth=m.get("encoder_depth"),
-    encoder_num_heads=m.get("encoder_num_heads"),
-    patch=tuple(m["patch"]),
     decoder_width=m["decoder_width"],
     decoder_depth=m["decoder_depth"],
     decoder_num_heads=m["decoder_num_heads"],
@@ -266,9 +263,7 @@ def from_config(m, tokenizer) -> Recognizer:
     gelu=m.get("gelu", "erf"),
     dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.get("dtype", "float32")],
     scan_layers=m.get("scan_layers", False),
-    stem=m.get("stem") or "patch",
-    stem_channels=tuple(m.get("stem_channels") or ()),
-    attention_bias=m.get("attention_bias") or "none",
+    **encoder_config.model_kwargs(encoder or encoder_config.of_model(m)),
   )
 
 

@@ -26,6 +26,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from mms_jax.models import encoder_config
 from mms_jax.programs import PROGRAMS
 from mms_jax.train import common
 
@@ -100,6 +101,8 @@ def stage_config(config, stage, seed, init_from):
   with c.unlocked():
     c.seed = seed
     c.init_from = init_from
+    if not init_from:  # the random-init arm: the pretrained arms' encoder, untrained
+      c.model.encoder.update(encoder_config.check(config.pretrain.model.encoder))
   return c
 
 

@@ -17,11 +17,12 @@ manifest is treated as corrupt: it is moved to
 `<workdir>/checkpoints_corrupt/<step>` (never deleted) and the previous good
 checkpoint is used.
 
-Restore priority (`restore_or_initialize`), the same in every program:
+Restore priority, the same in every program:
   1. the latest good checkpoint of this workdir,
-  2. an explicit `resume_from` (a step directory or another workdir),
-  3. `init_from`: params only, merged into a fresh state by the trainer,
-  4. scratch.
+  2. an explicit `resume_from` (a step directory or another workdir)
+     (both `restore_or_initialize`),
+  3. a fresh state, with `init_from`'s pretrained weights merged in by the trainer
+     (common.load_pretrained).
 
 Usage in a trainer:
 
@@ -30,10 +31,11 @@ Usage in a trainer:
   abstract = checkpoints.abstract_with_sharding(
       jax.eval_shape(init_state, rng), repl_sharding)
   state, data_state, source = checkpoints.restore_or_initialize(
-      ckpt, abstract, resume_from=config.resume_from,
-      init_from=config.init_from, merge_params=merge_encoder)
+      ckpt, abstract, resume_from=config.resume_from)
   if state is None:
     state = init_state(rng)
+    if config.init_from:
+      state = state.replace(params=common.load_pretrained(state.params, config.init_from))
   if data_state is not None:
     data_iter.set_state(data_state)
   with checkpoints.PreemptionWatcher() as watcher:
@@ -58,7 +60,6 @@ import pathlib
 import signal
 import threading
 from typing import Any
-from typing import Callable
 from typing import Optional
 
 import jax
@@ -456,6 +457,23 @@ class Checkpointer:
 # ---------------------------------------------------------------------------
 
 
+def run_config(path: os.PathLike, *, what: str = "init_from") -> dict:
+  """The config of the run that wrote the checkpoint at `path` (a workdir or step
+  directory): the one stored in the checkpoint's meta, else the workdir's config.json,
+  else {}."""
+  step_dir = resolve_checkpoint(path, what=what)
+  config = {}
+  meta = step_dir / "meta" / "metadata"
+  if meta.exists():
+    config = json.loads(meta.read_text()).get("config") or {}
+  if not config:
+    for candidate in (step_dir.parent.parent / "config.json", step_dir.parent / "config.json"):
+      if candidate.exists():
+        config = json.loads(candidate.read_text())
+        break
+  return json.loads(config) if isinstance(config, str) else config
+
+
 def resolve_checkpoint(path: os.PathLike, *, what: str = "path") -> pathlib.Path:
   """Finds a verified step directory given a step directory or a workdir.
 
@@ -567,40 +585,22 @@ def load_params(
 
 
 def restore_or_initialize(
-  ckpt: Checkpointer,
-  abstract_state: PyTree,
-  *,
-  resume_from: Optional[os.PathLike] = None,
-  init_from: Optional[os.PathLike] = None,
-  merge_params: Optional[Callable[[PyTree], PyTree]] = None,
+  ckpt: Checkpointer, abstract_state: PyTree, *, resume_from: Optional[os.PathLike] = None
 ):
-  """Restores a train state following the fixed priority.
-
-  1. `ckpt`'s latest good checkpoint (this workdir; a preempted run resumes
-     here even if resume_from/init_from are set),
-  2. `resume_from` (full state and data state),
-  3. `init_from`: `merge_params(load_params(init_from))` must return a full
-     state (e.g. a fresh state with the encoder replaced),
-  4. scratch.
+  """Restores a train state: this workdir's latest good checkpoint (a preempted run
+  resumes here even if resume_from is set), else `resume_from` (full state and data
+  state), else nothing.
 
   Args:
     ckpt: this workdir's Checkpointer.
     abstract_state: restore target (`abstract_with_sharding`).
     resume_from: optional step directory or workdir.
-    init_from: optional step directory or workdir for params-only init.
-    merge_params: required with `init_from`; maps the raw restored params
-      (numpy, nested dicts) to a train state.
 
   Returns:
-    `(state, data_state, source)`; state is None for scratch (the trainer
-    initialises it), data_state is None unless resumed. `source` is one of
-    "workdir", "resume_from", "init_from", "scratch".
+    `(state, data_state, source)`: source is "workdir" or "resume_from"; (None, None,
+    "scratch") when there is nothing to resume, and the trainer initialises the state
+    (then `init_from`, if set, puts pretrained weights into it: common.load_pretrained).
   """
-  if init_from is not None and merge_params is None:
-    raise ValueError(
-      "init_from is set but no merge_params function was "
-      "given to turn the loaded params into a train state."
-    )
   step = ckpt.latest_good_step()
   if step is not None:
     state, data_state, _ = ckpt.restore(step, abstract_state)
@@ -612,11 +612,7 @@ def restore_or_initialize(
     state, data_state, meta = restore_path(resume_from, abstract_state, what="resume_from")
     logging.info("Resumed from resume_from=%s (step %s).", resume_from, meta.get("step"))
     return state, data_state, "resume_from"
-  if init_from:
-    state = merge_params(load_params(init_from, what="init_from"))
-    logging.info("Initialised params from init_from=%s.", init_from)
-    return state, None, "init_from"
-  logging.info("No checkpoint found; starting from scratch.")
+  logging.info("No checkpoint to resume; a fresh state.")
   return None, None, "scratch"
 
 

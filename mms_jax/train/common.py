@@ -22,6 +22,9 @@ import numpy as np
 import optax
 
 from mms_jax import errors
+from mms_jax.data import pipeline
+from mms_jax.models import encoder_config
+from mms_jax.models import encoder_weights
 from mms_jax.train import checkpoints
 from mms_jax.train import guards
 
@@ -31,46 +34,89 @@ BATCH_AXES = ("data", "fsdp")
 ConfigError = errors.ConfigError  # a field is invalid; the message names it and the fix
 
 
-def encoder_options(model_config):
-  """{'stem', 'stem_channels', 'attention_bias'} of `config.model` for vit.Encoder,
-  checked ('conv' needs power-of-two patch sides and one channel count per stage).
-  Configs without the fields get the paper's plain ViT."""
-  from mms_jax.models import vit
-
-  stem = model_config.get("stem") or "patch"
-  channels = tuple(int(c) for c in (model_config.get("stem_channels") or ()))
-  if stem not in vit.STEMS:
-    raise ConfigError(f"config.model.stem={stem!r}: use one of {vit.STEMS}")
-  if stem == "conv":
-    try:
-      strides = vit.stem_strides(tuple(model_config.patch))
-    except ValueError as e:
-      raise ConfigError(f"config.model.patch: {e}") from None
-    if channels and len(channels) != len(strides):
-      raise ConfigError(
-        f"config.model.stem_channels={channels}: patch "
-        f"{tuple(model_config.patch)} needs {len(strides)} stages (one "
-        "per halving), or () for the default"
-      )
-  bias = model_config.get("attention_bias") or "none"
-  if bias not in vit.ATTENTION_BIASES:
-    raise ConfigError(f"config.model.attention_bias={bias!r}: use one of {vit.ATTENTION_BIASES}")
-  return {"stem": stem, "stem_channels": channels, "attention_bias": bias}
-
-
 def checked_model_dtype(model_config):
-  """The compute dtype of `config.model`, after checking dtype and encoder variant."""
-  from mms_jax.models import vit
-
+  """The compute dtype of `config.model`."""
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(model_config.dtype)
   if dtype is None:
     raise ConfigError(f"config.model.dtype={model_config.dtype!r}: use 'float32' or 'bfloat16'")
-  if model_config.encoder_variant not in (None, *vit.VARIANTS):
-    raise ConfigError(
-      f"config.model.encoder_variant={model_config.encoder_variant!r}: "
-      f"use one of {sorted(vit.VARIANTS)}"
-    )
   return dtype
+
+
+def encoder_of(config, *, from_init=True):
+  """The complete, checked encoder section of `config` (models/encoder_config.py):
+  fields set in config.model.encoder win; with `from_init`, unset ones come from the
+  encoder of config.init_from's run (and set ones must agree with it); the rest from
+  the default encoder. A config from before the section (flat `encoder_width`, ...)
+  is read through the shim."""
+  given = encoder_config.of_model(config.model) or encoder_config.unset()
+  pretrained, source = None, config.get("init_from")
+  if from_init and source:
+    pretrained = encoder_config.of_model(checkpoints.run_config(source).get("model") or {})
+    if pretrained is None:
+      logging.warning("init_from=%s has no run config: its encoder is assumed to match.", source)
+  return encoder_config.resolve(given, pretrained, source=f"init_from={source!r}")
+
+
+def model_kwargs(config, *, from_init=True):
+  """The attributes every model class (MAE, the dense models) takes from config.model:
+  the encoder section (encoder_of) and the compute settings gelu, dtype, scan_layers."""
+  m = config.model
+  return dict(
+    **encoder_config.model_kwargs(encoder_of(config, from_init=from_init)),
+    gelu=m.gelu,
+    dtype=checked_model_dtype(m),
+    scan_layers=m.scan_layers,
+  )
+
+
+def resolve_encoder(config, *, from_init=True):
+  """Writes encoder_of(config) into config.model.encoder (so config.json records the
+  encoder that ran); returns it."""
+  encoder = encoder_of(config, from_init=from_init)
+  with config.unlocked():
+    if "encoder" in config.model:
+      config.model.encoder.update(encoder)
+    else:
+      config.model.encoder = encoder
+  return encoder
+
+
+def load_pretrained(params, init_from, *, strict=True):
+  """`params` with the pretrained weights of the checkpoint at `init_from` (a workdir or
+  step directory) merged in by encoder_weights.merge: strict=True takes the encoder
+  only and fails on a shape mismatch (fine-tuning, the probe); strict=False takes every
+  tensor whose path and shape match (continued pretraining)."""
+  loaded = checkpoints.load_params(init_from, what="init_from")
+  params = encoder_weights.merge(params, loaded, strict=strict, source=str(init_from))
+  logging.info("Initialised params from init_from=%s.", init_from)
+  return params
+
+
+def train_data(config, split="train"):
+  """This process's shard of the training stream of `split`, global batch
+  config.batch_size (data/pipeline.py)."""
+  return pipeline.make_pipeline(
+    config.data,
+    split,
+    config.batch_size,
+    train=True,
+    seed=config.seed,
+    image_size=tuple(config.image_size),
+  )
+
+
+def restore_or_fresh(ckpt, config, abstract_state, shardings, make_fresh, data_iter):
+  """(state, source): this workdir's latest good checkpoint, else config.resume_from
+  (both with their data position, which `data_iter` takes), else `make_fresh()` and
+  source 'scratch' (where the trainer merges config.init_from's weights in)."""
+  state, data_state, source = checkpoints.restore_or_initialize(
+    ckpt,
+    checkpoints.abstract_with_sharding(abstract_state, shardings),
+    resume_from=config.resume_from or None,
+  )
+  if data_state is not None:
+    data_iter.set_state(data_state)
+  return (make_fresh() if state is None else state), source
 
 
 # ------------------------------------------------------------------------------------
@@ -253,15 +299,17 @@ class StepBookkeeping:
   checkpointer and a PreemptionWatcher are open; whatever ends the loop, started saves
   are finished and get their manifest.
 
-    with common.StepBookkeeping(config, total_steps, start_step, ckpt, data_iter, writer) as bk:
+    with common.StepBookkeeping(config, total_steps, start_step, ckpt, data_iter, writer,
+                                source) as bk:
       for step in range(start_step + 1, total_steps + 1):
         state, metrics = train_step(state, batch)
         if bk(step, state, metrics):
           break
   """
 
-  def __init__(self, config, total_steps, start_step, ckpt, data_iter, writer):
+  def __init__(self, config, total_steps, start_step, ckpt, data_iter, writer, source=""):
     self.config, self.total_steps, self.start_step = config, total_steps, start_step
+    self.source = source  # where the state came from (restore_or_fresh), for the log
     self.ckpt, self.data_iter, self.writer = ckpt, data_iter, writer
     self.throughput = Throughput(total_steps, config.batch_size, start_step)
     self.last_saved = start_step
@@ -269,6 +317,12 @@ class StepBookkeeping:
     self._stack = contextlib.ExitStack()
 
   def __enter__(self):
+    logging.info(
+      "Starting at step %d (%s); training to step %d.",
+      self.start_step,
+      self.source,
+      self.total_steps,
+    )
     self._stack.enter_context(self.ckpt)
     self.watcher = self._stack.enter_context(checkpoints.PreemptionWatcher())
     return self

@@ -12,6 +12,7 @@ Sections, top to bottom: the task table -> config checks -> update step -> evalu
 from collections.abc import Callable
 from collections.abc import Mapping
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -70,21 +71,18 @@ def eval_splits(task, config):
   return tuple(config.eval.splits) or task.eval_splits[config.data.source]
 
 
+def entry_points(task):
+  """(build_model, check_config, train_and_evaluate) of one task, for programs.py."""
+  return tuple(functools.partial(f, task) for f in (build_model, check_config, train_and_evaluate))
+
+
 def build_model(task, config):
   m = config.model
   return task.model_class(
-    encoder_variant=m.encoder_variant,
-    encoder_width=m.get("encoder_width"),
-    encoder_depth=m.get("encoder_depth"),
-    encoder_num_heads=m.get("encoder_num_heads"),
-    patch=tuple(m.patch),
+    **common.model_kwargs(config),
     head_width=m.head_width,
     head_depth=m.head_depth,
     head_num_heads=m.head_num_heads,
-    gelu=m.gelu,
-    dtype=common.checked_model_dtype(m),
-    scan_layers=m.scan_layers,
-    **common.encoder_options(m),
     **task.model_options(config),
   )
 
@@ -94,12 +92,11 @@ def check_config(task, config):
   model = build_model(task, config)
   task.check_config(config)
   try:
-    vit.grid_shape(tuple(config.image_size), tuple(config.model.patch))
+    vit.grid_shape(tuple(config.image_size), model.patch)
   except ValueError as e:
-    raise common.ConfigError(f"config.image_size / config.model.patch: {e}") from e
-  width, _, heads = model.encoder_dims()
-  if width % heads or config.model.head_width % config.model.head_num_heads:
-    raise common.ConfigError("config.model: widths must be divisible by their head counts")
+    raise common.ConfigError(f"config.image_size / config.model.encoder.patch: {e}") from e
+  if config.model.head_width % config.model.head_num_heads:
+    raise common.ConfigError("config.model: head_width must be divisible by head_num_heads")
   if config.data.source not in task.eval_splits:
     raise common.ConfigError(
       f"config.data.source={config.data.source!r} has no {task.targets}: use "
@@ -210,6 +207,7 @@ def train_and_evaluate(task, config, workdir):
 
   Returns the final train state, or with config.eval_only the metrics dict.
   """
+  common.resolve_encoder(config)
   model = check_config(task, config)
   common.maybe_initialize_distributed(config)
   common.write_config(config, workdir)
@@ -279,47 +277,31 @@ def train_and_evaluate(task, config, workdir):
     writer.close()
     return metrics
 
-  # ---- Resume: this workdir -> resume_from -> init_from (encoder only) -> scratch.
-  data_iter = pipeline.make_pipeline(
-    config.data,
-    config.train_split,
-    config.batch_size,
-    train=True,
-    seed=config.seed,
-    image_size=tuple(config.image_size),
-  )
+  # ---- Resume: this workdir -> resume_from -> a fresh state (+ init_from's encoder).
+  data_iter = common.train_data(config, config.train_split)
   ckpt = checkpoints.Checkpointer(
     workdir,
     keep=config.checkpoint.keep,
     keep_every=config.checkpoint.keep_every,
     program=task.program,
   )
-  state, data_state, source = checkpoints.restore_or_initialize(
-    ckpt,
-    checkpoints.abstract_with_sharding(abstract_state, shardings),
-    resume_from=config.resume_from or None,
-    init_from=config.init_from or None,
-    merge_params=finetune.init_from_merger(lambda: fresh_state(init_rng), source=config.init_from),
+  state, source = common.restore_or_fresh(
+    ckpt, config, abstract_state, shardings, lambda: fresh_state(init_rng), data_iter
   )
-  if state is None:
-    state = fresh_state(init_rng)
-  if data_state is not None:
-    data_iter.set_state(data_state)
+  if source == "scratch" and config.init_from:
+    state = state.replace(params=common.load_pretrained(state.params, config.init_from))
+    source = "init_from"
   start_step = int(state.step)
-  common.log_parameter_summary(state.params, type(model).__name__)
-  logging.info(
-    "Starting at step %d (%s); training to step %d; encoder %s.",
-    start_step,
-    source,
-    total_steps,
-    "frozen" if config.freeze_encoder else "trained",
+  common.log_parameter_summary(
+    state.params["encoder"], "encoder (frozen)" if config.freeze_encoder else "encoder"
   )
+  common.log_parameter_summary({k: v for k, v in state.params.items() if k != "encoder"}, "head")
 
   train_step = make_train_step(task, model, config, optimizer, schedule, mesh, shardings)
 
   # ---- Loop.
   with common.StepBookkeeping(
-    config, total_steps, start_step, ckpt, data_iter, writer
+    config, total_steps, start_step, ckpt, data_iter, writer, source
   ) as bookkeeping:
     for step in range(start_step + 1, total_steps + 1):
       batch = next(data_iter)

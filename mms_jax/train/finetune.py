@@ -1,19 +1,9 @@
 """Library pieces every fine-tuning program shares (recognition, segmentation, SR).
 
-API (all trainers keep their params as {'encoder': vit.Encoder params, <head>: ...}):
+API (all trainers keep their params as {'encoder': vit.Encoder params, <head>: ...};
+the pretrained encoder is put in by models/encoder_weights.merge, through
+common.load_pretrained):
 
-  load_encoder_params(init_from, abstract_encoder_params) -> encoder params (numpy)
-      Reads params['encoder'] of a pretraining or fine-tuning checkpoint (a workdir or
-      a step directory), drops everything else (the MAE decoder, another head) and logs
-      which encoder tensors were loaded, which are new and which were dropped.
-  extract_encoder(loaded_params, abstract_encoder_params, source="") -> encoder params
-      The same, on an already loaded params tree.
-  merge_encoder(fresh_params, loaded_encoder, key="encoder") -> params
-      `fresh_params` with every loaded encoder tensor put in place (dtype and sharding
-      of the fresh tensor); a shape mismatch raises ValueError naming the tensor.
-  init_from_merger(make_fresh_state, key="encoder", source="") -> merge_params
-      The `merge_params` argument of checkpoints.restore_or_initialize: fresh state
-      (heads new) with the encoder from the init_from checkpoint.
   make_finetune_optimizer(config, total_steps, params) -> (optimizer, schedule)
       AdamW + warmup/cosine (common.learning_rate_schedule), weight decay off on
       biases/norms/tokens (common.weight_decay_mask). config.freeze_encoder=True zeroes
@@ -27,13 +17,6 @@ API (all trainers keep their params as {'encoder': vit.Encoder params, <head>: .
       The eval-only pattern: `config.eval_only=True` evaluates
       `config.eval_from` (a workdir or step directory; default: this workdir's latest
       good checkpoint) and exits without training.
-
-Position embeddings: vit.Encoder uses fixed 2-D sin-cos embeddings computed at trace
-time for the actual patch grid, so an encoder pretrained on one image size fine-tunes
-on another without any resampling. Only checkpoints that carry a learned
-`pos_embed` parameter (e.g. converted from another code base) need it: when the fresh
-model has one too, it is resized bilinearly to the new grid (resample_pos_embed);
-otherwise it is dropped, and the log says so.
 """
 
 import logging
@@ -41,173 +24,17 @@ import os
 import pathlib
 import re
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mms_jax.models import vit
+from mms_jax.models import encoder_weights
 from mms_jax.train import checkpoints
 from mms_jax.train import common
 
-ENCODER = "encoder"
-
-
-def _flat(tree):
-  return flax.traverse_util.flatten_dict(vit._to_dict(tree), sep="/")
-
-
-def _unflat(flat):
-  return flax.traverse_util.unflatten_dict(flat, sep="/")
-
-
-# ------------------------------------------------------------------------------------
-# Loading the pretrained encoder.
-# ------------------------------------------------------------------------------------
-def resample_pos_embed(pos, old_grid, new_grid, num_prefix=1):
-  """Bilinear resize of a learned position embedding.
-
-  pos: [1, num_prefix + gh * gw, D] -> [1, num_prefix + gh' * gw', D]; the prefix
-  (cls) entries are kept as they are.
-  """
-  pos = np.asarray(pos, np.float32)
-  prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
-  d = pos.shape[-1]
-  grid = grid.reshape(old_grid[0], old_grid[1], d)
-  grid = jax.image.resize(jnp.asarray(grid), (new_grid[0], new_grid[1], d), "bilinear")
-  grid = np.asarray(grid).reshape(1, new_grid[0] * new_grid[1], d)
-  return np.concatenate([prefix, grid], axis=1)
-
-
-def _guess_grid(num_tokens, like):
-  """The (gh, gw) factorisation of num_tokens whose aspect is closest to `like`."""
-  target = like[1] / like[0]
-  pairs = [(h, num_tokens // h) for h in range(1, num_tokens + 1) if num_tokens % h == 0]
-  return min(pairs, key=lambda p: abs(np.log(p[1] / p[0]) - np.log(target)))
-
-
-def extract_encoder(loaded_params, abstract_encoder_params, source=""):
-  """Takes the encoder out of a loaded params tree; logs loaded / new / dropped.
-
-  Args:
-    loaded_params: params of a checkpoint: {'encoder': ..., 'decoder' | head: ...}
-      or a bare encoder tree (has 'patch_embed').
-    abstract_encoder_params: the fine-tuning model's encoder params (arrays or
-      ShapeDtypeStructs); decides the layout (scanned or not) and what is "new".
-    source: checkpoint path, for the log.
-
-  Returns:
-    Encoder params (numpy) holding only tensors the fine-tuning encoder has; tensors
-    it has but the checkpoint lacks are left out (merge_encoder keeps them fresh).
-  """
-  loaded = vit._to_dict(loaded_params)
-  if ENCODER in loaded:
-    dropped_top = sorted(k for k in loaded if k != ENCODER)
-    encoder = loaded[ENCODER]
-  elif "patch_embed" in loaded:
-    dropped_top, encoder = [], loaded
-  else:
-    raise ValueError(
-      f"init_from={source!r}: no '{ENCODER}' params in the checkpoint "
-      f"(top-level keys: {sorted(loaded)})"
-    )
-  target = _flat(abstract_encoder_params)
-  # Scanned <-> unscanned block layouts convert losslessly.
-  scanned = any(k.startswith("blocks/") for k in target)
-  if scanned and "blocks" not in encoder and "blocks_0" in encoder:
-    encoder = vit.scan_params(encoder)
-  elif not scanned and "blocks" in encoder and "blocks_0" not in encoder:
-    encoder = vit.unscan_params(encoder)
-  flat = {k: np.asarray(v) for k, v in _flat(encoder).items()}
-
-  if "pos_embed" in flat:
-    if "pos_embed" not in target:
-      logging.info(
-        "init_from: dropping the checkpoint's learned pos_embed %s: this encoder "
-        "uses fixed 2-D sin-cos embeddings computed for its own grid.",
-        flat["pos_embed"].shape,
-      )
-    elif flat["pos_embed"].shape != tuple(target["pos_embed"].shape):
-      old, new = flat["pos_embed"].shape[1] - 1, target["pos_embed"].shape[1] - 1
-      new_grid = _guess_grid(new, (1, 4))
-      old_grid = _guess_grid(old, new_grid)
-      logging.info("init_from: resampling pos_embed bilinearly, grid %s -> %s.", old_grid, new_grid)
-      flat["pos_embed"] = resample_pos_embed(flat["pos_embed"], old_grid, new_grid)
-
-  taken = {k: v for k, v in flat.items() if k in target}
-  new = sorted(set(target) - set(taken))
-  unused = sorted(set(flat) - set(target))
-  logging.info(
-    "init_from %s: loaded %d of %d encoder tensors; new (fresh init): %s; "
-    "dropped from the checkpoint: %s (+ unused encoder tensors %s).%s",
-    source,
-    len(taken),
-    len(target),
-    new or "none",
-    dropped_top or "none",
-    unused or "none",
-    ""
-    if "pos_embed" in target
-    else " Position embeddings are fixed 2-D sin-cos computed for this grid: "
-    "a different image size needs no resampling.",
-  )
-  return _unflat(taken) if taken else {}
-
-
-def load_encoder_params(init_from, abstract_encoder_params):
-  """params['encoder'] of the checkpoint at `init_from` (workdir or step dir), numpy."""
-  return extract_encoder(
-    checkpoints.load_params(init_from, what="init_from"),
-    abstract_encoder_params,
-    source=str(init_from),
-  )
-
-
-def merge_encoder(fresh_params, loaded_encoder, key=ENCODER):
-  """`fresh_params` with fresh_params[key] tensors replaced by the loaded ones.
-
-  Loaded tensors take the fresh tensor's dtype and sharding. Tensors absent from
-  `loaded_encoder` stay fresh; loaded tensors the model lacks raise ValueError (call
-  extract_encoder first), as does any shape mismatch (named).
-  """
-  if key not in fresh_params:
-    raise ValueError(
-      f"merge_encoder: the model params have no {key!r} entry (keys: {sorted(fresh_params)})"
-    )
-  fresh = _flat(fresh_params[key])
-  merged = dict(fresh)
-  for name, value in _flat(loaded_encoder).items():
-    if name not in fresh:
-      raise ValueError(
-        f"merge_encoder: loaded tensor {key}/{name} {np.shape(value)} does not exist in the model"
-      )
-    target = fresh[name]
-    if tuple(np.shape(value)) != tuple(target.shape):
-      raise ValueError(
-        f"merge_encoder: shape mismatch for {key}/{name}: checkpoint "
-        f"{tuple(np.shape(value))} vs model {tuple(target.shape)}. Check that "
-        "config.model matches the pretraining encoder (width, depth, heads, patch)."
-      )
-    value = jnp.asarray(value, target.dtype)
-    sharding = getattr(target, "sharding", None)
-    merged[name] = jax.device_put(value, sharding) if sharding is not None else value
-  out = dict(fresh_params)
-  out[key] = _unflat(merged)
-  return out
-
-
-def init_from_merger(make_fresh_state, key=ENCODER, source=""):
-  """`merge_params` for checkpoints.restore_or_initialize: a fresh state whose
-  params[key] comes from the init_from checkpoint (heads stay new); `source` (the
-  init_from path) is only logged."""
-
-  def merge(loaded_params):
-    state = make_fresh_state()
-    encoder = extract_encoder(loaded_params, state.params[key], source=source)
-    return state.replace(params=merge_encoder(state.params, encoder, key))
-
-  return merge
+ENCODER = encoder_weights.ENCODER
+_flat, _unflat = encoder_weights.flatten, encoder_weights.unflatten
 
 
 # ------------------------------------------------------------------------------------

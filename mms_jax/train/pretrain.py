@@ -30,44 +30,30 @@ from mms_jax.train import common
 # ------------------------------------------------------------------------------------
 def build_model(config):
   m = config.model
-  dtype = common.checked_model_dtype(m)
   return mae_lib.MAE(
-    encoder_variant=m.encoder_variant,
-    encoder_width=m.get("encoder_width"),
-    encoder_depth=m.get("encoder_depth"),
-    encoder_num_heads=m.get("encoder_num_heads"),
-    patch=tuple(m.patch),
+    **common.model_kwargs(config, from_init=False),
     decoder_width=m.decoder_width,
     decoder_depth=m.decoder_depth,
     decoder_num_heads=m.decoder_num_heads,
     encoder_mode=m.encoder_mode,
-    gelu=m.gelu,
-    dtype=dtype,
-    scan_layers=m.scan_layers,
-    attention=m.get("attention", "auto"),
-    **common.encoder_options(m),
+    attention=m.attention,
   )
 
 
 def check_config(config):
   """Validates every section; returns the MaskSpec. Errors name the field."""
-  image_size, patch = tuple(config.image_size), tuple(config.model.patch)
-  if len(image_size) != 2 or len(patch) != 2:
-    raise common.ConfigError("config.image_size and config.model.patch are (height, width)")
-  common.encoder_options(config.model)
-  spec = masking.build_spec(config.masking, image_size, patch)
+  encoder = common.encoder_of(config, from_init=False)
+  image_size = tuple(config.image_size)
+  if len(image_size) != 2:
+    raise common.ConfigError("config.image_size is (height, width)")
+  spec = masking.build_spec(config.masking, image_size, encoder["patch"])
   if config.model.encoder_mode not in ("mae", "simmim"):
     raise common.ConfigError(
       f"config.model.encoder_mode={config.model.encoder_mode!r}: use 'mae' or 'simmim'"
     )
-  width, _, heads = vit.Encoder(
-    variant=config.model.encoder_variant,
-    width=config.model.get("encoder_width"),
-    depth=config.model.get("encoder_depth"),
-    num_heads=config.model.get("encoder_num_heads"),
-  ).dims()
-  if width % heads or config.model.decoder_width % config.model.decoder_num_heads:
-    raise common.ConfigError("config.model: widths must be divisible by their head counts")
+  common.checked_model_dtype(config.model)
+  if config.model.decoder_width % config.model.decoder_num_heads:
+    raise common.ConfigError("config.model: decoder_width must be divisible by decoder_num_heads")
   if config.loss.visible_weight < 0:
     raise common.ConfigError("config.loss.visible_weight must be >= 0")
   pipeline.validate(config.data)
@@ -130,7 +116,7 @@ def make_train_step(model, config, spec, optimizer, schedule, mesh, shardings):
   sampler = masking.make_sampler(spec)
   batch_sharding = common.batch_sharding(mesh)
   accumulation = micro_batches_per_step(model, config, spec, mesh)
-  patch = tuple(config.model.patch)
+  patch = tuple(model.patch)
 
   def loss_fn(params, images, mask, num_masked):
     pred, _ = model.apply({"params": params}, images, mask, num_masked=num_masked, train=True)
@@ -207,7 +193,7 @@ def reconstruct(images, pred, mask, patch, norm_pix):
 def reconstruction_picture(model, params, images, config, spec, path, step):
   """A PNG: one row triple (input, masked, reconstruction) per strategy."""
   rows, labels = [], []
-  patch = tuple(config.model.patch)
+  patch = tuple(model.patch)
   num_masked = spec.num_masked(step, config.total_steps)
   for s, name in enumerate(spec.strategies):
     params_s = dict(spec.params[s])
@@ -233,6 +219,7 @@ def _apply_eval(model, params, images, mask, num_masked):
 # ------------------------------------------------------------------------------------
 def train_and_evaluate(config, workdir):
   """Pretrains until config.total_steps; resumes from workdir automatically."""
+  common.resolve_encoder(config, from_init=False)
   spec = check_config(config)
   common.maybe_initialize_distributed(config)
   common.write_config(config, workdir)
@@ -252,15 +239,7 @@ def train_and_evaluate(config, workdir):
   common.log_run_header("pretrain", config, mesh, workdir)
 
   # ---- Data: each process reads its own shard; batches are assembled globally.
-  data_iter = pipeline.make_pipeline(
-    config.data,
-    "train",
-    config.batch_size,
-    train=True,
-    seed=config.seed,
-    image_size=tuple(config.image_size),
-    worker_count=config.data.get("worker_count", 0),
-  )
+  data_iter = common.train_data(config)
 
   # ---- Model and optimizer, created already sharded.
   model = build_model(config)
@@ -281,7 +260,7 @@ def train_and_evaluate(config, workdir):
   shardings = common.state_shardings(abstract_state, mesh)
   fresh_state = jax.jit(init_state, out_shardings=shardings)
 
-  # ---- Resume: this workdir -> resume_from -> init_from -> scratch.
+  # ---- Resume: this workdir -> resume_from -> a fresh state (+ init_from's weights).
   ckpt = checkpoints.Checkpointer(
     workdir,
     keep=config.checkpoint.keep,
@@ -289,31 +268,22 @@ def train_and_evaluate(config, workdir):
     program="pretrain",
   )
 
-  def merge_params(loaded):
-    state = fresh_state(init_rng)
-    return state.replace(params=_merge(state.params, loaded))
-
-  state, data_state, source = checkpoints.restore_or_initialize(
-    ckpt,
-    checkpoints.abstract_with_sharding(abstract_state, shardings),
-    resume_from=config.get("resume_from") or None,
-    init_from=config.get("init_from") or None,
-    merge_params=merge_params,
+  state, source = common.restore_or_fresh(
+    ckpt, config, abstract_state, shardings, lambda: fresh_state(init_rng), data_iter
   )
-  if state is None:
-    state = fresh_state(init_rng)
-  if data_state is not None:
-    data_iter.set_state(data_state)
+  if source == "scratch" and config.init_from:
+    # every tensor whose path and shape match: the decoder too
+    params = common.load_pretrained(state.params, config.init_from, strict=False)
+    state, source = state.replace(params=params), "init_from"
   start_step = int(state.step)
   common.log_parameter_summary(state.params, "MAE")
-  logging.info("Starting at step %d (%s); training to step %d.", start_step, source, total_steps)
 
   train_step = make_train_step(model, config, spec, optimizer, schedule, mesh, shardings)
   eval_images = None
 
   # ---- Loop.
   with common.StepBookkeeping(
-    config, total_steps, start_step, ckpt, data_iter, writer
+    config, total_steps, start_step, ckpt, data_iter, writer, source
   ) as bookkeeping:
     for step in range(start_step + 1, total_steps + 1):
       batch = next(data_iter)
@@ -332,26 +302,3 @@ def train_and_evaluate(config, workdir):
           logging.info("Wrote %s", path)
   writer.close()
   return state
-
-
-def _merge(fresh, loaded):
-  """Takes every loaded array whose path and shape match; logs the rest."""
-  import flax
-
-  fresh_flat = flax.traverse_util.flatten_dict(fresh, sep="/")
-  loaded_flat = flax.traverse_util.flatten_dict(loaded, sep="/")
-  merged, taken = {}, []
-  for name, value in fresh_flat.items():
-    other = loaded_flat.get(name)
-    if other is not None and tuple(other.shape) == tuple(value.shape):
-      merged[name] = jax.device_put(jnp.asarray(other, value.dtype), value.sharding)
-      taken.append(name)
-    else:
-      merged[name] = value
-  logging.info(
-    "init_from: loaded %d of %d arrays; new: %s",
-    len(taken),
-    len(fresh_flat),
-    sorted(set(fresh_flat) - set(taken)),
-  )
-  return flax.traverse_util.unflatten_dict(merged, sep="/")

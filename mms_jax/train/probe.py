@@ -45,7 +45,6 @@ from mms_jax.models import dense_heads
 from mms_jax.models import recognition as rec
 from mms_jax.models import vit
 from mms_jax.train import common
-from mms_jax.train import finetune
 from mms_jax.train import recognition
 
 PROGRAM = "probe"
@@ -66,15 +65,10 @@ class ProbeResult:
 def build_encoder(config):
   m = config.model
   return vit.Encoder(
-    variant=m.encoder_variant,
-    width=m.get("encoder_width"),
-    depth=m.get("encoder_depth"),
-    num_heads=m.get("encoder_num_heads"),
-    patch=tuple(m.patch),
+    **common.encoder_of(config),
     gelu=m.gelu,
     dtype=common.checked_model_dtype(m),
     scan_layers=m.scan_layers,
-    **common.encoder_options(m),
   )
 
 
@@ -92,9 +86,9 @@ def check_config(config):
   if not tasks or any(t not in TASKS for t in tasks):
     raise common.ConfigError(f"config.tasks={tasks}: use some of {TASKS}")
   try:
-    gh, gw = vit.grid_shape(tuple(config.image_size), tuple(config.model.patch))
+    gh, gw = vit.grid_shape(tuple(config.image_size), build_encoder(config).patch)
   except ValueError as e:
-    raise common.ConfigError(f"config.image_size / config.model.patch: {e}") from e
+    raise common.ConfigError(f"config.image_size / config.model.encoder.patch: {e}") from e
   if "recognition" in tasks and gw < config.data.max_label_length:
     raise common.ConfigError(
       f"CTC needs at least config.data.max_label_length="
@@ -141,10 +135,7 @@ def encoder_params(config, encoder):
   fresh = encoder.init(jax.random.PRNGKey(config.seed), sample)["params"]
   if not config.init_from:
     return fresh
-  return finetune.merge_encoder(
-    {"encoder": fresh},
-    finetune.load_encoder_params(config.init_from, jax.eval_shape(lambda: fresh)),
-  )["encoder"]
+  return common.load_pretrained({"encoder": fresh}, config.init_from)["encoder"]
 
 
 # ------------------------------------------------------------------------------------
@@ -157,7 +148,7 @@ def encode_split(config, encode, split, tasks):
   'tokens' [N, L, D] and 'mask' [N, H, W] (segmentation); 'lr_tokens' [N, L, D],
   'upsampled' and 'image' [N, H, W, 3] in [-1, 1] (super_resolution).
   """
-  gh, gw = vit.grid_shape(tuple(config.image_size), tuple(config.model.patch))
+  gh, gw = vit.grid_shape(tuple(config.image_size), tuple(config.model.encoder.patch))
   batch_size = config.encode_batch_size
   loader = pipeline.make_loader(
     config.data,
@@ -408,11 +399,12 @@ def evaluate_task(task, head, params, data, config, tokenizer, patch, grid):
 # The program.
 # ------------------------------------------------------------------------------------
 def train_and_evaluate(config, workdir):
+  common.resolve_encoder(config)
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
   common.write_config(config, workdir)
   tasks = tuple(config.tasks)
-  patch = tuple(config.model.patch)
+  patch = tuple(config.model.encoder.patch)
   grid = vit.grid_shape(tuple(config.image_size), patch)
   encoder = build_encoder(config)
   params = encoder_params(config, encoder)

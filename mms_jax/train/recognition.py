@@ -39,22 +39,11 @@ def check_config(config):
   m = config.model
   if m.head not in ("ctc", "ar"):
     raise common.ConfigError(f"config.model.head={m.head!r}: use 'ctc' or 'ar'")
-  if m.dtype not in ("float32", "bfloat16"):
-    raise common.ConfigError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")
-  if m.encoder_variant not in (None, *vit.VARIANTS):
-    raise common.ConfigError(
-      f"config.model.encoder_variant={m.encoder_variant!r}: use one of {sorted(vit.VARIANTS)}"
-    )
-  width, _, heads = vit.Encoder(
-    variant=m.encoder_variant,
-    width=m.get("encoder_width"),
-    depth=m.get("encoder_depth"),
-    num_heads=m.get("encoder_num_heads"),
-  ).dims()
-  if width % heads or m.decoder_width % m.decoder_num_heads:
-    raise common.ConfigError("config.model: widths must be divisible by their head counts")
-  common.encoder_options(m)
-  gh, gw = vit.grid_shape(tuple(config.image_size), tuple(m.patch))
+  common.checked_model_dtype(m)
+  encoder = common.encoder_of(config)
+  if m.decoder_width % m.decoder_num_heads:
+    raise common.ConfigError("config.model: decoder_width must be divisible by decoder_num_heads")
+  gh, gw = vit.grid_shape(tuple(config.image_size), encoder["patch"])
   charset = labels_lib.get_charset(config.charset)
   data_charset = labels_lib.get_charset(config.data.charset or config.charset)
   if not set(data_charset) <= set(charset):
@@ -107,7 +96,7 @@ def check_benchmarks_path(config):
 
 
 def build_model(config, tokenizer):
-  return rec.from_config(config.model, tokenizer)
+  return rec.from_config(config.model, tokenizer, encoder=common.encoder_of(config))
 
 
 # ------------------------------------------------------------------------------------
@@ -286,6 +275,7 @@ def train_and_evaluate(config, workdir):
   With config.eval_only, evaluates finetune.eval_checkpoint(config, workdir) and
   returns {table name: rows} instead of a state.
   """
+  common.resolve_encoder(config)
   tokenizer = check_config(config)
   common.maybe_initialize_distributed(config)
   if not config.eval_only:  # keep the training run's config.json
@@ -342,51 +332,34 @@ def train_and_evaluate(config, workdir):
     return results
 
   # ---- Data: each process reads its own shard; batches are assembled globally.
-  data_iter = pipeline.make_pipeline(
-    config.data,
-    "train",
-    config.batch_size,
-    train=True,
-    seed=config.seed,
-    image_size=tuple(config.image_size),
-    worker_count=config.data.worker_count,
-  )
+  data_iter = common.train_data(config)
 
-  # ---- Resume: this workdir -> resume_from -> init_from (encoder only) -> scratch.
+  # ---- Resume: this workdir -> resume_from -> a fresh state (+ init_from's encoder).
   ckpt = checkpoints.Checkpointer(
     workdir,
     keep=config.checkpoint.keep,
     keep_every=config.checkpoint.keep_every,
     program="recognition",
   )
-  state, data_state, source = checkpoints.restore_or_initialize(
-    ckpt,
-    checkpoints.abstract_with_sharding(abstract_state, shardings),
-    resume_from=config.resume_from or None,
-    init_from=config.init_from or None,
-    merge_params=finetune.init_from_merger(lambda: fresh_state(init_rng), source=config.init_from),
+  state, source = common.restore_or_fresh(
+    ckpt, config, abstract_state, shardings, lambda: fresh_state(init_rng), data_iter
   )
-  if state is None:
+  if source == "scratch" and config.init_from:
+    state = state.replace(params=common.load_pretrained(state.params, config.init_from))
+    source = "init_from"
+  elif source == "scratch":
     logging.warning("No init_from: the encoder starts from random weights.")
-    state = fresh_state(init_rng)
-  if data_state is not None:
-    data_iter.set_state(data_state)
   start_step = int(state.step)
-  common.log_parameter_summary(state.params["encoder"], "encoder")
-  common.log_parameter_summary(state.params["head"], f"{config.model.head} head")
-  logging.info(
-    "Starting at step %d (%s); training to step %d%s.",
-    start_step,
-    source,
-    total_steps,
-    " with the encoder frozen" if config.freeze_encoder else "",
+  common.log_parameter_summary(
+    state.params["encoder"], "encoder (frozen)" if config.freeze_encoder else "encoder"
   )
+  common.log_parameter_summary(state.params["head"], f"{config.model.head} head")
 
   train_step = make_train_step(model, config, tokenizer, optimizer, schedule, mesh, shardings)
 
   # ---- Loop.
   with common.StepBookkeeping(
-    config, total_steps, start_step, ckpt, data_iter, writer
+    config, total_steps, start_step, ckpt, data_iter, writer, source
   ) as bookkeeping:
     for step in range(start_step + 1, total_steps + 1):
       batch = common.global_batch(host_batch(next(data_iter), tokenizer, max_length), mesh)

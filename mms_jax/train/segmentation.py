@@ -97,6 +97,4 @@ TASK = dense.Task(
 
 
 # What programs.py and the tests call.
-build_model = functools.partial(dense.build_model, TASK)
-check_config = functools.partial(dense.check_config, TASK)
-train_and_evaluate = functools.partial(dense.train_and_evaluate, TASK)
+build_model, check_config, train_and_evaluate = dense.entry_points(TASK)
