@@ -1118,6 +1118,7 @@ def padded_eval_batches(
   image_size: Sequence[int] = (32, 128),
   worker_count: Optional[int] = None,
   with_labels: bool = False,
+  source=None,
 ):
   """Yields this host's evaluation batches of `fields`, zero-padded to a fixed size.
 
@@ -1126,8 +1127,9 @@ def padded_eval_batches(
   on padding rows) and, with_labels, 'label' object[b] ('' on padding rows). Every host
   yields the same number of batches (all-padding ones after its slice ends), so one
   jitted step shape serves all of them and multi-host evaluation stays in step.
+  `source`: the make_source(data_config, split) to read (e.g. to read its skip counts).
   """
-  source = make_source(data_config, split)
+  source = make_source(data_config, split) if source is None else source
   shard = shard_options(False)
   local = _check_batch_size(global_batch_size, shard.shard_count)
   loader = make_loader(

@@ -11,13 +11,17 @@ pipeline.list_benchmarks(data_config, split) lists them; each is scored on its o
 and the average weights every sample equally (sum of correct / sum of samples).
 """
 
+import collections
 import csv
+import json
 import logging
 import os
 from typing import Callable
 from typing import Optional
 from typing import Sequence
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from mms_jax.data import pipeline
@@ -78,42 +82,61 @@ def evaluate_dataset(
   max_batches: Optional[int] = None,
   on_batch=None,
 ) -> dict:
-  """Counts (text_metrics.counts) of one data set.
+  """Counts (text_metrics.counts) of one data set, summed over every process.
 
-  predict(images float32[B, H, W, 3]) -> B strings. on_batch(batch, predictions) is
-  called for every batch (e.g. to keep a picture).
-
-  Every process reads the whole data set (one shard): in a multi-process run the
-  jitted predict then sees the same batches everywhere, and every process ends with
-  the same counts. The counts also hold `skipped` (records left out as unreadable or
-  outside the label filter, when reading or when the TFDS data was built) and
-  `skip_reasons` {reason: count}.
+  Each process reads its own slice (pipeline.padded_eval_batches): predict(images
+  float32[b, H, W, 3]) -> b strings gets this process's rows of one global batch, and
+  every process calls it the same number of times (so it may run a model on the global
+  batch); padding rows are not scored. on_batch(batch, predictions) is called with the
+  scored rows of each batch (e.g. to keep a picture). The counts also hold `skipped`
+  (records left out as unreadable or outside the label filter, when reading or when
+  the TFDS data was built) and `skip_reasons` {reason: count}.
   """
   total = text_metrics.add_counts()
   source = pipeline.make_source(data_config, split)
-  loader = iter(
-    pipeline.make_loader(
-      data_config,
-      split,
-      batch_size,
-      image_size=tuple(image_size),
-      worker_count=0,
-      shard_index=0,
-      shard_count=1,
-      source=source,
-    )
+  batches = pipeline.padded_eval_batches(
+    data_config,
+    split,
+    batch_size,
+    {"image": (*image_size, 3)},
+    image_size=tuple(image_size),
+    worker_count=0,
+    with_labels=True,
+    source=source,
   )
-  for i, batch in enumerate(loader):
+  for i, batch in enumerate(batches):
     if max_batches is not None and i >= max_batches:
       break
-    preds = list(predict(batch["image"]))
-    gts = [str(t) for t in batch["label"]]
+    valid = batch["valid"]
+    preds = [p for p, v in zip(predict(batch["image"]), valid) if v]
+    gts = [str(t) for t, v in zip(batch["label"], valid) if v]
     total = text_metrics.add_counts(total, text_metrics.counts(gts, preds, charset, case_sensitive))
-    if on_batch is not None:
-      on_batch(batch, preds)
+    if on_batch is not None and preds:
+      on_batch({"image": batch["image"][valid], "label": batch["label"][valid]}, preds)
   skips = getattr(source, "skips", None)
-  reasons = dict(sorted(skips.skipped.items())) if skips is not None else {}
-  return {**total, "skipped": sum(reasons.values()), "skip_reasons": reasons}
+  reasons = dict(skips.skipped) if skips is not None else {}
+  total, reasons = _sum_over_processes(total, reasons)
+  return {**total, "skipped": sum(reasons.values()), "skip_reasons": dict(sorted(reasons.items()))}
+
+
+def _sum_over_processes(counts, reasons):
+  """(counts, skip reasons) summed over every process (unchanged with one)."""
+  if jax.process_count() == 1:
+    return counts, reasons
+  keys = sorted(counts)
+  gathered = multihost_utils.process_allgather(np.asarray([counts[k] for k in keys], np.float32))
+  summed = dict(zip(keys, np.asarray(gathered).reshape(-1, len(keys)).sum(0).tolist()))
+  summed.update({k: int(round(summed[k])) for k in ("num", "correct")})
+  # Skip reasons differ between processes: exchange them as fixed-size JSON bytes.
+  text = json.dumps(reasons).encode()[:_REASONS_BYTES].ljust(_REASONS_BYTES)
+  every = multihost_utils.process_allgather(np.frombuffer(text, np.uint8))
+  total_reasons = collections.Counter()
+  for row in np.asarray(every).reshape(-1, _REASONS_BYTES):
+    total_reasons.update(json.loads(row.tobytes().decode().strip() or "{}"))
+  return summed, dict(total_reasons)
+
+
+_REASONS_BYTES = 4096
 
 
 def display_name(data_config, name: str) -> str:

@@ -461,6 +461,11 @@ def check_batch_size(config, mesh):
       f"config.batch_size={config.batch_size} must be a multiple of devices x "
       f"grad_accum_steps = {devices} x {accumulation} (and of {processes} processes)"
     )
+  eval_batch = config.eval.batch_size if "eval" in config else None
+  if eval_batch is not None and eval_batch % devices:
+    raise ConfigError(
+      f"config.eval.batch_size={eval_batch} must be a multiple of the {devices} devices"
+    )
 
 
 def log_parameter_summary(params, name):

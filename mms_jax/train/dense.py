@@ -217,11 +217,6 @@ def train_and_evaluate(task, config, workdir):
   mesh = common.make_mesh(config)
   common.check_batch_size(config, mesh)
   common.log_run_header(task.program, config, mesh, workdir)
-  if config.eval.batch_size % mesh.devices.size:
-    raise common.ConfigError(
-      f"config.eval.batch_size={config.eval.batch_size} must be a "
-      f"multiple of the {mesh.devices.size} devices"
-    )
 
   # ---- Data.
   num_train = None

@@ -169,16 +169,20 @@ def host_batch(batch, tokenizer, max_length):
 # ------------------------------------------------------------------------------------
 # Evaluation and pictures.
 # ------------------------------------------------------------------------------------
-def make_predict(model, tokenizer, batch_size):
-  """params -> (images float32[b, H, W, 3] -> b strings); pads to one batch shape."""
-  apply = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.predict))
+def make_predict(model, tokenizer, mesh):
+  """params -> (this process's rows of a global batch, images float32[b, H, W, 3] -> b
+  strings). Every process calls it with its own rows (pipeline.padded_eval_batches); the
+  model runs once on the global batch and each process decodes its own rows."""
+  apply = jax.jit(
+    lambda p, x: model.apply({"params": p}, x, method=model.predict),
+    out_shardings=common.replicated(mesh),
+  )
 
   def predictor(params):
     def predict(images):
-      n = images.shape[0]
-      padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
-      padded[:n] = images[:batch_size]
-      return tokenizer.decode(np.asarray(apply(params, padded)))[:n]
+      ids = np.asarray(apply(params, common.global_batch(np.asarray(images, np.float32), mesh)))
+      mine = slice(jax.process_index() * len(images), (jax.process_index() + 1) * len(images))
+      return tokenizer.decode(ids[mine])
 
     return predict
 
@@ -319,7 +323,7 @@ def train_and_evaluate(config, workdir):
   abstract_state = jax.eval_shape(init_state, init_rng)
   shardings = common.state_shardings(abstract_state, mesh)
   fresh_state = jax.jit(init_state, out_shardings=shardings)
-  predictor = make_predict(model, tokenizer, config.eval.batch_size)
+  predictor = make_predict(model, tokenizer, mesh)
 
   # ---- Evaluate-only: score a checkpoint and exit.
   if config.eval_only:
