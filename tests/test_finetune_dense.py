@@ -67,7 +67,7 @@ def _jsonl(workdir):
 def test_segmentation_with_frozen_encoder_trains_evaluates_and_reevaluates(tmp_path, pretrained):
   workdir = tmp_path / "seg"
   config = _tiny("finetune_segmentation", pretrained, freeze_encoder=True)
-  state = segmentation.train_and_evaluate(config, str(workdir))
+  state = segmentation.train_and_evaluate(config, str(workdir)).state
   assert int(state.step) == 2
 
   # The encoder is the pretrained one, bit for bit (transferred exactly, then frozen);
@@ -94,7 +94,7 @@ def test_segmentation_with_frozen_encoder_trains_evaluates_and_reevaluates(tmp_p
   # Eval-only on the trained workdir gives the same numbers, and trains nothing.
   config = load_config("finetune_segmentation", "tiny")
   config.eval_only, config.eval_from, config.pictures = True, str(workdir), False
-  again = segmentation.train_and_evaluate(config, str(tmp_path / "eval"))
+  again = segmentation.train_and_evaluate(config, str(tmp_path / "eval")).metrics
   assert again == pytest.approx(final)
   assert not (tmp_path / "eval" / "checkpoints").exists()
 
@@ -105,7 +105,7 @@ def test_super_resolution_trains_evaluates_and_reevaluates(
   workdir = tmp_path / "sr"
   config = _tiny("finetune_sr", pretrained)
   config.loss.gradient_weight = 0.5
-  state = super_resolution.train_and_evaluate(config, str(workdir))
+  state = super_resolution.train_and_evaluate(config, str(workdir)).state
   assert int(state.step) == 2
   train_rows = [r for r in _jsonl(workdir) if "loss" in r]
   assert all(r["loss"] >= r["l2"] > 0 and r["gradient"] > 0 for r in train_rows)
@@ -121,7 +121,7 @@ def test_super_resolution_trains_evaluates_and_reevaluates(
   config = load_config("finetune_sr", "tiny")
   config.eval_only, config.pictures = True, False
   config.sr_eval_recognizer = str(recognizer_workdir)
-  again = super_resolution.train_and_evaluate(config, str(workdir))
+  again = super_resolution.train_and_evaluate(config, str(workdir)).metrics
   assert {k: v for k, v in again.items() if "word_accuracy" not in k} == pytest.approx(final)
   for split in ("val", "test_heldout_fonts", "test_hard"):
     for kind in ("bicubic", "sr", "hr"):
@@ -146,7 +146,7 @@ def test_super_resolution_trains_evaluates_and_reevaluates(
   config = load_config("finetune_sr", "tiny")
   config.eval_only, config.pictures, config.eval_from = True, False, str(workdir)
   config.data.update(source="textzoom", path=str(tmp_path / "textzoom"), reader="direct")
-  zoom = super_resolution.train_and_evaluate(config, str(tmp_path / "zoom"))
+  zoom = super_resolution.train_and_evaluate(config, str(tmp_path / "zoom")).metrics
   for name, n in sizes.items():
     assert zoom[f"eval/test/{name}/count"] == n
     assert zoom[f"eval/test/{name}/psnr"] > 0

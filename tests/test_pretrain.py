@@ -43,7 +43,7 @@ def _assert_trees(a, b, **tolerance):
 
 def test_main_job_runs_end_to_end_and_rerun_resumes(tmp_path, tiny_pretrain_config):
   workdir = tmp_path / "run"
-  state = pretrain.train_and_evaluate(tiny_pretrain_config, str(workdir))
+  state = pretrain.train_and_evaluate(tiny_pretrain_config, str(workdir)).state
   assert int(state.step) == 6
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [3, 6]
   for step in (3, 6):
@@ -52,7 +52,7 @@ def test_main_job_runs_end_to_end_and_rerun_resumes(tmp_path, tiny_pretrain_conf
   assert (workdir / "reconstruction_0000006.png").stat().st_size > 1000
   assert list((workdir / "tensorboard").iterdir())
   # Re-running the finished workdir resumes at its last step and trains no further.
-  again = pretrain.train_and_evaluate(load_config("pretrain", "tiny"), str(workdir))
+  again = pretrain.train_and_evaluate(load_config("pretrain", "tiny"), str(workdir)).state
   assert int(again.step) == 6
   _assert_trees(jax.device_get(again.params), _params(workdir))
 
@@ -62,7 +62,7 @@ def test_init_from_continues_a_pretraining_decoder_included(tmp_path, tiny_pretr
   pretrain.train_and_evaluate(tiny_pretrain_config, str(source))
   config = load_config("pretrain", "tiny")
   config.init_from, config.lr.base, config.total_steps = str(source), 0.0, 1
-  state = pretrain.train_and_evaluate(config, str(tmp_path / "continued"))
+  state = pretrain.train_and_evaluate(config, str(tmp_path / "continued")).state
   # At lr 0 the one step changes nothing: every tensor is the source's, decoder too.
   _assert_trees(jax.device_get(state.params), _params(source))
 
@@ -83,7 +83,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
   for accumulation in (1, 4):
     config = load_config("pretrain", "tiny")
     config.total_steps, config.picture_every, config.grad_accum_steps = 2, 0, accumulation
-    state = pretrain.train_and_evaluate(config, str(tmp_path / str(accumulation)))
+    state = pretrain.train_and_evaluate(config, str(tmp_path / str(accumulation))).state
     results.append(jax.device_get(state.params))
   _assert_trees(*results, rtol=2e-4, atol=2e-6)
 
@@ -91,7 +91,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
 def test_nan_after_a_checkpoint_leaves_it_intact(tmp_path):
   config = load_config("pretrain", "tiny")
   config.picture_every, config.log_every, config.total_steps = 0, 1, 8
-  state = pretrain.train_and_evaluate(config, str(tmp_path))  # checkpoints at 3, 6, 8
+  state = pretrain.train_and_evaluate(config, str(tmp_path)).state  # checkpoints at 3, 6, 8
   config = load_config("pretrain", "tiny")
   config.picture_every, config.log_every, config.total_steps = 0, 1, 12
   config.lr.base = math.nan  # the lr and, after one update, the loss become NaN

@@ -193,7 +193,7 @@ def test_frozen_probe_leaves_the_encoder_bit_identical(pretrain_dir, tmp_path):
   config.freeze_encoder = True
   config.model.head = "ctc"
   config.init_from = str(pretrain_dir)
-  state = recognition.train_and_evaluate(config, str(tmp_path))
+  state = recognition.train_and_evaluate(config, str(tmp_path)).state
   assert int(state.step) == 2
   trained = jax.tree.map(np.asarray, checkpoints.load_params(tmp_path))
   saved = jax.tree.map(np.asarray, checkpoints.load_params(pretrain_dir))
@@ -241,7 +241,7 @@ def test_benchmark_tree_tables(tmp_path):
 def test_program_runs_writes_tables_and_eval_only_matches(pretrain_dir, tmp_path):
   config = _tiny_config(splits=("test_heldout_fonts",))
   config.init_from = str(pretrain_dir)
-  state = recognition.train_and_evaluate(config, str(tmp_path))
+  state = recognition.train_and_evaluate(config, str(tmp_path)).state
   assert int(state.step) == 2
   table = (tmp_path / "eval_test_heldout_fonts.md").read_text()
   assert "| test_heldout_fonts | 8 |" in table
@@ -253,7 +253,7 @@ def test_program_runs_writes_tables_and_eval_only_matches(pretrain_dir, tmp_path
   # Evaluate-only: the same checkpoint scored from another workdir gives the same table.
   config = _tiny_config(splits=("test_heldout_fonts",))
   config.eval_only, config.eval_from = True, str(tmp_path)
-  results = recognition.train_and_evaluate(config, str(tmp_path / "eval"))
+  results = recognition.train_and_evaluate(config, str(tmp_path / "eval")).metrics
   (row,) = results["test_heldout_fonts"]
   assert row["num"] == 8
   assert f"{row['word_accuracy']:.6f}" == trained_row["word_accuracy"]

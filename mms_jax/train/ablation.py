@@ -121,11 +121,11 @@ def final_evaluation(workdir, step):
 
 def _run_program(program, config, workdir):
   """Runs one program to its last step; returns its final evaluation."""
-  state = importlib.import_module(PROGRAMS[program]).train_and_evaluate(config, workdir)
+  result = importlib.import_module(PROGRAMS[program]).train_and_evaluate(config, workdir)
   last = common.total_steps(config)
-  if int(state.step) != last:
+  if result.step != last:
     raise Interrupted(
-      f"{workdir} stopped at step {int(state.step)} of {last}; re-run the "
+      f"{workdir} stopped at step {result.step} of {last}; re-run the "
       "same command to resume the ablation"
     )
   return final_evaluation(workdir, last)
@@ -236,7 +236,8 @@ def use_compilation_cache(workdir):
 
 
 def train_and_evaluate(config, workdir):
-  """Runs every (seed, arm, stage) not yet in runs.jsonl; returns the summary table."""
+  """Runs every (seed, arm, stage) not yet in runs.jsonl; returns a common.RunResult
+  whose metrics are the summary table."""
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
   if config.get("compilation_cache", True):
@@ -244,7 +245,7 @@ def train_and_evaluate(config, workdir):
   common.write_config(config, workdir)
   runs = load_runs(workdir)
   if config.get("report_only"):
-    return write_reports(config, workdir, runs)
+    return common.RunResult(len(runs), metrics=write_reports(config, workdir, runs))
   todo = [
     (s, a, st)
     for s in config.seeds
@@ -296,4 +297,4 @@ def train_and_evaluate(config, workdir):
           len(config.seeds) * len(config.arms) * len(config.stages),
           (time.time() - started) / 60,
         )
-  return write_reports(config, workdir, runs)
+  return common.RunResult(len(runs), metrics=write_reports(config, workdir, runs))

@@ -5,6 +5,7 @@ Trainers import these functions; nothing here knows which program runs.
 """
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -32,6 +33,22 @@ BATCH_AXES = ("data", "fsdp")
 
 
 ConfigError = errors.ConfigError  # a field is invalid; the message names it and the fix
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What every program's train_and_evaluate returns.
+
+  step: the step reached (eval_only: the evaluated checkpoint's step; the ablation: the
+    number of finished runs); state: the final train state, None when nothing was
+    trained (eval_only, the probe, the ablation); metrics: the last evaluation in the
+    program's form (recognition: {table: rows}; segmentation and SR: {'eval/...': value};
+    the probe: {metric: value}; the ablation: its summary table).
+  """
+
+  step: int
+  state: Any = None
+  metrics: Any = dataclasses.field(default_factory=dict)
 
 
 def checked_model_dtype(model_config):

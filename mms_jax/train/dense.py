@@ -205,7 +205,7 @@ def _all_hosts(per_image):
 def train_and_evaluate(task, config, workdir):
   """Fine-tunes until config.total_steps (resuming from workdir), evaluating on the way.
 
-  Returns the final train state, or with config.eval_only the metrics dict.
+  Returns a common.RunResult: the final state and the last evaluation (eval_only: no state).
   """
   common.resolve_encoder(config)
   model = check_config(task, config)
@@ -270,7 +270,7 @@ def train_and_evaluate(task, config, workdir):
     params, step = finetune.load_for_eval(finetune.eval_checkpoint(config, workdir), abstract)
     metrics = write_eval(max(step, 0), params)
     writer.close()
-    return metrics
+    return common.RunResult(step, metrics=metrics)
 
   # ---- Resume: this workdir -> resume_from -> a fresh state (+ init_from's encoder).
   data_iter = common.train_data(config, config.train_split)
@@ -295,6 +295,7 @@ def train_and_evaluate(task, config, workdir):
   train_step = make_train_step(task, model, config, optimizer, schedule, mesh, shardings)
 
   # ---- Loop.
+  evaluation = {}
   with common.StepBookkeeping(
     config, total_steps, start_step, ckpt, data_iter, writer, source
   ) as bookkeeping:
@@ -304,6 +305,6 @@ def train_and_evaluate(task, config, workdir):
       if bookkeeping(step, state, metrics):
         break
       if common.is_due(step, config.eval.every, total_steps):
-        write_eval(step, state.params)
+        evaluation = write_eval(step, state.params)
   writer.close()
-  return state
+  return common.RunResult(int(state.step), state, evaluation)

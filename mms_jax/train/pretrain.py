@@ -301,4 +301,4 @@ def train_and_evaluate(config, workdir):
           reconstruction_picture(model, params, eval_images, config, spec, path, step)
           logging.info("Wrote %s", path)
   writer.close()
-  return state
+  return common.RunResult(int(state.step), state)

@@ -24,7 +24,6 @@ probe.json. Short enough to rerun: an interrupted probe starts again. Shapes: N 
 L = gh * gw tokens, D encoder width, K classes, P = ph * pw (* 3) pixels per patch.
 """
 
-import dataclasses
 import json
 import logging
 import os
@@ -49,14 +48,6 @@ from mms_jax.train import recognition
 
 PROGRAM = "probe"
 TASKS = ("recognition", "segmentation", "super_resolution")
-
-
-@dataclasses.dataclass
-class ProbeResult:
-  """What train_and_evaluate returns: the step reached (= config.total_steps), metrics."""
-
-  step: int
-  metrics: dict
 
 
 # ------------------------------------------------------------------------------------
@@ -480,4 +471,4 @@ def train_and_evaluate(config, workdir):
       sort_keys=True,
     )
   logging.info("Probe done in %.0f s.", time.time() - started)
-  return ProbeResult(step=int(config.total_steps), metrics=results)
+  return common.RunResult(int(config.total_steps), metrics=results)

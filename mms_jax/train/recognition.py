@@ -276,8 +276,8 @@ def record_synthetic_fonts(config, workdir):
 def train_and_evaluate(config, workdir):
   """Fine-tunes until config.total_steps (resuming from workdir), then evaluates.
 
-  With config.eval_only, evaluates finetune.eval_checkpoint(config, workdir) and
-  returns {table name: rows} instead of a state.
+  Returns a common.RunResult whose metrics are the last evaluation, {table name: rows};
+  with config.eval_only, evaluates finetune.eval_checkpoint(config, workdir) only.
   """
   common.resolve_encoder(config)
   tokenizer = check_config(config)
@@ -333,7 +333,7 @@ def train_and_evaluate(config, workdir):
     )
     results = run_evals(predictor(params), config, workdir, step, writer)
     writer.close()
-    return results
+    return common.RunResult(step, metrics=results)
 
   # ---- Data: each process reads its own shard; batches are assembled globally.
   data_iter = common.train_data(config)
@@ -362,6 +362,7 @@ def train_and_evaluate(config, workdir):
   train_step = make_train_step(model, config, tokenizer, optimizer, schedule, mesh, shardings)
 
   # ---- Loop.
+  evaluation = {}
   with common.StepBookkeeping(
     config, total_steps, start_step, ckpt, data_iter, writer, source
   ) as bookkeeping:
@@ -371,6 +372,6 @@ def train_and_evaluate(config, workdir):
       if bookkeeping(step, state, metrics):
         break
       if common.is_due(step, config.eval.every, total_steps):
-        run_evals(predictor(state.params), config, workdir, step, writer)
+        evaluation = run_evals(predictor(state.params), config, workdir, step, writer)
   writer.close()
-  return state
+  return common.RunResult(int(state.step), state, evaluation)
