@@ -6,6 +6,7 @@ Trainers import these functions; nothing here knows which program runs.
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -66,12 +67,19 @@ def encoder_of(config, *, from_init=True):
   the default encoder. A config from before the section (flat `encoder_width`, ...)
   is read through the shim."""
   given = encoder_config.of_model(config.model) or encoder_config.unset()
-  pretrained, source = None, config.get("init_from")
-  if from_init and source:
-    pretrained = encoder_config.of_model(checkpoints.run_config(source).get("model") or {})
-    if pretrained is None:
-      logging.warning("init_from=%s has no run config: its encoder is assumed to match.", source)
+  source = config.get("init_from")
+  pretrained = _pretrained_encoder(str(source)) if from_init and source else None
   return encoder_config.resolve(given, pretrained, source=f"init_from={source!r}")
+
+
+@functools.lru_cache(maxsize=8)
+def _pretrained_encoder(init_from):
+  """The encoder section of the run behind a checkpoint, or None (read once: finding the
+  checkpoint verifies its manifest, which hashes its files)."""
+  encoder = encoder_config.of_model(checkpoints.run_config(init_from).get("model") or {})
+  if encoder is None:
+    logging.warning("init_from=%s has no run config: its encoder is assumed to match.", init_from)
+  return encoder
 
 
 def model_kwargs(config, *, from_init=True):
