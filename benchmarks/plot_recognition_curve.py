@@ -18,7 +18,7 @@ from absl import app
 from absl import flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("runs", [], "recognition workdirs")
+flags.DEFINE_list("runs", [], "recognition workdirs, each optionally as label=workdir")
 flags.DEFINE_string("out", "docs/img/recognition_curve.png", "output PNG")
 flags.DEFINE_multi_string("peer", [], "name=heldout,hard word accuracies drawn as lines")
 
@@ -64,7 +64,9 @@ def main(argv):
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
   print("| run | step | images | minutes | " + " | ".join(SPLITS) + " |")
   print("|---|---:|---:|---:|" + "---:|" * len(SPLITS))
-  for run in FLAGS.runs:
+  for entry in FLAGS.runs:
+    label, _, run = entry.rpartition("=")
+    label = label or os.path.basename(run.rstrip("/"))
     batch = json.load(open(os.path.join(run, "config.json")))["batch_size"]
     points, minutes = eval_points(run), eval_minutes(run)
     for ax, split in zip(axes, SPLITS):
@@ -73,13 +75,13 @@ def main(argv):
         [s * batch / 1000 for s in steps],
         [100 * a for a in acc],
         "o-",
-        label=os.path.basename(run.rstrip("/")),
+        label=label,
       )
     for step, _ in points[SPLITS[0]]:
       cells = [f"{100 * dict(points[s])[step]:.1f}" for s in SPLITS]
       mins = f"{minutes[step]:.1f}" if step in minutes else "-"
       print(
-        f"| {os.path.basename(run.rstrip('/'))} | {step} | {step * batch} | {mins} | "
+        f"| {label} | {step} | {step * batch} | {mins} | "
         + " | ".join(cells)
         + " |"
       )

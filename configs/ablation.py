@@ -17,25 +17,36 @@ Re-running the command skips finished runs and resumes an interrupted one.
 
 Variants (`--config=configs/ablation.py:VARIANT`):
 
-  (default) small   The configs/pretrain.py small encoder (600 steps per arm), then
-                    the probe stage only: linear probes for recognition, segmentation
-                    and SR on 2,048 training images (recognition: dictionary words).
-                    About 90 min per seed on a quiet 2-core CPU with the earlier
-                    plain 4x4 encoder (measured parts: 8.5 min per pretraining,
-                    multi_view ~3x, 5 min per probe; docs/results.md); the current
-                    default encoder (8x4, conv stem, ALiBi) pretrains 600 steps in
-                    ~4 min, its probe and a whole seed are not re-measured yet.
-                    The fine-tuning stages are opt-in (--config.stages below):
-                    recognition with the recipe of configs/finetune_recognition.py:quick
-                    (CTC, 1,500 steps) on 4,096 labelled images, segmentation and SR
-                    300 steps each, about 10-15 min per run on a 2-core CPU.
+  (default) small   Does pretraining help a recognizer that reads, and MMS more than
+                    MAE? Arms none / random_patch (plain MAE) / mms_per_sample, seeds
+                    0, 1, 2; per arm and seed 3,000 pretraining steps of the
+                    configs/pretrain.py encoder, then the `finetune` stage: the
+                    recognition default recipe (configs/finetune_recognition.py) on a
+                    1,500-step schedule (warmup 150) with 4,096 labelled images of the
+                    test distribution, half of them rendered clean, no hard images;
+                    scored on 500 images of test_heldout_fonts and test_hard. Measured
+                    parts (2026-12-05, 2-core Intel Xeon, each run on one core beside
+                    another): pretraining 68 img/s (4,000 steps in 31 min), this
+                    fine-tune ~15 min; one run on both cores is ~1.8x faster (recognition
+                    94 img/s), so a seed takes ~50-55 min and the default ~2.7 h. The
+                    runs of 2026-12-05 (docs/results.md) pretrained 4,000 steps:
+                    --config.pretrain.total_steps=4000 (~3.2 h).
+  quick             The same with arms none / mms_per_sample, seed 0 and 1,000
+                    pretraining steps: ~25 min (one pretraining ~4.5 min, two fine-tunes
+                    ~9 min each on both cores).
+  probe             The 2026-12-01 study: six arms, 600 pretraining steps, the probe
+                    stage only (frozen encoder, linear probes for recognition,
+                    segmentation and SR on 2,048 images). About 90 min per seed with
+                    the earlier plain 4x4 encoder (8.5 min per pretraining, multi_view
+                    ~3x, 5 min per probe); the current encoder pretrains 600 steps in
+                    ~4 min. The other stages stay available through --config.stages:
+                    segmentation and SR fine-tunes of 300 steps each (~10 min per run).
   tiny              Seconds per run: the suite runs it so the pipeline keeps working.
 
   python -m mms_jax.main --config=configs/ablation.py --workdir=workdirs/ablation
-  python -m mms_jax.main --config=configs/ablation.py --workdir=workdirs/ablation \
+  python -m mms_jax.main --config=configs/ablation.py:quick --workdir=workdirs/ablation_quick
+  python -m mms_jax.main --config=configs/ablation.py:probe --workdir=workdirs/ablation_probe \
       --config.stages="('probe', 'finetune', 'segmentation', 'super_resolution')"
-  python -m mms_jax.main --config=configs/ablation.py --workdir=workdirs/ablation \
-      --config.seeds='(0, 1, 2)' --config.arms='("none", "random_patch", "mms_per_sample")'
 """
 
 import importlib.util
@@ -55,8 +66,8 @@ def _sibling(name, variant):
 
 def get_config(variant="small"):
   variant = variant or "small"
-  if variant not in ("small", "tiny"):
-    raise ValueError(f"unknown variant {variant!r}: small or tiny")
+  if variant not in ("small", "quick", "probe", "tiny"):
+    raise ValueError(f"unknown variant {variant!r}: small, quick, probe or tiny")
   c = ml_collections.ConfigDict()
   c.program = "ablation"
   mms = ("random_patch", "blockwise", "span")
@@ -75,8 +86,6 @@ def get_config(variant="small"):
   # Every arm and seed compiles the same programs: keep them in <workdir>/xla_cache.
   c.compilation_cache = True
   c.report_only = False  # True: tabulate the finished runs, run nothing
-  # The probe fits a ~90 min budget on a 2-core CPU; the fine-tuning stages do not
-  # (about 10 min per run there), so they are opt-in.
   c.stages = ("probe",)
   # Table columns: (stage, metric key in that stage's final evaluation, column title).
   c.report = (
@@ -113,33 +122,46 @@ def get_config(variant="small"):
   data_seed = 0
   recognition_train = dict(fraction_random_strings=0.0, max_label_length=12)
 
-  c.pretrain = _sibling("pretrain", variant)
+  c.pretrain = _sibling("pretrain", "tiny" if variant == "tiny" else "small")
   c.pretrain.data.synthetic.seed = data_seed
   c.pretrain.picture_every = 0
 
-  c.finetune = _sibling("finetune_recognition", "quick" if variant == "small" else "tiny")
+  c.finetune = _sibling("finetune_recognition", "tiny" if variant == "tiny" else "small")
   c.finetune.data.synthetic.seed = data_seed
   c.finetune.pictures = False
-  c.probe = _sibling("probe", variant)
+  c.probe = _sibling("probe", "tiny" if variant == "tiny" else "small")
   c.probe.data.synthetic.seed = data_seed
 
-  c.segmentation = _sibling("finetune_segmentation", variant)
-  c.super_resolution = _sibling("finetune_sr", variant)
+  c.segmentation = _sibling("finetune_segmentation", "tiny" if variant == "tiny" else "small")
+  c.super_resolution = _sibling("finetune_sr", "tiny" if variant == "tiny" else "small")
   for stage in (c.segmentation, c.super_resolution):
     stage.data.synthetic.seed = data_seed
     stage.pictures = False
     stage.eval.splits = ("test_heldout_fonts",)
 
-  if variant == "small":
+  if variant != "tiny":
+    # The recognition recipe in the low-label setting: 4,096 labelled images, half of
+    # them rendered clean (the clean start needs fresh images), 1,500 steps.
+    f = c.finetune
+    f.total_steps = 1500
+    f.lr.warmup_steps = 150
+    f.data.size = dict(train=4096, val=256, test_heldout_fonts=500, test_hard=500)
+    f.data.synthetic_train.update(clean_fraction=0.5, hard_fraction=0.0)
+    f.data.curriculum.update(clean_until_step=0, hard_start_step=0, hard_end_step=0)
+    f.eval.every = 0
+    f.checkpoint.every = 500
+  if variant in ("small", "quick"):
+    c.arms = ("none", "random_patch", "mms_per_sample")
+    c.seeds = (0, 1, 2)
+    c.stages = ("finetune",)
+    c.pretrain.total_steps = 3000
+    if variant == "quick":
+      c.arms = ("none", "mms_per_sample")
+      c.compare_to = "none"
+      c.seeds = (0,)
+      c.pretrain.total_steps = 1000
+  elif variant == "probe":
     c.pretrain.total_steps = 600
-    # The recognition recipe (configs/finetune_recognition.py:quick, 1,500 steps) on
-    # 4,096 labelled images of the test distribution: the low-label setting.
-    c.finetune.data.size = dict(train=4096, val=256, test_heldout_fonts=500, test_hard=500)
-    # A fixed labelled set: no clean-start curriculum (it needs fresh generated images).
-    c.finetune.data.synthetic_train.clean_fraction = 0.0
-    c.finetune.data.curriculum.clean_until_step = 0
-    c.finetune.eval.every = 0
-    c.finetune.checkpoint.every = 500
     for stage in (c.segmentation, c.super_resolution):
       stage.total_steps = 300
       stage.eval.every = 0

@@ -23,7 +23,7 @@ VARIANTS = (
   + [("finetune_segmentation", v) for v in ("small", "tiny", "paper")]
   + [("finetune_sr", v) for v in ("small", "tiny", "paper")]
   + [("probe", v) for v in ("small", "tiny")]
-  + [("ablation", v) for v in ("small", "tiny")]
+  + [("ablation", v) for v in ("small", "quick", "probe", "tiny")]
 )
 
 
