@@ -80,11 +80,7 @@ def main(argv):
     for step, _ in points[SPLITS[0]]:
       cells = [f"{100 * dict(points[s])[step]:.1f}" for s in SPLITS]
       mins = f"{minutes[step]:.1f}" if step in minutes else "-"
-      print(
-        f"| {label} | {step} | {step * batch} | {mins} | "
-        + " | ".join(cells)
-        + " |"
-      )
+      print(f"| {label} | {step} | {step * batch} | {mins} | " + " | ".join(cells) + " |")
   for peer in FLAGS.peer:
     name, values = peer.split("=")
     for ax, value in zip(axes, values.split(",")):
