@@ -360,7 +360,7 @@ def load_mms_checkpoint(path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   from mms_jax.train import checkpoints
 
   step_dir = checkpoints.resolve_checkpoint(path, what="src")
-  return checkpoints.load_params(step_dir, what="src"), checkpoints.run_config(step_dir)
+  return checkpoints.load_params(step_dir, what="src"), checkpoints.step_run_config(step_dir)
 
 
 def save_mms_checkpoint(params, config: Optional[ModelConfig], workdir, *, step: int = 0):

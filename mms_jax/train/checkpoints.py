@@ -461,7 +461,11 @@ def run_config(path: os.PathLike, *, what: str = "init_from") -> dict:
   """The config of the run that wrote the checkpoint at `path` (a workdir or step
   directory): the one stored in the checkpoint's meta, else the workdir's config.json,
   else {}."""
-  step_dir = resolve_checkpoint(path, what=what)
+  return step_run_config(resolve_checkpoint(path, what=what))
+
+
+def step_run_config(step_dir: pathlib.Path) -> dict:
+  """run_config of an already resolved (verified) step directory."""
   config = {}
   meta = step_dir / "meta" / "metadata"
   if meta.exists():
