@@ -443,6 +443,8 @@ def test_chunked_attention_chunks():
   assert vit._heads_per_chunk((6, 16, 65, 64), 2**21) == 6  # ViT-S encoder: one call
   assert vit._heads_per_chunk((6, 64, 65, 64), 2**21) == 1
   assert vit._heads_per_chunk((6, 32, 65, 64), 2**21) == 3
+  # The default, with the CPU micro-batches of 4: the ViT-S/4 decoder in two calls of 8 heads.
+  assert vit._heads_per_chunk((16, 4, 257, 32), vit.ATTENTION_CHUNK_BYTES) == 8
   assert vit.resolve_attention("auto") == {"cpu": "chunked", "gpu": "fused"}.get(
     jax.default_backend(), "plain"
   )

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mms_jax.models import matmul
+
 # name -> (width, depth, num_heads); MLP ratio 4 everywhere.
 VARIANTS = {
   "tiny": (64, 2, 2),
@@ -93,14 +95,8 @@ def sincos_pos_embed_2d(width, grid, cls_token=False):
 
 
 def dense(features, dtype, name):
-  return nn.Dense(
-    features,
-    dtype=dtype,
-    param_dtype=jnp.float32,
-    name=name,
-    kernel_init=nn.initializers.xavier_uniform(),
-    bias_init=nn.initializers.zeros,
-  )
+  """nn.Dense with xavier/zero init, float32 parameters (bf16 on CPU: matmul.py)."""
+  return matmul.Dense(features, dtype=dtype, name=name)
 
 
 def layer_norm(dtype, name):
@@ -108,7 +104,8 @@ def layer_norm(dtype, name):
 
 
 ATTENTION_IMPLS = ("auto", "chunked", "plain", "fused")
-ATTENTION_CHUNK_BYTES = 2**21  # f32 logits per chunk of the 'chunked' attention
+# f32 logits per chunk of the 'chunked' attention (docs/performance.md, 3.1 and 3.5)
+ATTENTION_CHUNK_BYTES = 2**24
 
 
 def plain_attention(q, k, v, bias=None):
@@ -125,8 +122,14 @@ def plain_attention(q, k, v, bias=None):
   return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
 
 
+def _einsum_f32(spec, a, b):
+  """einsum accumulated in and returned as float32: for bf16 operands the one form of
+  dot that XLA:CPU runs on bf16 units (models/matmul.py)."""
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def _scores(q, k, bias):
-  s = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
+  s = _einsum_f32("...qd,...kd->...qk", q, k)
   return s if bias is None else s + bias
 
 
@@ -136,20 +139,20 @@ def _attention_chunk(q, k, v, bias=None):
   m = jnp.max(s, axis=-1, keepdims=True)
   e = jnp.exp(s - m)
   denom = jnp.sum(e, axis=-1, keepdims=True)
-  out = jnp.einsum("...qk,...kd->...qd", (e / denom).astype(v.dtype), v)
+  out = _einsum_f32("...qk,...kd->...qd", (e / denom).astype(v.dtype), v).astype(v.dtype)
   return out, m + jnp.log(denom)
 
 
 def _attention_chunk_grads(q, k, v, out, lse, dout, bias=None):
   """One chunk of the backward pass (probabilities recomputed from lse)."""
   p = jnp.exp(_scores(q, k, bias) - lse)
-  dv = jnp.einsum("...qk,...qd->...kd", p.astype(dout.dtype), dout)
-  dp = jnp.einsum("...qd,...kd->...qk", dout, v, preferred_element_type=jnp.float32)
+  dv = _einsum_f32("...qk,...qd->...kd", p.astype(dout.dtype), dout).astype(v.dtype)
+  dp = _einsum_f32("...qd,...kd->...qk", dout, v)
   # rowsum(p * dp) = rowsum(dout * out): a [T, hd] product instead of [T, T].
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   ds = (p * (dp - delta)).astype(q.dtype)
-  dq = jnp.einsum("...qk,...kd->...qd", ds, k)
-  dk = jnp.einsum("...qk,...qd->...kd", ds, q)
+  dq = _einsum_f32("...qk,...kd->...qd", ds, k).astype(q.dtype)
+  dk = _einsum_f32("...qk,...qd->...kd", ds, q).astype(k.dtype)
   return dq, dk, dv
 
 
@@ -262,10 +265,13 @@ class Attention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by {self.num_heads} heads")
     hd = d // self.num_heads
-    qkv = dense(3 * d, self.dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, hd)
+    qkv = dense(3 * d, self.dtype, "qkv")(x)
+    # Split before any transpose: the backward then concatenates dq, dk, dv once
+    # instead of padding each to the full [B, N, 3, heads, hd] (docs/performance.md).
+    q, k, v = (t.reshape(b, n, self.num_heads, hd) for t in jnp.split(qkv, 3, axis=-1))
     impl = resolve_attention(self.attention)
     if impl == "plain":
-      q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [B, heads, N, hd]: heads-major matmuls
+      q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, heads, N, hd]
       plain_bias = None if bias is None else bias.transpose(1, 0, 2, 3)
       out = plain_attention(q * (hd**-0.5), k, v, plain_bias).transpose(0, 2, 1, 3)
     elif impl == "fused":  # [B, N, heads, hd] in and out: no transposes
@@ -274,11 +280,9 @@ class Attention(nn.Module):
         if bias is None
         else jax.lax.stop_gradient(bias.transpose(1, 0, 2, 3).astype(qkv.dtype))
       )
-      out = jax.nn.dot_product_attention(
-        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias=fused_bias, scale=hd**-0.5
-      )
+      out = jax.nn.dot_product_attention(q, k, v, bias=fused_bias, scale=hd**-0.5)
     else:
-      q, k, v = qkv.transpose(2, 3, 0, 1, 4)  # each [heads, B, N, hd]: loop over heads
+      q, k, v = (t.transpose(2, 0, 1, 3) for t in (q, k, v))  # [heads, B, N, hd]: loop over heads
       out = chunked_attention(q * (hd**-0.5), k, v, ATTENTION_CHUNK_BYTES, bias).transpose(
         1, 2, 0, 3
       )
@@ -378,8 +382,8 @@ class _PatchEmbed(nn.Module):
     kernel = self.param("kernel", init, (ph, pw, c, self.width))
     bias = self.param("bias", nn.initializers.zeros, (self.width,))
     x = patchify(images.astype(self.dtype), self.patch)
-    x = x @ kernel.reshape(ph * pw * c, self.width).astype(self.dtype)
-    return x + bias.astype(self.dtype)
+    kernel = kernel.reshape(ph * pw * c, self.width).astype(self.dtype)
+    return matmul.affine(x, kernel, bias.astype(self.dtype))
 
 
 STEMS = ("patch", "conv")
