@@ -12,6 +12,7 @@ from mms_jax.data import labels
 from mms_jax.data import tokenizer as tok_lib
 from mms_jax.models import encoder_config
 from mms_jax.models import recognition as rec
+from mms_jax.models import vit
 from mms_jax.train import common
 from mms_jax.train import recognition
 
@@ -89,6 +90,21 @@ def test_fine_tuning_takes_the_encoder_of_init_from(tmp_path):
   config.model.encoder.update(width=128, stem="patch")
   with pytest.raises(common.ConfigError, match=r"width=128 vs 64, stem='patch' vs 'conv'"):
     recognition.check_config(config)
+
+
+def test_a_variant_brings_its_own_size(tmp_path):
+  """`--config.model.encoder.variant=S` on a config whose size fields are unset is ViT-S,
+  not the variant with the default's 128 width; given size fields still override it."""
+  config = load_config("finetune_recognition", "small")
+  config.model.encoder.variant = "S"
+  assert vit.Encoder(**common.encoder_of(config)).dims() == (384, 12, 6)
+  config.model.encoder.width = 192
+  assert vit.Encoder(**common.encoder_of(config)).dims() == (192, 12, 6)
+  # Against a pretrained 128-wide encoder the variant is a clash, not silently ignored.
+  config.model.encoder.width = None
+  config.init_from = str(_run_config(tmp_path, {"encoder": encoder_config.DEFAULT}))
+  with pytest.raises(common.ConfigError, match=r"variant='S' vs None"):
+    common.encoder_of(config)
 
 
 def test_configs_from_before_the_encoder_section_still_load(tmp_path):

@@ -154,12 +154,12 @@ def resolve(given, pretrained=None, where="config.model.encoder", source="init_f
   """The encoder of a fine-tune run (module docstring); checked."""
   given = _normalised(given)
   if pretrained is None:
-    return check({n: DEFAULT[n] if given[n] is None else given[n] for n in FIELDS}, where)
+    return check(_fill(given, DEFAULT), where)
   pretrained = check(pretrained, f"{source}'s config.model.encoder")
-  merged = check({n: pretrained[n] if given[n] is None else given[n] for n in FIELDS}, where)
+  merged = check(_fill(given, pretrained), where)
   clash = [n for n in FIELDS if given[n] is not None and given[n] != pretrained[n]]
   if _dims(merged) == _dims(pretrained):  # e.g. variant 'S' == width 384, depth 12, 6 heads
-    clash = [n for n in clash if n not in ("variant", "width", "depth", "num_heads")]
+    clash = [n for n in clash if n not in _SIZE]
   if clash:
     raise errors.ConfigError(
       f"{where} differs from the encoder of {source}: "
@@ -167,6 +167,20 @@ def resolve(given, pretrained=None, where="config.model.encoder", source="init_f
       + ". Leave these fields unset to take the pretrained encoder's."
     )
   return merged
+
+
+_SIZE = ("variant", "width", "depth", "num_heads")
+
+
+def _fill(given, base):
+  """given's fields, its unset ones from base; a given variant brings its own width,
+  depth and heads (only those given override it), never base's."""
+  return {
+    n: given[n]
+    if given[n] is not None
+    else (None if n in _SIZE and given["variant"] is not None else base[n])
+    for n in FIELDS
+  }
 
 
 def _dims(enc):
