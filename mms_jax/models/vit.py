@@ -104,7 +104,7 @@ def layer_norm(dtype, name):
 
 
 ATTENTION_IMPLS = ("auto", "chunked", "plain", "fused")
-# f32 logits per chunk of the 'chunked' attention (docs/performance.md, 3.1 and 3.5)
+# f32 logits per chunk of the 'chunked' attention (docs/performance.md, 3.1 and 6.2)
 ATTENTION_CHUNK_BYTES = 2**24
 
 
