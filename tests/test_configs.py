@@ -95,8 +95,14 @@ def test_fine_tuning_takes_the_encoder_of_init_from(tmp_path):
 def test_a_variant_brings_its_own_size(tmp_path):
   """`--config.model.encoder.variant=S` on a config whose size fields are unset is ViT-S,
   not the variant with the default's 128 width; given size fields still override it."""
-  paper = load_config("pretrain", "S4_union14m")  # variant S, size fields unset
-  assert vit.Encoder(**common.encoder_of(paper, from_init=False)).dims() == (384, 12, 6)
+  for name, variant in [
+    ("pretrain", "S4_union14m"),
+    ("finetune_recognition", "S_union14m"),
+    ("finetune_segmentation", "paper"),
+    ("finetune_sr", "paper"),
+  ]:  # the paper's configs: variant S, size fields unset
+    paper = load_config(name, variant)
+    assert vit.Encoder(**common.encoder_of(paper, from_init=False)).dims() == (384, 12, 6)
   config = load_config("finetune_recognition", "small")
   config.model.encoder.variant = "S"
   assert vit.Encoder(**common.encoder_of(config)).dims() == (384, 12, 6)
