@@ -25,15 +25,16 @@ Variants (`--config=configs/ablation.py:VARIANT`):
                     1,500-step schedule (warmup 150) with 4,096 labelled images of the
                     test distribution, half of them rendered clean, no hard images;
                     scored on 500 images of test_heldout_fonts and test_hard. Measured
-                    parts (2026-12-05, 2-core Intel Xeon, each run on one core beside
-                    another): pretraining 68 img/s (4,000 steps in 31 min), this
-                    fine-tune ~15 min; one run on both cores is ~1.8x faster (recognition
-                    94 img/s), so a seed takes ~50-55 min and the default ~2.7 h. The
-                    runs of 2026-12-05 (docs/results.md) pretrained 4,000 steps:
-                    --config.pretrain.total_steps=4000 (~3.2 h).
+                    end to end (2026-12-06, 2-core Intel Xeon, both cores, nothing else
+                    running; runs.jsonl has `seconds` and `pretrain_seconds`): a
+                    3,000-step pretraining 15.2 min (105 img/s), a fine-tune 9.8 min,
+                    so a seed (one fine-tune from random init, two pretrainings with
+                    their fine-tunes) ~60 min and the default ~3.0 h. The runs of
+                    2026-12-05 (docs/results.md) pretrained 4,000 steps:
+                    --config.pretrain.total_steps=4000.
   quick             The same with arms none / mms_per_sample, seed 0 and 1,000
-                    pretraining steps: ~25 min (one pretraining ~4.5 min, two fine-tunes
-                    ~9 min each on both cores).
+                    pretraining steps: ~25 min from the same rates (one pretraining
+                    ~5 min, two fine-tunes ~10 min each).
   probe             The 2026-12-01 study: six arms, 600 pretraining steps, the probe
                     stage only (frozen encoder, linear probes for recognition,
                     segmentation and SR on 2,048 images). About 90 min per seed with

@@ -32,6 +32,10 @@ def test_tiny_ablation_runs_tabulates_and_skips_finished_runs(tmp_path):
     wanted = {key for stage, key, _ in config.report if stage == r["stage"]}
     assert wanted <= set(r["metrics"]), (r["stage"], sorted(r["metrics"]))
     assert all(math.isfinite(v) for v in r["metrics"].values())
+  # The pretraining time is on the first stage run after it, nowhere else.
+  timed = {(r["arm"], r["stage"]): r["pretrain_seconds"] for r in runs}
+  assert timed[("span", "probe")] > 0
+  assert timed[("span", "segmentation")] is None and timed[("none", "probe")] is None
   table = (tmp_path / "ablation.md").read_text()
   assert "| none |" in table and "| span |" in table and "seg IoU" in table
   assert "probe seg IoU" in table and "probe 1-NED hard" in table

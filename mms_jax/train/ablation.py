@@ -267,11 +267,13 @@ def train_and_evaluate(config, workdir):
       stages = [st for st in config.stages if (seed, arm, st) not in runs]
       if not stages:
         continue
-      init_from = ""
+      init_from, pretrain_seconds = "", None
       if arm != "none":
         init_from = os.path.join(arm_dir, "pretrain")
         logging.info("Ablation: pretraining %s, seed %d.", arm, seed)
+        t0 = time.time()
         _run_program("pretrain", pretrain_config(config, arm, seed), init_from)
+        pretrain_seconds = round(time.time() - t0, 1)
       for stage in stages:
         logging.info("Ablation: %s from %s, seed %d.", stage, arm, seed)
         t0 = time.time()
@@ -285,8 +287,12 @@ def train_and_evaluate(config, workdir):
           "stage": stage,
           "metrics": metrics,
           "seconds": round(time.time() - t0, 1),
+          # Time of the arm's pretraining in this invocation (a finished one is only
+          # restored; the first stage after it carries it, the others None).
+          "pretrain_seconds": pretrain_seconds,
           "workdir": stage_dir,
         }
+        pretrain_seconds = None
         runs[(seed, arm, stage)] = row
         with open(os.path.join(workdir, "runs.jsonl"), "a") as f:
           f.write(json.dumps(row, sort_keys=True) + "\n")
