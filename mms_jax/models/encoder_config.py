@@ -184,7 +184,7 @@ def _fill(given, base):
 
 
 def _dims(enc):
-  return vit.Encoder(**{k: enc[k] for k in ("variant", "width", "depth", "num_heads")}).dims()
+  return vit.Encoder(**{k: enc[k] for k in _SIZE}).dims()
 
 
 def model_kwargs(encoder):
