@@ -5,7 +5,9 @@ images with one masking setting (or not at all, arm 'none'), then runs each stag
 config.stages from that encoder and collects the final evaluation of each:
 
   arms    none (random init) | random_patch (plain MAE) | blockwise | span |
-          mms_per_sample | mms_multi_view
+          mms_per_sample | mms_multi_view | mms_visible_loss (per_sample, and the
+          loss also on visible patches: paper 002); config.arm_masking and
+          config.arm_pretrain define them
   stages  probe (frozen encoder, linear heads on cached features: recognition,
           segmentation and SR; configs/probe.py) | finetune (recognition, all weights) |
           segmentation | super_resolution (all weights)
@@ -32,6 +34,13 @@ Variants (`--config=configs/ablation.py:VARIANT`):
                     their fine-tunes) ~60 min and the default ~3.0 h. The runs of
                     2026-12-05 (docs/results.md) pretrained 4,000 steps:
                     --config.pretrain.total_steps=4000.
+  lengths           The default plus pretraining length as an axis: every arm's
+                    fine-tune also from step 1,000 of its 3,000-step pretraining (rows
+                    '<arm>@1000'; the default keeps that checkpoint, and where a
+                    pretraining no longer has it, it is re-run to step 1,000). Run in
+                    the default's workdir it adds 2 fine-tunes per seed (~20 min) plus
+                    ~10 min per seed whose step 1,000 was not kept (runs before
+                    2026-12-06 04:00).
   quick             The same with arms none / mms_per_sample, seed 0 and 1,000
                     pretraining steps: ~25 min from the same rates (one pretraining
                     ~5 min, two fine-tunes ~10 min each).
@@ -45,6 +54,7 @@ Variants (`--config=configs/ablation.py:VARIANT`):
   tiny              Seconds per run: the suite runs it so the pipeline keeps working.
 
   python -m mms_jax.main --config=configs/ablation.py --workdir=workdirs/ablation
+  python -m mms_jax.main --config=configs/ablation.py:lengths --workdir=workdirs/ablation
   python -m mms_jax.main --config=configs/ablation.py:quick --workdir=workdirs/ablation_quick
   python -m mms_jax.main --config=configs/ablation.py:probe --workdir=workdirs/ablation_probe \
       --config.stages="('probe', 'finetune', 'segmentation', 'super_resolution')"
@@ -67,8 +77,8 @@ def _sibling(name, variant):
 
 def get_config(variant="small"):
   variant = variant or "small"
-  if variant not in ("small", "quick", "probe", "tiny"):
-    raise ValueError(f"unknown variant {variant!r}: small, quick, probe or tiny")
+  if variant not in ("small", "lengths", "quick", "probe", "tiny"):
+    raise ValueError(f"unknown variant {variant!r}: small, lengths, quick, probe or tiny")
   c = ml_collections.ConfigDict()
   c.program = "ablation"
   mms = ("random_patch", "blockwise", "span")
@@ -79,11 +89,20 @@ def get_config(variant="small"):
     span=dict(mode="single", strategies=("span",)),
     mms_per_sample=dict(mode="per_sample", strategies=mms),
     mms_multi_view=dict(mode="multi_view", strategies=mms),
+    mms_visible_loss=dict(mode="per_sample", strategies=mms),
   )
+  # Pretraining settings an arm changes besides its masking, nested as in
+  # configs/pretrain.py. mms_visible_loss also scores the visible patches (paper 002).
+  c.arm_pretrain = dict(mms_visible_loss=dict(loss=dict(visible_weight=1.0)))
   c.arms = ("none", "random_patch", "blockwise", "span", "mms_per_sample", "mms_multi_view")
   c.seeds = (0,)
-  # A second table: each arm minus this arm at the same seed ('' for none).
-  c.compare_to = "random_patch"
+  # Paired tables: each arm minus each of these arms at the same seed (() for none).
+  c.compare_to = ("random_patch",)
+  # Pretraining length as an axis: steps of each arm's pretraining from which every
+  # stage also runs (table rows '<arm>@<step>'); checkpoints along the one schedule,
+  # so its learning rate and masking ratio are those of that step, not of a shorter
+  # run. () runs from the finished pretraining only.
+  c.pretrain_lengths = ()
   # Every arm and seed compiles the same programs: keep them in <workdir>/xla_cache.
   c.compilation_cache = True
   c.report_only = False  # True: tabulate the finished runs, run nothing
@@ -151,14 +170,19 @@ def get_config(variant="small"):
     f.data.curriculum.update(clean_until_step=0, hard_start_step=0, hard_end_step=0)
     f.eval.every = 0
     f.checkpoint.every = 500
-  if variant in ("small", "quick"):
+  if variant in ("small", "lengths", "quick"):
     c.arms = ("none", "random_patch", "mms_per_sample")
+    c.compare_to = ("random_patch", "none")
     c.seeds = (0, 1, 2)
     c.stages = ("finetune",)
     c.pretrain.total_steps = 3000
+    # Keeps step 1,000 of every pretraining for the `lengths` variant.
+    c.pretrain.checkpoint.keep_every = 1000
+    if variant == "lengths":
+      c.pretrain_lengths = (1000,)
     if variant == "quick":
       c.arms = ("none", "mms_per_sample")
-      c.compare_to = "none"
+      c.compare_to = ("none",)
       c.seeds = (0,)
       c.pretrain.total_steps = 1000
   elif variant == "probe":

@@ -127,6 +127,9 @@ def get_config(variant="small"):
   c.pictures = True  # a PNG of predictions with every evaluation
   c.num_picture_images = 8
   c.checkpoint = dict(every=500, keep=2, keep_every=placeholder(int))
+  # > 0: stop with a checkpoint at this step of the total_steps schedule; re-run
+  # without it to continue.
+  c.stop_at_step = 0
   c.resume_from = ""
   c.init_from = ""  # a pretraining (or fine-tuning) workdir or step directory
   c.distributed = dict(coordinator_address="", num_processes=1, process_id=0, auto=False)

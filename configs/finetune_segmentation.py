@@ -71,6 +71,9 @@ def get_config(variant="small"):
   c.pictures = True  # a PNG with every evaluation
   c.num_picture_images = 4
   c.checkpoint = dict(every=100, keep=2, keep_every=placeholder(int))
+  # > 0: stop with a checkpoint at this step of the total_steps schedule; re-run
+  # without it to continue.
+  c.stop_at_step = 0
   c.resume_from = ""
   c.init_from = ""  # a pretraining workdir or step directory (its encoder is loaded)
   c.eval_only = False

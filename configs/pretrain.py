@@ -87,6 +87,9 @@ def get_config(variant="small"):
   c.picture_every = 200
   c.num_picture_images = 4
   c.checkpoint = dict(every=200, keep=3, keep_every=placeholder(int))
+  # > 0: stop with a checkpoint at this step of the total_steps schedule; re-run
+  # without it to continue.
+  c.stop_at_step = 0
   c.resume_from = ""
   c.init_from = ""
   c.distributed = dict(coordinator_address="", num_processes=1, process_id=0, auto=False)

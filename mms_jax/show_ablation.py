@@ -17,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mms_jax.train import ablation  # noqa: E402
+
 TITLES = {
   "eval/test_heldout_fonts/segmentation/iou": "seg IoU, held-out fonts",
   "eval/test_heldout_fonts/super_resolution/psnr": "SR PSNR (dB), held-out fonts",
@@ -37,7 +39,8 @@ def read_runs(spec, stage):
     for line in f:
       row = json.loads(line)
       if row["stage"] == stage:
-        name = f"{row['arm']}\n({label})" if label else row["arm"]
+        arm = ablation.run_label(row)
+        name = f"{arm}\n({label})" if label else arm
         arms.setdefault(name, {})[row["seed"]] = row["metrics"]
   return arms
 

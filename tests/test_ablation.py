@@ -2,9 +2,11 @@
 
 import json
 import math
+import shutil
 
 from conftest import load_config
 from conftest import run_main
+import jax
 import numpy as np
 import pytest
 
@@ -73,6 +75,60 @@ def test_tiny_ablation_runs_tabulates_and_skips_finished_runs(tmp_path):
   assert "seeds (0, 1)" in (tmp_path / "ablation.md").read_text()
 
 
+def _params_equal(a, b):
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  return tree_a == tree_b and all(np.array_equal(x, y) for x, y in zip(leaves_a, leaves_b))
+
+
+def test_pretraining_length_axis_runs_from_a_kept_step_or_a_replay(tmp_path):
+  """Stages also run from step 3 of each 6-step pretraining: from its kept checkpoint,
+  or, where the pretraining no longer has it, from a re-run stopped at step 3 that
+  gives the same weights."""
+  overrides = [
+    "--config.arms=('none', 'span')",
+    "--config.seeds=(0,)",
+    "--config.stages=('probe',)",
+    "--config.pretrain_lengths=(3,)",
+    "--config.compare_to=('none',)",
+  ]
+  first = tmp_path / "first"
+  run_main("ablation.py:tiny", first, *overrides, timeout=600)
+  runs = [json.loads(line) for line in (first / "runs.jsonl").read_text().splitlines()]
+  assert sorted((r["arm"], r.get("pretrain_step", 0)) for r in runs) == [
+    ("none", 0),
+    ("span", 0),
+    ("span", 3),
+  ]
+  span = first / "seed_0/span"
+  kept = span / "pretrain/checkpoints/3"
+  from_step = json.loads((span / "probe_from_step_3/probe.json").read_text())
+  assert from_step["init_from"] == str(kept)
+  finished = json.loads((span / "probe/probe.json").read_text())
+  assert finished["init_from"] == str(span / "pretrain")
+  assert from_step["metrics"] != finished["metrics"]
+  assert not (span / "pretrain_to_step_3").exists()
+  table = (first / "ablation.md").read_text()
+  assert "| span@3 | 1 |" in table and "Difference to none" in table
+  assert table.index("| span@3 |") < table.index("| span |")
+
+  # Without step 3 in the pretraining, the run re-runs the pretraining to step 3.
+  second = tmp_path / "second"
+  shutil.copytree(first, second)
+  shutil.rmtree(second / "seed_0/span/pretrain/checkpoints/3")
+  (second / "runs.jsonl").write_text(
+    "".join(json.dumps(r) + "\n" for r in runs if not r.get("pretrain_step"))
+  )
+  log = run_main("ablation.py:tiny", second, *overrides, timeout=600)
+  assert "does not keep step 3" in log and "1 runs to do" in log
+  replay = second / "seed_0/span/pretrain_to_step_3"
+  assert [p.name for p in (replay / "checkpoints").iterdir() if p.name.isdigit()] == ["3"]
+  assert _params_equal(checkpoints.load_params(replay), checkpoints.load_params(kept))
+  replayed = json.loads((second / "seed_0/span/probe_from_step_3/probe.json").read_text())
+  assert replayed["init_from"] == str(replay / "checkpoints/3")
+  assert replayed["metrics"] == pytest.approx(from_step["metrics"])
+
+
 def test_summary_is_mean_and_sample_std_over_seeds():
   config = load_config("ablation", "tiny")
   key = config.report[0][1]
@@ -102,13 +158,65 @@ def test_summary_is_mean_and_sample_std_over_seeds():
   )
 
 
+def test_an_arm_can_change_pretraining_settings_besides_its_masking():
+  config = load_config("ablation", "small")
+  visible = ablation.pretrain_config(config, "mms_visible_loss", seed=2)
+  assert visible.loss.visible_weight == 1.0 and visible.seed == 2
+  assert visible.masking.mode == "per_sample"
+  plain = ablation.pretrain_config(config, "mms_per_sample", seed=2)
+  assert plain.loss.visible_weight == 0.0
+  assert plain.to_dict() == {**visible.to_dict(), "loss": plain.loss.to_dict()}
+  assert config.pretrain.loss.visible_weight == 0.0  # the shared config is untouched
+
+
+def test_pretraining_length_rows_are_paired_at_the_same_length():
+  config = load_config("ablation", "tiny")
+  key = config.report[0][1]
+  with config.unlocked():
+    config.arms, config.seeds, config.stages = ("none", "span", "random_patch"), (0, 1), ("probe",)
+    config.pretrain_lengths = (3,)
+  values = {"none": (0.1, 0.2), "span@3": (0.4, 0.6), "random_patch@3": (0.3, 0.3)}
+  values.update({"span": (0.9, 0.9), "random_patch": (0.5, 0.8)})
+  runs = {
+    (s, name, "probe"): {"metrics": {key: v}}
+    for name, per_seed in values.items()
+    for s, v in zip((0, 1), per_seed)
+  }
+  assert ablation.table_arms(config) == [
+    "none",
+    "span@3",
+    "random_patch@3",
+    "span",
+    "random_patch",
+  ]
+  table = dict(ablation.summarize(config, runs))
+  assert table["span@3"][0][1] == pytest.approx(0.5)
+  # Against an arm: the same pretraining length; against 'none': random init.
+  paired = dict(ablation.summarize(config, runs, reference="random_patch"))
+  assert list(paired) == ["none", "span@3", "span"]
+  assert paired["span@3"][0][1] == pytest.approx(0.2)  # (0.1 + 0.3) / 2
+  assert paired["span"][0][1] == pytest.approx(0.25)  # (0.4 + 0.1) / 2
+  scratch = dict(ablation.summarize(config, runs, reference="none"))
+  assert scratch["span@3"][0][1] == pytest.approx(0.35)
+  assert scratch["random_patch"][0][1] == pytest.approx(0.5)
+  # Rows in runs.jsonl carry the pretraining step; the finished pretraining has none.
+  assert ablation.run_label({"arm": "span", "pretrain_step": 3}) == "span@3"
+  assert ablation.run_label({"arm": "span"}) == "span"
+
+
 @pytest.mark.parametrize(
   "field,value,message",
   [
     ("arms", ("none", "jigsaw"), "jigsaw"),
     ("stages", ("probe", "ocr"), "ocr"),
     ("seeds", (), "seeds"),
-    ("compare_to", "mae", "compare_to='mae' is not an arm"),
+    ("compare_to", ("mae",), r"compare_to=\('mae',\) names an unknown arm"),
+    ("compare_to", ("none", "mae"), "names an unknown arm"),
+    ("pretrain_lengths", (0,), "pretrain_lengths"),
+    ("arm_pretrain", {"span": {"loss": {"visible_weigh": 1.0}}}, "arm_pretrain.span does not fit"),
+    ("arm_pretrain", {"jigsaw": {"seed": 3}}, r"\['jigsaw'\], which config.arm_masking"),
+    ("pretrain_lengths", (6,), "between 1 and config.pretrain.total_steps - 1 = 5"),
+    ("pretrain_lengths", (3, 3), "distinct"),
   ],
 )
 def test_bad_ablation_config_names_the_field(field, value, message):

@@ -3,12 +3,22 @@
 Workdir layout:
   seed_<s>/<arm>/pretrain/     the arm's pretraining run (none for arm 'none')
   seed_<s>/<arm>/<stage>/      each stage's own run, initialised from that encoder
+  seed_<s>/<arm>/<stage>_from_step_<n>/
+                               the same stage from step n of that pretraining
+                               (config.pretrain_lengths), in the table as '<arm>@<n>'
+  seed_<s>/<arm>/pretrain_to_step_<n>/
+                               the pretraining re-run to step n with its own config and
+                               seed, only where pretrain/ no longer keeps that step
   runs.jsonl                   one line per finished run with its final evaluation
   xla_cache/                   JAX's persistent compilation cache (config.compilation_cache):
                                the arms and seeds compile the same programs again
   ablation.md, ablation.csv    mean ± std over seeds per arm and reported metric, and
                                each arm's difference to config.compare_to, paired by seed
   ablation_raw.json            the settings and every run's numbers
+
+Pretraining length is an axis without new pretrainings: config.pretrain_lengths
+names steps of each arm's pretraining (checkpoints along its one schedule, kept
+through config.pretrain.checkpoint.keep_every) from which every stage also runs.
 
 A run already in runs.jsonl is skipped; an unfinished one resumes from its own
 checkpoints, so the command can be interrupted (SIGTERM, Ctrl-C) and re-run.
@@ -17,8 +27,10 @@ config.report_only=True writes the tables from the finished runs and runs nothin
 
 import copy
 import csv
+import functools
 import importlib
 import json
+import math
 import os
 import time
 
@@ -28,6 +40,7 @@ import numpy as np
 
 from mms_jax.models import encoder_config
 from mms_jax.programs import PROGRAMS
+from mms_jax.train import checkpoints
 from mms_jax.train import common
 
 STAGE_PROGRAMS = {
@@ -52,11 +65,19 @@ def check_config(config):
       f"config.arms={arms}: {unknown or 'empty'}; use some of {sorted(known)} (add "
       "an entry to config.arm_masking for a new masking arm)"
     )
-  reference = config.get("compare_to") or ""
-  if reference and reference not in known:
+  references = compare_to(config)
+  if any(r not in known for r in references):
     raise common.ConfigError(
-      f"config.compare_to={reference!r} is not an arm; use one of "
-      f"{sorted(known)}, or '' for no paired table"
+      f"config.compare_to={config.get('compare_to')!r} names an unknown arm; use some "
+      f"of {sorted(known)}, or () for no paired table"
+    )
+  lengths = tuple(config.get("pretrain_lengths") or ())
+  total = config.pretrain.get("total_steps") or 0
+  bad = [n for n in lengths if not (isinstance(n, int) and 0 < n < total)]
+  if bad or len(set(lengths)) != len(lengths):
+    raise common.ConfigError(
+      f"config.pretrain_lengths={lengths}: give distinct steps between 1 and "
+      f"config.pretrain.total_steps - 1 = {total - 1}, e.g. --config.pretrain_lengths='(1000,)'"
     )
   stages = tuple(config.stages)
   bad = [s for s in stages if s not in STAGE_PROGRAMS]
@@ -81,19 +102,93 @@ def check_config(config):
       )
   if config.pretrain.program != "pretrain":
     raise common.ConfigError("config.pretrain must be a pretraining config")
+  extra = [a for a in config.get("arm_pretrain", {}) if a not in config.arm_masking]
+  if extra:
+    raise common.ConfigError(
+      f"config.arm_pretrain has settings for {extra}, which config.arm_masking does not "
+      "define; add their masking there"
+    )
+  for arm in config.get("arm_pretrain", {}):
+    pretrain_config(config, arm, 0)
   if jax.process_count() > 1:
     raise common.ConfigError(
       "the ablation runs in a single process; launch it without config.distributed"
     )
 
 
+def compare_to(config):
+  """The arms of the paired tables: config.compare_to, a tuple of arms (or one arm)."""
+  references = config.get("compare_to") or ()
+  return (references,) if isinstance(references, str) else tuple(references)
+
+
+def label(arm, pretrain_step=None):
+  """The table's name for an arm's runs: '<arm>', or '<arm>@<step>' for those started
+  from step `pretrain_step` of its pretraining."""
+  return f"{arm}@{pretrain_step}" if pretrain_step else arm
+
+
+def run_label(row):
+  """label() of a runs.jsonl row."""
+  return label(row["arm"], row.get("pretrain_step"))
+
+
+def table_arms(config):
+  """Table rows in order: 'none', then each pretrained arm at each pretraining length
+  (shortest first), the finished pretraining under the arm's own name last."""
+  lengths = sorted(config.get("pretrain_lengths") or ())
+  rows = [a for a in config.arms if a == "none"]
+  for step in (*lengths, None):
+    rows += [label(a, step) for a in config.arms if a != "none"]
+  return rows
+
+
 def pretrain_config(config, arm, seed):
+  """config.pretrain with the arm's masking and its config.arm_pretrain settings."""
   c = copy.deepcopy(config.pretrain)
+  c.lock()
+  try:
+    c.update(config.get("arm_pretrain", {}).get(arm, {}))
+  except (KeyError, AttributeError, TypeError) as e:
+    raise common.ConfigError(
+      f"config.arm_pretrain.{arm} does not fit config.pretrain: {e}; give fields that "
+      "configs/pretrain.py has, nested as there, e.g. dict(loss=dict(visible_weight=1.0))"
+    ) from None
   with c.unlocked():
     c.seed = seed
     c.masking.mode = config.arm_masking[arm].mode
     c.masking.strategies = tuple(config.arm_masking[arm].strategies)
+    lengths = config.get("pretrain_lengths") or ()
+    if lengths and not c.checkpoint.get("keep_every"):
+      c.checkpoint.keep_every = functools.reduce(math.gcd, lengths)
   return c
+
+
+def pretrained_step(config, arm, seed, arm_dir, step):
+  """The step directory of `step` in the arm's pretraining: kept by pretrain/, else a
+  re-run of the same pretraining config that stops there (pretrain_to_step_<step>/)."""
+  kept = os.path.join(arm_dir, "pretrain", checkpoints.CHECKPOINTS_DIR, str(step))
+  if os.path.isdir(kept) and checkpoints.verify_manifest(kept) is None:
+    return kept
+  replay = os.path.join(arm_dir, f"pretrain_to_step_{step}")
+  c = pretrain_config(config, arm, seed)
+  with c.unlocked():
+    c.stop_at_step = step
+  logging.info(
+    "Ablation: %s does not keep step %d; re-running %s seed %d's pretraining to it in %s.",
+    os.path.join(arm_dir, "pretrain"),
+    step,
+    arm,
+    seed,
+    replay,
+  )
+  result = importlib.import_module(PROGRAMS["pretrain"]).train_and_evaluate(c, replay)
+  if result.step != step:
+    raise Interrupted(
+      f"{replay} stopped at step {result.step} of {step}; re-run the same command to "
+      "resume the ablation"
+    )
+  return os.path.join(replay, checkpoints.CHECKPOINTS_DIR, str(step))
 
 
 def stage_config(config, stage, seed, init_from):
@@ -132,22 +227,23 @@ def _run_program(program, config, workdir):
 
 
 def load_runs(workdir):
+  """{(seed, label, stage): row} of runs.jsonl."""
   runs = {}
   path = os.path.join(workdir, "runs.jsonl")
   if os.path.exists(path):
     with open(path) as f:
       for line in f:
         row = json.loads(line)
-        runs[(row["seed"], row["arm"], row["stage"])] = row
+        runs[(row["seed"], run_label(row), row["stage"])] = row
   return runs
 
 
 def summarize(config, runs, reference=None):
-  """Rows [arm, (title, mean, std, n) per report column] over the seeds run.
+  """Rows [label, (title, mean, std, n) per report column] over the seeds run.
 
-  With `reference` (an arm), each value is the arm's minus the reference's at the same
-  seed (same initialisation and data), over the seeds both have; the reference's own
-  row is left out.
+  With `reference` (an arm), each value is the row's minus the reference's at the same
+  seed (same initialisation and data) and pretraining length, over the seeds both
+  have; the reference's own rows are left out.
   """
 
   def value(seed, arm, stage, key):
@@ -155,9 +251,11 @@ def summarize(config, runs, reference=None):
     return None if run is None else run["metrics"].get(key)
 
   table = []
-  for arm in config.arms:
-    if arm == reference:
+  for arm in table_arms(config):
+    name, _, step = arm.partition("@")
+    if name == reference:
       continue
+    base_arm = label(reference, step if reference != "none" else None)
     cells = []
     for stage, key, title in config.report:
       if stage not in config.stages:
@@ -165,7 +263,7 @@ def summarize(config, runs, reference=None):
       values = []
       for seed in config.seeds:
         v = value(seed, arm, stage, key)
-        base = value(seed, reference, stage, key) if reference else 0.0
+        base = value(seed, base_arm, stage, key) if reference else 0.0
         if v is not None and base is not None:
           values.append(v - base)
       values = np.array(values, np.float64)
@@ -198,12 +296,16 @@ def write_reports(config, workdir, runs):
   )
   sections = [(title, format_markdown(table, title))]
   tables = [("", table)]
-  reference = config.get("compare_to") or ""
-  if reference and reference in config.arms and len(config.arms) > 1:
+  for reference in compare_to(config):
+    if reference not in config.arms or len(config.arms) < 2:
+      continue
     paired = summarize(config, runs, reference)
     paired_title = (
-      f"Difference to {reference} at the same seed (same initialisation "
-      "and data): mean ± std over the seeds both arms have"
+      f"Difference to {reference} at the same seed (same initialisation and data)"
+      + (
+        " and pretraining length" if reference != "none" and config.get("pretrain_lengths") else ""
+      )
+      + ": mean ± std over the seeds both arms have"
     )
     sections.append((paired_title, format_markdown(paired, paired_title, signed=True)))
     tables.append((reference, paired))
@@ -236,8 +338,8 @@ def use_compilation_cache(workdir):
 
 
 def train_and_evaluate(config, workdir):
-  """Runs every (seed, arm, stage) not yet in runs.jsonl; returns a common.RunResult
-  whose metrics are the summary table."""
+  """Runs every (seed, arm, pretraining length, stage) not yet in runs.jsonl; returns a
+  common.RunResult whose metrics are the summary table."""
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
   if config.get("compilation_cache", True):
@@ -246,38 +348,49 @@ def train_and_evaluate(config, workdir):
   runs = load_runs(workdir)
   if config.get("report_only"):
     return common.RunResult(len(runs), metrics=write_reports(config, workdir, runs))
-  todo = [
-    (s, a, st)
-    for s in config.seeds
-    for a in config.arms
-    for st in config.stages
-    if (s, a, st) not in runs
-  ]
+  lengths = sorted(config.get("pretrain_lengths") or ())
+
+  def wanted(seed, arm):
+    """(label, pretraining step or None, stage) of the arm's runs not yet done."""
+    steps = (*lengths, None) if arm != "none" else (None,)
+    return [
+      (label(arm, step), step, stage)
+      for step in steps
+      for stage in config.stages
+      if (seed, label(arm, step), stage) not in runs
+    ]
+
+  total_runs = len(config.seeds) * len(table_arms(config)) * len(config.stages)
+  todo = sum(len(wanted(seed, arm)) for seed in config.seeds for arm in config.arms)
   logging.info(
-    "Ablation: %d arms x %d stages x %d seeds; %d runs to do.",
+    "Ablation: %d arms x %d pretraining lengths x %d stages x %d seeds; %d runs to do.",
     len(config.arms),
+    len(lengths) + 1,
     len(config.stages),
     len(config.seeds),
-    len(todo),
+    todo,
   )
   started = time.time()
   for seed in config.seeds:
     for arm in config.arms:
       arm_dir = os.path.join(workdir, f"seed_{seed}", arm)
-      stages = [st for st in config.stages if (seed, arm, st) not in runs]
-      if not stages:
+      todo = wanted(seed, arm)
+      if not todo:
         continue
-      init_from, pretrain_seconds = "", None
+      pretrained, pretrain_seconds = "", None
       if arm != "none":
-        init_from = os.path.join(arm_dir, "pretrain")
+        pretrained = os.path.join(arm_dir, "pretrain")
         logging.info("Ablation: pretraining %s, seed %d.", arm, seed)
         t0 = time.time()
-        _run_program("pretrain", pretrain_config(config, arm, seed), init_from)
+        _run_program("pretrain", pretrain_config(config, arm, seed), pretrained)
         pretrain_seconds = round(time.time() - t0, 1)
-      for stage in stages:
-        logging.info("Ablation: %s from %s, seed %d.", stage, arm, seed)
+      for name, step, stage in todo:
+        init_from = pretrained
+        if step:
+          init_from = pretrained_step(config, arm, seed, arm_dir, step)
+        logging.info("Ablation: %s from %s, seed %d.", stage, name, seed)
         t0 = time.time()
-        stage_dir = os.path.join(arm_dir, stage)
+        stage_dir = os.path.join(arm_dir, f"{stage}_from_step_{step}" if step else stage)
         metrics = _run_program(
           STAGE_PROGRAMS[stage], stage_config(config, stage, seed, init_from), stage_dir
         )
@@ -292,15 +405,17 @@ def train_and_evaluate(config, workdir):
           "pretrain_seconds": pretrain_seconds,
           "workdir": stage_dir,
         }
+        if step:
+          row["pretrain_step"] = step
         pretrain_seconds = None
-        runs[(seed, arm, stage)] = row
+        runs[(seed, name, stage)] = row
         with open(os.path.join(workdir, "runs.jsonl"), "a") as f:
           f.write(json.dumps(row, sort_keys=True) + "\n")
         done = sum(1 for k in runs if k[0] in config.seeds)
         logging.info(
           "Ablation: %d/%d runs done, %.1f min so far.",
           done,
-          len(config.seeds) * len(config.arms) * len(config.stages),
+          total_runs,
           (time.time() - started) / 60,
         )
   return common.RunResult(len(runs), metrics=write_reports(config, workdir, runs))

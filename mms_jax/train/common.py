@@ -319,21 +319,29 @@ def is_due(step, every, total_steps):
 
 class StepBookkeeping:
   """What every training loop does after its update, the same in each program: the
-  NaN check, the log line, the checkpoint and the stop on preemption. Evaluations and
-  pictures stay in the trainer's own loop. A context manager: inside it the
-  checkpointer and a PreemptionWatcher are open; whatever ends the loop, started saves
-  are finished and get their manifest.
+  NaN check, the log line, the checkpoint and the stop on preemption or at
+  config.stop_at_step. Evaluations and pictures stay in the trainer's own loop. A
+  context manager: inside it the checkpointer and a PreemptionWatcher are open;
+  whatever ends the loop, started saves are finished and get their manifest.
 
     with common.StepBookkeeping(config, total_steps, start_step, ckpt, data_iter, writer,
                                 source) as bk:
-      for step in range(start_step + 1, total_steps + 1):
+      for step in bk.steps():
         state, metrics = train_step(state, batch)
         if bk(step, state, metrics):
           break
+
+  config.stop_at_step (0 or unset: run to the end) stops the run with a checkpoint at
+  that step of its total_steps schedule, which stays the schedule: re-running without
+  it continues the same run, as after a preemption.
   """
 
   def __init__(self, config, total_steps, start_step, ckpt, data_iter, writer, source=""):
     self.config, self.total_steps, self.start_step = config, total_steps, start_step
+    stop_at = int(config.get("stop_at_step") or 0)
+    if stop_at < 0:
+      raise ConfigError(f"config.stop_at_step={stop_at}: give a step >= 1, or 0 to run to the end")
+    self.last_step = min(stop_at, total_steps) if stop_at else total_steps
     self.source = source  # where the state came from (restore_or_fresh), for the log
     self.ckpt, self.data_iter, self.writer = ckpt, data_iter, writer
     self.throughput = Throughput(total_steps, config.batch_size, start_step)
@@ -343,10 +351,11 @@ class StepBookkeeping:
 
   def __enter__(self):
     logging.info(
-      "Starting at step %d (%s); training to step %d.",
+      "Starting at step %d (%s); training to step %d%s.",
       self.start_step,
       self.source,
       self.total_steps,
+      f", stopping at step {self.last_step}" if self.last_step < self.total_steps else "",
     )
     self._stack.enter_context(self.ckpt)
     self.watcher = self._stack.enter_context(checkpoints.PreemptionWatcher())
@@ -355,11 +364,17 @@ class StepBookkeeping:
   def __exit__(self, *exc_info):
     return self._stack.__exit__(*exc_info)
 
+  def steps(self):
+    """The steps this invocation trains: after the restored one, up to the last step
+    (config.stop_at_step or total_steps)."""
+    return range(self.start_step + 1, self.last_step + 1)
+
   def __call__(self, step, state, metrics):
     """Returns True when the loop must stop (a checkpoint of `step` was saved)."""
     is_log = step == self.start_step + 1 or is_due(step, self.config.log_every, self.total_steps)
-    is_save = is_due(step, self.config.checkpoint.every, self.total_steps)
-    stop = self.watcher.should_stop(step)
+    is_save = step == self.last_step or is_due(step, self.config.checkpoint.every, self.total_steps)
+    at_stop_step = self.last_step < self.total_steps and step == self.last_step
+    stop = self.watcher.should_stop(step) or at_stop_step
     if is_log or is_save or stop:
       metrics = jax.device_get(metrics)
       guards.check_finite(metrics, step, last_checkpoint=self.last_saved or None)
@@ -369,7 +384,9 @@ class StepBookkeeping:
       data_state = self.data_iter.get_state()
       self.ckpt.save(step, state, data_state=data_state, config=self.config, force=True)
       self.last_saved = step
-    if stop:
+    if at_stop_step:
+      logging.info("Stopped at config.stop_at_step=%d after saving a checkpoint.", step)
+    elif stop:
       logging.warning("Stopped at step %d after saving a checkpoint.", step)
     return stop
 

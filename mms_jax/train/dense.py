@@ -299,7 +299,7 @@ def train_and_evaluate(task, config, workdir):
   with common.StepBookkeeping(
     config, total_steps, start_step, ckpt, data_iter, writer, source
   ) as bookkeeping:
-    for step in range(start_step + 1, total_steps + 1):
+    for step in bookkeeping.steps():
       batch = next(data_iter)
       state, metrics = train_step(state, common.global_batch({k: batch[k] for k in fields}, mesh))
       if bookkeeping(step, state, metrics):

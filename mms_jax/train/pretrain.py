@@ -285,7 +285,7 @@ def train_and_evaluate(config, workdir):
   with common.StepBookkeeping(
     config, total_steps, start_step, ckpt, data_iter, writer, source
   ) as bookkeeping:
-    for step in range(start_step + 1, total_steps + 1):
+    for step in bookkeeping.steps():
       batch = next(data_iter)
       if eval_images is None:
         eval_images = jnp.asarray(batch["image"][: config.num_picture_images])

@@ -366,7 +366,7 @@ def train_and_evaluate(config, workdir):
   with common.StepBookkeeping(
     config, total_steps, start_step, ckpt, data_iter, writer, source
   ) as bookkeeping:
-    for step in range(start_step + 1, total_steps + 1):
+    for step in bookkeeping.steps():
       batch = common.global_batch(host_batch(next(data_iter), tokenizer, max_length), mesh)
       state, metrics = train_step(state, batch)
       if bookkeeping(step, state, metrics):
