@@ -153,8 +153,14 @@ def test_summary_is_mean_and_sample_std_over_seeds():
   assert "span" not in paired
   assert paired["none"][0][1:] == pytest.approx((-0.3, np.std([-0.4, -0.2], ddof=1), 2))
   assert paired["random_patch"][0][3] == 0
-  assert "| none | 2 | -0.3 ± 0.14" in ablation.format_markdown(
+  # The paired cell adds the t interval: -0.3 ± 12.71 * 0.1414 / sqrt(2).
+  assert "| none | 2 | -0.3 ± 0.14 [-1.57, +0.971] |" in ablation.format_markdown(
     list(paired.items()), "t", signed=True
+  )
+  low, high = ablation.confidence_interval(-0.3, np.std([-0.4, -0.2], ddof=1), 2)
+  assert (low, high) == pytest.approx((-0.3 - 1.2706, -0.3 + 1.2706), abs=1e-4)
+  assert ablation.confidence_interval(0.5, 0.1, 3) == pytest.approx(
+    (0.5 - 4.3027 * 0.1 / np.sqrt(3), 0.5 + 4.3027 * 0.1 / np.sqrt(3)), abs=1e-4
   )
 
 

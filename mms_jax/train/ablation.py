@@ -37,6 +37,7 @@ import time
 from absl import logging
 import jax
 import numpy as np
+import scipy.stats
 
 from mms_jax.models import encoder_config
 from mms_jax.programs import PROGRAMS
@@ -273,7 +274,16 @@ def summarize(config, runs, reference=None):
   return table
 
 
+def confidence_interval(mean, std, n, level=0.95):
+  """Student-t interval of a mean of n values with sample std `std` ((nan, nan) for n < 2)."""
+  if n < 2:
+    return float("nan"), float("nan")
+  half = scipy.stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n)
+  return mean - half, mean + half
+
+
 def format_markdown(table, title, signed=False):
+  """Cells 'mean ± std'; signed (paired) tables add the 95 % interval of the mean."""
   header = [title for title, *_ in table[0][1]]
   number = "{:+.3g}" if signed else "{:.4g}"
   lines = ["| arm | seeds | " + " | ".join(header) + " |", "|---|---:|" + "---:|" * len(header)]
@@ -282,8 +292,12 @@ def format_markdown(table, title, signed=False):
     for _, mean, std, n in cells:
       if n == 0:
         shown.append("—")
-      else:
-        shown.append(number.format(mean) + (f" ± {std:.2g}" if n > 1 else ""))
+        continue
+      cell = number.format(mean) + (f" ± {std:.2g}" if n > 1 else "")
+      if signed and n > 1:
+        low, high = confidence_interval(mean, std, n)
+        cell += f" [{number.format(low)}, {number.format(high)}]"
+      shown.append(cell)
     seeds_run = max((n for *_, n in cells), default=0)
     lines.append(f"| {arm} | {seeds_run} | " + " | ".join(shown) + " |")
   return "\n".join(lines)
@@ -305,7 +319,7 @@ def write_reports(config, workdir, runs):
       + (
         " and pretraining length" if reference != "none" and config.get("pretrain_lengths") else ""
       )
-      + ": mean ± std over the seeds both arms have"
+      + ": mean ± std over the seeds both arms have [95 % t interval of the mean]"
     )
     sections.append((paired_title, format_markdown(paired, paired_title, signed=True)))
     tables.append((reference, paired))
@@ -314,11 +328,11 @@ def write_reports(config, workdir, runs):
     f.write(text + "\n")
   with open(os.path.join(workdir, "ablation.csv"), "w", newline="") as f:
     out = csv.writer(f)
-    out.writerow(["arm", "minus_arm", "metric", "mean", "std", "n"])
+    out.writerow(["arm", "minus_arm", "metric", "mean", "std", "n", "ci95_low", "ci95_high"])
     for minus, rows in tables:
       for arm, cells in rows:
         for name, mean, std, n in cells:
-          out.writerow([arm, minus, name, mean, std, n])
+          out.writerow([arm, minus, name, mean, std, n, *confidence_interval(mean, std, n)])
   with open(os.path.join(workdir, "ablation_raw.json"), "w") as f:
     json.dump(
       {"config": json.loads(config.to_json_best_effort()), "runs": list(runs.values())},
