@@ -22,6 +22,8 @@ from mms_jax.train import ablation  # noqa: E402
 TITLES = {
   "eval/test_heldout_fonts/segmentation/iou": "seg IoU, held-out fonts",
   "eval/test_heldout_fonts/super_resolution/psnr": "SR PSNR (dB), held-out fonts",
+  "eval/test_heldout_fonts/test_heldout_fonts/word_accuracy": "fine-tune word acc, held-out",
+  "eval/test_heldout_fonts/test_heldout_fonts/one_minus_ned": "fine-tune 1-NED, held-out",
 }
 
 
@@ -61,6 +63,16 @@ def plot(arms, metrics, out):
       if values:
         ax.bar(x, sum(values) / len(values), color="#9ecae1", width=0.6)
         ax.plot([x] * len(values), values, "o", color="#08519c", markersize=4)
+    # One thin line per seed across the arms: the pairs the paired table differences.
+    seeds = sorted({s for name in names for s in arms[name]})
+    for seed in seeds:
+      xs = [x for x, name in enumerate(names) if key in arms[name].get(seed, {})]
+      if len(xs) > 1:
+        ys = [arms[names[x]][seed][key] for x in xs]
+        ax.plot(xs, ys, "-", color="#636363", linewidth=0.6, alpha=0.6)
+        ax.annotate(
+          f"s{seed}", (xs[-1], ys[-1]), xytext=(4, 0), textcoords="offset points", fontsize=6
+        )
     ax.set_xticks(range(len(names)), names, fontsize=8)
     ax.set_ylabel(TITLES.get(key, key), fontsize=8)
     low, high = min(everything), max(everything)

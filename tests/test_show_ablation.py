@@ -37,8 +37,21 @@ def test_plot_has_a_dot_per_seed_and_a_bar_at_the_mean(tmp_path):
   ax = show_ablation.plot(arms, [IOU], str(out)).axes[0]
   assert out.stat().st_size > 1000
   np.testing.assert_allclose([p.get_height() for p in ax.patches], [0.3, 0.1, 0.3])
-  dots = [line.get_ydata() for line in ax.lines]
+  dots = [line.get_ydata() for line in ax.lines if line.get_marker() == "o"]
   np.testing.assert_allclose(np.concatenate(dots), [0.4, 0.2, 0.1, 0.3])
+  # Seed 0 is in all three arms: one line joins its values; seed 1 only has 'none'.
+  (seed_line,) = [line for line in ax.lines if line.get_linestyle() == "-"]
+  np.testing.assert_allclose(seed_line.get_ydata(), [0.4, 0.1, 0.3])
+
+
+def test_runs_from_a_pretraining_step_are_their_own_arm(tmp_path):
+  _write_runs(tmp_path, [(0, "span", "finetune", 0.5), (0, "span", "finetune", 0.2)])
+  rows = (tmp_path / "runs.jsonl").read_text().splitlines()
+  first = json.loads(rows[0])
+  first["pretrain_step"] = 1000
+  (tmp_path / "runs.jsonl").write_text(json.dumps(first) + "\n" + rows[1] + "\n")
+  arms = show_ablation.read_runs(str(tmp_path), "finetune")
+  assert arms == {"span@1000": {0: {IOU: 0.5}}, "span": {0: {IOU: 0.2}}}
 
 
 def test_missing_workdir_names_the_fix(tmp_path):
