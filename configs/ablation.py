@@ -56,6 +56,9 @@ Variants (`--config=configs/ablation.py:VARIANT`):
   python -m mms_jax.main --config=configs/ablation.py --workdir=workdirs/ablation
   python -m mms_jax.main --config=configs/ablation.py:lengths --workdir=workdirs/ablation
   python -m mms_jax.main --config=configs/ablation.py:quick --workdir=workdirs/ablation_quick
+  # the same pretrainings, 1,024 labelled images (fine-tunes only, ~30 min per seed):
+  python -m mms_jax.main --config=configs/ablation.py --workdir=workdirs/ablation_1024 \
+      --config.pretrained_in=workdirs/ablation --config.finetune.data.size.train=1024
   python -m mms_jax.main --config=configs/ablation.py:probe --workdir=workdirs/ablation_probe \
       --config.stages="('probe', 'finetune', 'segmentation', 'super_resolution')"
 """
@@ -103,6 +106,9 @@ def get_config(variant="small"):
   # so its learning rate and masking ratio are those of that step, not of a shorter
   # run. () runs from the finished pretraining only.
   c.pretrain_lengths = ()
+  # Another ablation workdir whose finished pretrainings (same config.pretrain, checked)
+  # the stages start from, instead of pretraining here; '' pretrains here.
+  c.pretrained_in = ""
   # Every arm and seed compiles the same programs: keep them in <workdir>/xla_cache.
   c.compilation_cache = True
   c.report_only = False  # True: tabulate the finished runs, run nothing

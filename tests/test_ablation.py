@@ -128,6 +128,39 @@ def test_pretraining_length_axis_runs_from_a_kept_step_or_a_replay(tmp_path):
   assert replayed["init_from"] == str(replay / "checkpoints/3")
   assert replayed["metrics"] == pytest.approx(from_step["metrics"])
 
+  # Another workdir reuses the first one's pretrainings (a second fine-tune setting).
+  third = tmp_path / "third"
+  log = run_main(
+    "ablation.py:tiny", third, *overrides[:3], f"--config.pretrained_in={first}", timeout=600
+  )
+  assert "reusing the pretraining" in log and "Ablation: pretraining" not in log
+  reused = json.loads((third / "seed_0/span/probe/probe.json").read_text())
+  assert reused["init_from"] == str(span / "pretrain")
+  assert reused["metrics"] == pytest.approx(finished["metrics"])
+  assert not (third / "seed_0/span/pretrain").exists()
+
+  # ... only when they were run with the same pretraining config, and finished.
+  config = load_config("ablation", "tiny")
+  with config.unlocked():
+    config.pretrained_in = str(first)
+  assert ablation.reused_pretraining(config, "span", 0) == str(span / "pretrain")
+  with pytest.raises(common.ConfigError, match="loss.visible_weight: 0.0 there, 1.0 here"):
+    with config.unlocked():
+      config.pretrain.loss.visible_weight = 1.0
+    ablation.reused_pretraining(config, "span", 0)
+  with pytest.raises(common.ConfigError, match="no pretraining of span, seed 1"):
+    ablation.reused_pretraining(config, "span", 1)
+  with config.unlocked():
+    config.pretrain.loss.visible_weight = 0.0
+    config.pretrain.total_steps = 9
+  with pytest.raises(common.ConfigError, match="total_steps: 6 there, 9 here"):
+    ablation.reused_pretraining(config, "span", 0)
+  with config.unlocked():
+    config.pretrain.total_steps = 6
+  shutil.rmtree(span / "pretrain/checkpoints/6")
+  with pytest.raises(common.ConfigError, match="stopped at step 3 of 6; finish the ablation"):
+    ablation.reused_pretraining(config, "span", 0)
+
 
 def test_summary_is_mean_and_sample_std_over_seeds():
   config = load_config("ablation", "tiny")
@@ -223,6 +256,7 @@ def test_pretraining_length_rows_are_paired_at_the_same_length():
     ("arm_pretrain", {"jigsaw": {"seed": 3}}, r"\['jigsaw'\], which config.arm_masking"),
     ("pretrain_lengths", (6,), "between 1 and config.pretrain.total_steps - 1 = 5"),
     ("pretrain_lengths", (3, 3), "distinct"),
+    ("pretrained_in", "/nonexistent/abl", "pretrained_in='/nonexistent/abl' is not a directory"),
   ],
 )
 def test_bad_ablation_config_names_the_field(field, value, message):

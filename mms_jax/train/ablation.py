@@ -9,6 +9,11 @@ Workdir layout:
   seed_<s>/<arm>/pretrain_to_step_<n>/
                                the pretraining re-run to step n with its own config and
                                seed, only where pretrain/ no longer keeps that step
+
+With config.pretrained_in (another ablation workdir) the pretrainings are read from
+there, after checking that they are finished and were run with this config.pretrain;
+the stages run here. One set of pretrainings then serves several fine-tune settings
+(e.g. --config.finetune.data.size.train=1024 in a second workdir).
   runs.jsonl                   one line per finished run with its final evaluation
   xla_cache/                   JAX's persistent compilation cache (config.compilation_cache):
                                the arms and seeds compile the same programs again
@@ -111,6 +116,11 @@ def check_config(config):
     )
   for arm in config.get("arm_pretrain", {}):
     pretrain_config(config, arm, 0)
+  if config.get("pretrained_in") and not os.path.isdir(config.pretrained_in):
+    raise common.ConfigError(
+      f"config.pretrained_in={config.pretrained_in!r} is not a directory: give the "
+      "workdir of a finished ablation whose pretrainings to reuse, or ''"
+    )
   if jax.process_count() > 1:
     raise common.ConfigError(
       "the ablation runs in a single process; launch it without config.distributed"
@@ -165,10 +175,72 @@ def pretrain_config(config, arm, seed):
   return c
 
 
-def pretrained_step(config, arm, seed, arm_dir, step):
-  """The step directory of `step` in the arm's pretraining: kept by pretrain/, else a
-  re-run of the same pretraining config that stops there (pretrain_to_step_<step>/)."""
-  kept = os.path.join(arm_dir, "pretrain", checkpoints.CHECKPOINTS_DIR, str(step))
+# Pretraining fields that change how a run is kept or laid out, not what it learns:
+# reusing another workdir's pretraining (config.pretrained_in) ignores them.
+RUN_ONLY_FIELDS = (
+  "checkpoint",
+  "distributed",
+  "fsdp",
+  "log_every",
+  "micro_batch_bytes",
+  "num_picture_images",
+  "picture_every",
+  "resume_from",
+  "stop_at_step",
+)
+
+
+def _flatten(tree, prefix=""):
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def reused_pretraining(config, arm, seed):
+  """seed_<s>/<arm>/pretrain of config.pretrained_in, checked to be finished and to
+  have been run with this ablation's pretraining config for that arm and seed."""
+  other = os.path.join(config.pretrained_in, f"seed_{seed}", arm, "pretrain")
+  wanted = json.loads(pretrain_config(config, arm, seed).to_json_best_effort())
+  path = os.path.join(other, "config.json")
+  if not os.path.exists(path):
+    raise common.ConfigError(
+      f"config.pretrained_in={config.pretrained_in!r} has no pretraining of {arm}, seed "
+      f"{seed} ({path} does not exist): run the ablation there with this arm and seed "
+      "first, or unset config.pretrained_in"
+    )
+  with open(path) as f:
+    stored = _flatten(json.load(f))
+  wanted = _flatten(wanted)
+  differ = sorted(
+    k
+    for k in stored.keys() | wanted.keys()
+    if k.split(".")[0] not in RUN_ONLY_FIELDS and stored.get(k) != wanted.get(k)
+  )
+  if differ:
+    shown = ", ".join(f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} here" for k in differ[:4])
+    raise common.ConfigError(
+      f"config.pretrained_in: {other} was pretrained with another config ({shown}"
+      f"{', ...' if len(differ) > 4 else ''}); give this ablation the same "
+      "config.pretrain, or unset config.pretrained_in"
+    )
+  last = checkpoints.resolve_checkpoint(other, what="config.pretrained_in")
+  if int(last.name) != wanted["total_steps"]:
+    raise common.ConfigError(
+      f"config.pretrained_in: {other} stopped at step {last.name} of "
+      f"{wanted['total_steps']}; finish the ablation there first (re-run its command)"
+    )
+  return other
+
+
+def pretrained_step(config, arm, seed, arm_dir, step, pretrained):
+  """The step directory of `step` in the arm's pretraining `pretrained`: kept there,
+  else a re-run of the same pretraining config that stops there, in
+  <arm_dir>/pretrain_to_step_<step>/."""
+  kept = os.path.join(pretrained, checkpoints.CHECKPOINTS_DIR, str(step))
   if os.path.isdir(kept) and checkpoints.verify_manifest(kept) is None:
     return kept
   replay = os.path.join(arm_dir, f"pretrain_to_step_{step}")
@@ -177,7 +249,7 @@ def pretrained_step(config, arm, seed, arm_dir, step):
     c.stop_at_step = step
   logging.info(
     "Ablation: %s does not keep step %d; re-running %s seed %d's pretraining to it in %s.",
-    os.path.join(arm_dir, "pretrain"),
+    pretrained,
     step,
     arm,
     seed,
@@ -392,7 +464,10 @@ def train_and_evaluate(config, workdir):
       if not todo:
         continue
       pretrained, pretrain_seconds = "", None
-      if arm != "none":
+      if arm != "none" and config.get("pretrained_in"):
+        pretrained = reused_pretraining(config, arm, seed)
+        logging.info("Ablation: %s, seed %d: reusing the pretraining in %s.", arm, seed, pretrained)
+      elif arm != "none":
         pretrained = os.path.join(arm_dir, "pretrain")
         logging.info("Ablation: pretraining %s, seed %d.", arm, seed)
         t0 = time.time()
@@ -401,7 +476,7 @@ def train_and_evaluate(config, workdir):
       for name, step, stage in todo:
         init_from = pretrained
         if step:
-          init_from = pretrained_step(config, arm, seed, arm_dir, step)
+          init_from = pretrained_step(config, arm, seed, arm_dir, step, pretrained)
         logging.info("Ablation: %s from %s, seed %d.", stage, name, seed)
         t0 = time.time()
         stage_dir = os.path.join(arm_dir, f"{stage}_from_step_{step}" if step else stage)
