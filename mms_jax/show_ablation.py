@@ -1,7 +1,12 @@
-r"""Plots an ablation's probe results: one dot per seed, a bar for the mean, per arm.
+r"""Plots one stage of an ablation: a dot per seed, a bar at the mean and a line per
+seed across the arms (the pairs of the paired table).
 
   python -m mms_jax.show_ablation --out docs/img/ablation_probe.png \
       --runs=workdirs/ablation --runs="visible loss=workdirs/abl_visible"
+  python -m mms_jax.show_ablation --out docs/img/ablation_finetune.png \
+      --runs=workdirs/abl_small/run --stage=finetune \
+      --metrics=eval/test_heldout_fonts/test_heldout_fonts/word_accuracy,\
+eval/test_heldout_fonts/test_heldout_fonts/one_minus_ned
 
 Each --runs is an ablation workdir (its runs.jsonl), optionally prefixed with a label
 that is added to its arms' names. Arms keep the order in which they first appear.
