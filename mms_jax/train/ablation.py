@@ -9,21 +9,22 @@ Workdir layout:
   seed_<s>/<arm>/pretrain_to_step_<n>/
                                the pretraining re-run to step n with its own config and
                                seed, only where pretrain/ no longer keeps that step
-
-With config.pretrained_in (another ablation workdir) the pretrainings are read from
-there, after checking that they are finished and were run with this config.pretrain;
-the stages run here. One set of pretrainings then serves several fine-tune settings
-(e.g. --config.finetune.data.size.train=1024 in a second workdir).
   runs.jsonl                   one line per finished run with its final evaluation
   xla_cache/                   JAX's persistent compilation cache (config.compilation_cache):
                                the arms and seeds compile the same programs again
   ablation.md, ablation.csv    mean ± std over seeds per arm and reported metric, and
-                               each arm's difference to config.compare_to, paired by seed
+                               each arm's difference to each config.compare_to arm, paired by
+                               seed, with the 95 % t interval of the mean difference
   ablation_raw.json            the settings and every run's numbers
 
 Pretraining length is an axis without new pretrainings: config.pretrain_lengths
 names steps of each arm's pretraining (checkpoints along its one schedule, kept
 through config.pretrain.checkpoint.keep_every) from which every stage also runs.
+
+With config.pretrained_in (another ablation workdir) the pretrainings are read from
+there, after checking that they are finished and were run with this config.pretrain;
+the stages run here. One set of pretrainings then serves several fine-tune settings
+(e.g. --config.finetune.data.size.train=1024 in a second workdir).
 
 A run already in runs.jsonl is skipped; an unfinished one resumes from its own
 checkpoints, so the command can be interrupted (SIGTERM, Ctrl-C) and re-run.
