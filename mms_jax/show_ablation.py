@@ -4,9 +4,7 @@ seed across the arms (the pairs of the paired table).
   python -m mms_jax.show_ablation --out docs/img/ablation_probe.png \
       --runs=workdirs/ablation --runs="visible loss=workdirs/abl_visible"
   python -m mms_jax.show_ablation --out docs/img/ablation_finetune.png \
-      --runs=workdirs/abl_small/run --stage=finetune \
-      --metrics=eval/test_heldout_fonts/test_heldout_fonts/word_accuracy,\
-eval/test_heldout_fonts/test_heldout_fonts/one_minus_ned
+      --runs=workdirs/abl_small/run --stage=finetune
 
 Each --runs is an ablation workdir (its runs.jsonl), optionally prefixed with a label
 that is added to its arms' names. Arms keep the order in which they first appear.
@@ -29,6 +27,13 @@ TITLES = {
   "eval/test_heldout_fonts/super_resolution/psnr": "SR PSNR (dB), held-out fonts",
   "eval/test_heldout_fonts/test_heldout_fonts/word_accuracy": "fine-tune word acc, held-out",
   "eval/test_heldout_fonts/test_heldout_fonts/one_minus_ned": "fine-tune 1-NED, held-out",
+}
+# The panels of each stage when --metrics is not given.
+DEFAULT_METRICS = {
+  "probe": list(TITLES)[:2],
+  "finetune": list(TITLES)[2:],
+  "segmentation": ["eval/test_heldout_fonts/iou"],
+  "super_resolution": ["eval/test_heldout_fonts/psnr"],
 }
 
 
@@ -100,7 +105,7 @@ def main(argv):
     arms.update(read_runs(spec, f.stage))
   if not arms:
     raise app.UsageError(f"no finished {f.stage!r} runs in {f.runs}")
-  plot(arms, f.metrics, f.out)
+  plot(arms, f.metrics or DEFAULT_METRICS[f.stage], f.out)
   print(f"wrote {f.out}: {len(arms)} arms")
 
 
@@ -109,10 +114,11 @@ if __name__ == "__main__":
   # (mms_jax.show_masks has its own --out).
   flags.DEFINE_multi_string("runs", [], "[LABEL=]ABLATION_WORKDIR, repeatable.")
   flags.DEFINE_string("out", "docs/img/ablation_probe.png", "Output PNG.")
-  flags.DEFINE_string("stage", "probe", "Which stage's results to plot.")
+  flags.DEFINE_enum("stage", "probe", list(DEFAULT_METRICS), "Which stage's results to plot.")
   flags.DEFINE_list(
     "metrics",
-    ["eval/test_heldout_fonts/segmentation/iou", "eval/test_heldout_fonts/super_resolution/psnr"],
-    "Metric keys of the stage's final evaluation, one panel each.",
+    [],
+    "Metric keys of the stage's final evaluation, one panel each (default: the stage's "
+    "main metrics, DEFAULT_METRICS).",
   )
   app.run(main)

@@ -64,3 +64,11 @@ def test_a_metric_no_run_has_is_named(tmp_path):
   arms = show_ablation.read_runs(str(tmp_path / "a"), "probe")
   with pytest.raises(ValueError, match="no run has the metric 'eval/typo'.*segmentation/iou"):
     show_ablation.plot(arms, ["eval/typo"], str(tmp_path / "plot.png"))
+
+
+def test_each_stage_plots_metrics_the_ablation_reports_by_default():
+  from conftest import load_config
+
+  reported = {(stage, key) for stage, key, _ in load_config("ablation", "small").report}
+  for stage, keys in show_ablation.DEFAULT_METRICS.items():
+    assert keys and all((stage, key) in reported for key in keys), stage
