@@ -2,6 +2,7 @@
 
 import json
 
+from conftest import load_config
 import numpy as np
 import pytest
 
@@ -67,8 +68,6 @@ def test_a_metric_no_run_has_is_named(tmp_path):
 
 
 def test_each_stage_plots_metrics_the_ablation_reports_by_default():
-  from conftest import load_config
-
   reported = {(stage, key) for stage, key, _ in load_config("ablation", "small").report}
   for stage, keys in show_ablation.DEFAULT_METRICS.items():
     assert keys and all((stage, key) in reported for key in keys), stage
