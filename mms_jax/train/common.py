@@ -344,7 +344,7 @@ class StepBookkeeping:
     self.last_step = min(stop_at, total_steps) if stop_at else total_steps
     self.source = source  # where the state came from (restore_or_fresh), for the log
     self.ckpt, self.data_iter, self.writer = ckpt, data_iter, writer
-    self.throughput = Throughput(total_steps, config.batch_size, start_step)
+    self.throughput = Throughput(self.last_step, config.batch_size, start_step)  # ETA to the stop
     self.last_saved = start_step
     self.watcher = None
     self._stack = contextlib.ExitStack()
