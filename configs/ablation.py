@@ -31,7 +31,11 @@ Variants (`--config=configs/ablation.py:VARIANT`):
                     running; runs.jsonl has `seconds` and `pretrain_seconds`): a
                     3,000-step pretraining 15.2 min (105 img/s), a fine-tune 9.8 min,
                     so a seed (one fine-tune from random init, two pretrainings with
-                    their fine-tunes) ~60 min and the default ~3.0 h. The runs of
+                    their fine-tunes) ~60 min and the default ~3.0 h. Seed 2, a
+                    session later on the same machine, took 82 min (pretrainings at
+                    60-100 img/s: 20.0 and 18.0 min; fine-tunes 10.6 and 12.2 min; the
+                    random-init one 21.5 min beside the test suite): plan 3.0-3.4 h.
+                    The runs of
                     2026-12-05 (docs/results.md) pretrained 4,000 steps:
                     --config.pretrain.total_steps=4000.
   lengths           The default plus pretraining length as an axis: every arm's
