@@ -42,9 +42,10 @@ Variants (`--config=configs/ablation.py:VARIANT`):
                     fine-tune also from step 1,000 of its 3,000-step pretraining (rows
                     '<arm>@1000'; the default keeps that checkpoint, and where a
                     pretraining no longer has it, it is re-run to step 1,000). Run in
-                    the default's workdir it adds 2 fine-tunes per seed (~20 min) plus
-                    ~10 min per seed whose step 1,000 was not kept (runs before
-                    2026-12-06 04:00).
+                    the default's workdir it adds 2 fine-tunes per seed (measured
+                    2026-12-06: 7.4-7.5 min each with both cores free, 15.5 beside
+                    the test suite) plus, per seed whose step 1,000 was not kept (runs
+                    before 2026-12-06 04:00), two re-runs to step 1,000 (4-10 min each).
   quick             The same with arms none / mms_per_sample, seed 0 and 1,000
                     pretraining steps: ~25 min from the same rates (one pretraining
                     ~5 min, two fine-tunes ~10 min each).
