@@ -30,8 +30,14 @@ TITLES = {
 }
 # The panels of each stage when --metrics is not given.
 DEFAULT_METRICS = {
-  "probe": list(TITLES)[:2],
-  "finetune": list(TITLES)[2:],
+  "probe": [
+    "eval/test_heldout_fonts/segmentation/iou",
+    "eval/test_heldout_fonts/super_resolution/psnr",
+  ],
+  "finetune": [
+    "eval/test_heldout_fonts/test_heldout_fonts/word_accuracy",
+    "eval/test_heldout_fonts/test_heldout_fonts/one_minus_ned",
+  ],
   "segmentation": ["eval/test_heldout_fonts/iou"],
   "super_resolution": ["eval/test_heldout_fonts/psnr"],
 }

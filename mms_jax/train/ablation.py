@@ -41,6 +41,7 @@ import os
 import time
 
 from absl import logging
+import flax
 import jax
 import numpy as np
 import scipy.stats
@@ -191,16 +192,6 @@ RUN_ONLY_FIELDS = (
 )
 
 
-def _flatten(tree, prefix=""):
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
 def reused_pretraining(config, arm, seed):
   """seed_<s>/<arm>/pretrain of config.pretrained_in, checked to be finished and to
   have been run with this ablation's pretraining config for that arm and seed."""
@@ -214,8 +205,8 @@ def reused_pretraining(config, arm, seed):
       "first, or unset config.pretrained_in"
     )
   with open(path) as f:
-    stored = _flatten(json.load(f))
-  wanted = _flatten(wanted)
+    stored = flax.traverse_util.flatten_dict(json.load(f), sep=".")
+  wanted = flax.traverse_util.flatten_dict(wanted, sep=".")
   differ = sorted(
     k
     for k in stored.keys() | wanted.keys()
@@ -256,12 +247,7 @@ def pretrained_step(config, arm, seed, arm_dir, step, pretrained):
     seed,
     replay,
   )
-  result = importlib.import_module(PROGRAMS["pretrain"]).train_and_evaluate(c, replay)
-  if result.step != step:
-    raise Interrupted(
-      f"{replay} stopped at step {result.step} of {step}; re-run the same command to "
-      "resume the ablation"
-    )
+  _run_program("pretrain", c, replay)
   return os.path.join(replay, checkpoints.CHECKPOINTS_DIR, str(step))
 
 
@@ -289,9 +275,10 @@ def final_evaluation(workdir, step):
 
 
 def _run_program(program, config, workdir):
-  """Runs one program to its last step; returns its final evaluation."""
+  """Runs one program to its last step (config.stop_at_step, else the end); returns its
+  final evaluation."""
   result = importlib.import_module(PROGRAMS[program]).train_and_evaluate(config, workdir)
-  last = common.total_steps(config)
+  last = config.get("stop_at_step") or common.total_steps(config)
   if result.step != last:
     raise Interrupted(
       f"{workdir} stopped at step {result.step} of {last}; re-run the "
