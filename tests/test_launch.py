@@ -123,11 +123,13 @@ def _assert_same_losses(workdir, reference):
 
 
 def test_four_local_processes_match_one_process(tmp_path):
-  steps = [*FAST, "--config.total_steps=3"]
+  # A decoder wide enough that its MLP kernels (64 x 256) are split over fsdp.
+  steps = [*FAST, "--config.total_steps=3", "--config.model.decoder_width=64"]
   run_main("pretrain.py:tiny", tmp_path / "one", *steps, "--config.picture_every=0")
   workdir, logs = tmp_path / "four", tmp_path / "logs"
   launcher = _start(
-    _local(4, workdir, *steps, "--config.picture_every=3", log_dir=logs),
+    # fsdp=2: parameters sharded across processes, so the picture needs them gathered.
+    _local(4, workdir, *steps, "--config.picture_every=3", "--config.fsdp=2", log_dir=logs),
     tmp_path / "launcher.log",
     _env(),
   )
