@@ -7,7 +7,13 @@ seed across the arms (the pairs of the paired table).
       --runs=workdirs/abl_small/run --stage=finetune
 
 Each --runs is an ablation workdir (its runs.jsonl), optionally prefixed with a label
-that is added to its arms' names. Arms keep the order in which they first appear.
+that is added to its arms' names; a seed's line joins its arms within one workdir only
+(across workdirs the runs need not be pairs). Arms keep the order in which they first
+appear; --arms keeps only those named (e.g. without the `@<step>` rows):
+
+  python -m mms_jax.show_ablation --out docs/img/ablation_labels.png --stage=finetune \
+      --runs="4,096 labels=workdirs/abl_small/run" \
+      --runs="1,024 labels=workdirs/abl_small/l1024" --arms=none,random_patch,mms_per_sample
 """
 
 import json
@@ -43,8 +49,9 @@ DEFAULT_METRICS = {
 }
 
 
-def read_runs(spec, stage):
-  """'[label=]workdir' -> {arm name: {seed: metrics}} for `stage`, in file order."""
+def read_runs(spec, stage, only_arms=()):
+  """'[label=]workdir' -> {arm name: {seed: metrics}} for `stage`, in file order;
+  with `only_arms`, only the arms (`<arm>` or `<arm>@<step>`) it names."""
   label, _, workdir = spec.rpartition("=")
   path = os.path.join(workdir, "runs.jsonl")
   if not os.path.exists(path):
@@ -58,14 +65,19 @@ def read_runs(spec, stage):
       row = json.loads(line)
       if row["stage"] == stage:
         arm = ablation.run_label(row)
+        if only_arms and arm not in only_arms:
+          continue
         name = f"{arm}\n({label})" if label else arm
         arms.setdefault(name, {})[row["seed"]] = row["metrics"]
   return arms
 
 
-def plot(arms, metrics, out):
-  """One panel per metric: dots per seed, a bar at their mean. Returns the figure."""
+def plot(arms, metrics, out, groups=None):
+  """One panel per metric: dots per seed, a bar at their mean, a line per seed within
+  each group of arm names (default: one group of all; a dotted rule between groups).
+  Returns the figure."""
   names = list(arms)
+  groups = groups or [names]
   fig, axes = plt.subplots(
     len(metrics), 1, figsize=(1.3 * len(names) + 2, 3 * len(metrics)), squeeze=False
   )
@@ -79,16 +91,19 @@ def plot(arms, metrics, out):
       if values:
         ax.bar(x, sum(values) / len(values), color="#9ecae1", width=0.6)
         ax.plot([x] * len(values), values, "o", color="#08519c", markersize=4)
-    # One thin line per seed across the arms: the pairs the paired table differences.
-    seeds = sorted({s for name in names for s in arms[name]})
-    for seed in seeds:
-      xs = [x for x, name in enumerate(names) if key in arms[name].get(seed, {})]
-      if len(xs) > 1:
-        ys = [arms[names[x]][seed][key] for x in xs]
-        ax.plot(xs, ys, "-", color="#636363", linewidth=0.6, alpha=0.6)
-        ax.annotate(
-          f"s{seed}", (xs[-1], ys[-1]), xytext=(4, 0), textcoords="offset points", fontsize=6
-        )
+    # One thin line per seed across a group's arms: the pairs the paired table differences.
+    for group in groups:
+      seeds = sorted({s for name in group for s in arms[name]})
+      for seed in seeds:
+        xs = [names.index(n) for n in group if key in arms[n].get(seed, {})]
+        if len(xs) > 1:
+          ys = [arms[names[x]][seed][key] for x in xs]
+          ax.plot(xs, ys, "-", color="#636363", linewidth=0.6, alpha=0.6)
+          ax.annotate(
+            f"s{seed}", (xs[-1], ys[-1]), xytext=(4, 0), textcoords="offset points", fontsize=6
+          )
+    for group in groups[1:]:
+      ax.axvline(names.index(group[0]) - 0.5, color="#636363", linestyle=":", linewidth=0.8)
     ax.set_xticks(range(len(names)), names, fontsize=8)
     ax.set_ylabel(TITLES.get(key, key), fontsize=8)
     low, high = min(everything), max(everything)
@@ -106,12 +121,19 @@ def main(argv):
   f = flags.FLAGS
   if not f.runs:
     raise app.UsageError("give at least one --runs=[LABEL=]ABLATION_WORKDIR")
-  arms = {}
+  arms, groups = {}, []
   for spec in f.runs:
-    arms.update(read_runs(spec, f.stage))
+    group = read_runs(spec, f.stage, f.arms)
+    if arms.keys() & group.keys():
+      raise app.UsageError(
+        f"arms {sorted(arms.keys() & group.keys())} come from two --runs: give each "
+        "workdir a label, --runs=LABEL=WORKDIR"
+      )
+    arms.update(group)
+    groups.append(list(group))
   if not arms:
-    raise app.UsageError(f"no finished {f.stage!r} runs in {f.runs}")
-  plot(arms, f.metrics or DEFAULT_METRICS[f.stage], f.out)
+    raise app.UsageError(f"no finished {f.stage!r} runs of arms {f.arms or 'any'} in {f.runs}")
+  plot(arms, f.metrics or DEFAULT_METRICS[f.stage], f.out, [g for g in groups if g])
   print(f"wrote {f.out}: {len(arms)} arms")
 
 
@@ -121,6 +143,7 @@ if __name__ == "__main__":
   flags.DEFINE_multi_string("runs", [], "[LABEL=]ABLATION_WORKDIR, repeatable.")
   flags.DEFINE_string("out", "docs/img/ablation_probe.png", "Output PNG.")
   flags.DEFINE_enum("stage", "probe", list(DEFAULT_METRICS), "Which stage's results to plot.")
+  flags.DEFINE_list("arms", [], "Only these arms (<arm> or <arm>@<step>); default: all.")
   flags.DEFINE_list(
     "metrics",
     [],

@@ -44,6 +44,24 @@ def test_plot_has_a_dot_per_seed_and_a_bar_at_the_mean(tmp_path):
   (seed_line,) = [line for line in ax.lines if line.get_linestyle() == "-"]
   np.testing.assert_allclose(seed_line.get_ydata(), [0.4, 0.1, 0.3])
 
+  # Grouped by workdir: seed 0's line stays within workdir a, a rule separates b.
+  ax = show_ablation.plot(arms, [IOU], str(out), [["none", "span"], ["span\n(long)"]]).axes[0]
+  (seed_line,) = [line for line in ax.lines if line.get_linestyle() == "-"]
+  np.testing.assert_allclose(seed_line.get_ydata(), [0.4, 0.1])
+  (rule,) = [line for line in ax.lines if line.get_linestyle() == ":"]
+  np.testing.assert_allclose(rule.get_xdata(), [1.5, 1.5])
+
+
+def test_only_the_named_arms_are_read(tmp_path):
+  _write_runs(tmp_path, [(0, "none", "finetune", 0.5), (0, "span", "finetune", 0.2)])
+  rows = (tmp_path / "runs.jsonl").read_text().splitlines()
+  step_row = json.loads(rows[1])
+  step_row["pretrain_step"] = 1000
+  (tmp_path / "runs.jsonl").write_text("\n".join([*rows, json.dumps(step_row)]) + "\n")
+  arms = show_ablation.read_runs(str(tmp_path), "finetune", only_arms=["span", "none"])
+  assert list(arms) == ["none", "span"]
+  assert list(show_ablation.read_runs(str(tmp_path), "finetune", ["span@1000"])) == ["span@1000"]
+
 
 def test_runs_from_a_pretraining_step_are_their_own_arm(tmp_path):
   _write_runs(tmp_path, [(0, "span", "finetune", 0.5), (0, "span", "finetune", 0.2)])
