@@ -241,6 +241,9 @@ def test_pretraining_length_rows_are_paired_at_the_same_length():
   # Rows in runs.jsonl carry the pretraining step; the finished pretraining has none.
   assert ablation.run_label({"arm": "span", "pretrain_step": 3}) == "span@3"
   assert ablation.run_label({"arm": "span"}) == "span"
+  # Progress counts this config's runs only, not other rows, seeds or stages of the workdir.
+  runs[(0, "span@7", "probe")] = runs[(5, "span", "probe")] = runs[(0, "span", "finetune")] = {}
+  assert ablation.runs_done(config, runs) == 10
 
 
 @pytest.mark.parametrize(

@@ -156,6 +156,15 @@ def table_arms(config):
   return rows
 
 
+def runs_done(config, runs):
+  """How many of this config's runs (its seeds, table rows and stages) are in `runs`,
+  keyed (seed, label, stage); runs of other settings in the same workdir do not count."""
+  rows = set(table_arms(config))
+  return sum(
+    1 for s, name, stage in runs if s in config.seeds and name in rows and stage in config.stages
+  )
+
+
 def pretrain_config(config, arm, seed):
   """config.pretrain with the arm's masking and its config.arm_pretrain settings."""
   c = copy.deepcopy(config.pretrain)
@@ -488,10 +497,9 @@ def train_and_evaluate(config, workdir):
         runs[(seed, name, stage)] = row
         with open(os.path.join(workdir, "runs.jsonl"), "a") as f:
           f.write(json.dumps(row, sort_keys=True) + "\n")
-        done = sum(1 for k in runs if k[0] in config.seeds)
         logging.info(
           "Ablation: %d/%d runs done, %.1f min so far.",
-          done,
+          runs_done(config, runs),
           total_runs,
           (time.time() - started) / 60,
         )
