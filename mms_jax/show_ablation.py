@@ -77,6 +77,7 @@ def plot(arms, metrics, out, groups=None):
   each group of arm names (default: one group of all; a dotted rule between groups).
   Returns the figure."""
   names = list(arms)
+  position = {name: x for x, name in enumerate(names)}
   groups = groups or [names]
   fig, axes = plt.subplots(
     len(metrics), 1, figsize=(1.3 * len(names) + 2, 3 * len(metrics)), squeeze=False
@@ -95,7 +96,7 @@ def plot(arms, metrics, out, groups=None):
     for group in groups:
       seeds = sorted({s for name in group for s in arms[name]})
       for seed in seeds:
-        xs = [names.index(n) for n in group if key in arms[n].get(seed, {})]
+        xs = [position[n] for n in group if key in arms[n].get(seed, {})]
         if len(xs) > 1:
           ys = [arms[names[x]][seed][key] for x in xs]
           ax.plot(xs, ys, "-", color="#636363", linewidth=0.6, alpha=0.6)
@@ -103,7 +104,7 @@ def plot(arms, metrics, out, groups=None):
             f"s{seed}", (xs[-1], ys[-1]), xytext=(4, 0), textcoords="offset points", fontsize=6
           )
     for group in groups[1:]:
-      ax.axvline(names.index(group[0]) - 0.5, color="#636363", linestyle=":", linewidth=0.8)
+      ax.axvline(position[group[0]] - 0.5, color="#636363", linestyle=":", linewidth=0.8)
     ax.set_xticks(range(len(names)), names, fontsize=8)
     ax.set_ylabel(TITLES.get(key, key), fontsize=8)
     low, high = min(everything), max(everything)
