@@ -5,9 +5,10 @@ images with one masking setting (or not at all, arm 'none'), then runs each stag
 config.stages from that encoder and collects the final evaluation of each:
 
   arms    none (random init) | random_patch (plain MAE) | blockwise | span |
-          mms_per_sample | mms_multi_view | mms_visible_loss (per_sample, and the
-          loss also on visible patches: paper 002); config.arm_masking and
-          config.arm_pretrain define them
+          mms_per_sample | mms_multi_view | mms_union (every image's mask superimposes
+          the three strategies, each drawing a third of the count) | mms_visible_loss
+          (per_sample, and the loss also on visible patches: paper 002);
+          config.arm_masking and config.arm_pretrain define them
   stages  probe (frozen encoder, linear heads on cached features: recognition,
           segmentation and SR; configs/probe.py) | finetune (recognition, all weights) |
           segmentation | super_resolution (all weights)
@@ -99,6 +100,7 @@ def get_config(variant="small"):
     span=dict(mode="single", strategies=("span",)),
     mms_per_sample=dict(mode="per_sample", strategies=mms),
     mms_multi_view=dict(mode="multi_view", strategies=mms),
+    mms_union=dict(mode="union", strategies=mms),
     mms_visible_loss=dict(mode="per_sample", strategies=mms),
   )
   # Pretraining settings an arm changes besides its masking, nested as in

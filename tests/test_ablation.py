@@ -10,9 +10,11 @@ import jax
 import numpy as np
 import pytest
 
+from mms_jax import masking
 from mms_jax.train import ablation
 from mms_jax.train import checkpoints
 from mms_jax.train import common
+from mms_jax.train import pretrain
 
 
 def test_tiny_ablation_runs_tabulates_and_skips_finished_runs(tmp_path):
@@ -206,6 +208,19 @@ def test_an_arm_can_change_pretraining_settings_besides_its_masking():
   assert plain.loss.visible_weight == 0.0
   assert plain.to_dict() == {**visible.to_dict(), "loss": plain.loss.to_dict()}
   assert config.pretrain.loss.visible_weight == 0.0  # the shared config is untouched
+
+
+@pytest.mark.parametrize("arm", sorted(load_config("ablation", "small").arm_masking.keys()))
+def test_every_masking_arm_samples_exact_counts_on_the_ablation_grid(arm):
+  config = load_config("ablation", "small")
+  spec = pretrain.check_config(ablation.pretrain_config(config, arm, seed=0))
+  assert spec.mode == config.arm_masking[arm].mode
+  num_masked = spec.num_masked()
+  mask, _ = masking.make_sampler(spec)(jax.random.key(0), 64, num_masked)
+  mask = np.asarray(mask).reshape(64, spec.num_views, spec.num_cells)
+  np.testing.assert_array_equal(mask.sum(-1), num_masked)
+  # Not one fixed pattern: the masks of different images differ.
+  assert len({m.tobytes() for m in mask[:, 0]}) > 32
 
 
 def test_pretraining_length_rows_are_paired_at_the_same_length():
