@@ -7,7 +7,8 @@ config.stages from that encoder and collects the final evaluation of each:
   arms    none (random init) | random_patch (plain MAE) | blockwise | span |
           mms_per_sample | mms_multi_view | mms_union (every image's mask superimposes
           the three strategies, each drawing a third of the count) | mms_visible_loss
-          (per_sample, and the loss also on visible patches: paper 002);
+          (per_sample, and the loss also on visible patches: paper 002) |
+          random_patch_visible_loss (plain MAE with that loss: tells masking from loss);
           config.arm_masking and config.arm_pretrain define them
   stages  probe (frozen encoder, linear heads on cached features: recognition,
           segmentation and SR; configs/probe.py) | finetune (recognition, all weights) |
@@ -102,10 +103,14 @@ def get_config(variant="small"):
     mms_multi_view=dict(mode="multi_view", strategies=mms),
     mms_union=dict(mode="union", strategies=mms),
     mms_visible_loss=dict(mode="per_sample", strategies=mms),
+    random_patch_visible_loss=dict(mode="single", strategies=("random_patch",)),
   )
   # Pretraining settings an arm changes besides its masking, nested as in
-  # configs/pretrain.py. mms_visible_loss also scores the visible patches (paper 002).
-  c.arm_pretrain = dict(mms_visible_loss=dict(loss=dict(visible_weight=1.0)))
+  # configs/pretrain.py. The *_visible_loss arms also score the visible patches (paper 002).
+  c.arm_pretrain = {
+    arm: dict(loss=dict(visible_weight=1.0))
+    for arm in ("mms_visible_loss", "random_patch_visible_loss")
+  }
   c.arms = ("none", "random_patch", "blockwise", "span", "mms_per_sample", "mms_multi_view")
   c.seeds = (0,)
   # Paired tables: each arm minus each of these arms at the same seed (() for none).

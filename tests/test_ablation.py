@@ -208,6 +208,11 @@ def test_an_arm_can_change_pretraining_settings_besides_its_masking():
   assert plain.loss.visible_weight == 0.0
   assert plain.to_dict() == {**visible.to_dict(), "loss": plain.loss.to_dict()}
   assert config.pretrain.loss.visible_weight == 0.0  # the shared config is untouched
+  mae = ablation.pretrain_config(config, "random_patch_visible_loss", seed=2)
+  assert mae.loss.visible_weight == 1.0 and mae.masking.strategies == ("random_patch",)
+  # Each arm's settings are its own: overriding one leaves the other as it was.
+  config.arm_pretrain.mms_visible_loss.loss.visible_weight = 0.5
+  assert ablation.pretrain_config(config, "random_patch_visible_loss", 0).loss.visible_weight == 1
 
 
 @pytest.mark.parametrize("arm", sorted(load_config("ablation", "small").arm_masking.keys()))
