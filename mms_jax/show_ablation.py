@@ -33,6 +33,8 @@ TITLES = {
   "eval/test_heldout_fonts/super_resolution/psnr": "SR PSNR (dB), held-out fonts",
   "eval/test_heldout_fonts/test_heldout_fonts/word_accuracy": "fine-tune word acc, held-out",
   "eval/test_heldout_fonts/test_heldout_fonts/one_minus_ned": "fine-tune 1-NED, held-out",
+  "eval/test_heldout_fonts/iou": "seg IoU (fine-tuned), held-out",
+  "eval/test_heldout_fonts/psnr": "SR PSNR (dB, fine-tuned), held-out",
 }
 # The panels of each stage when --metrics is not given.
 DEFAULT_METRICS = {
