@@ -3,7 +3,9 @@
   python -m mms_jax.main --config=configs/pretrain.py --workdir=workdirs/pretrain
   python -m mms_jax.main --config=configs/pretrain.py:tiny --config.total_steps=50 ...
 
-The config's `program` field picks the trainer; re-running a workdir resumes it.
+The config's `program` field picks the trainer; re-running a workdir resumes it. A
+single-process run holds the workdir's lock (mms_jax/workdir_lock.py): a second run
+started on the same workdir stops with a message.
 A user error (bad config field, data path, checkpoint; errors.UserError) prints its
 message and exits with status 1; --verbose shows the traceback.
 """
@@ -17,6 +19,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from mms_jax import errors
+from mms_jax import workdir_lock
 from mms_jax.programs import PROGRAMS
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -36,7 +39,12 @@ def run(config, workdir):
       f"config.program={program!r} is not a program; choose one of {sorted(PROGRAMS)}"
     )
   trainer = importlib.import_module(PROGRAMS[program])
-  return trainer.train_and_evaluate(config, workdir)
+  dist = config.get("distributed") or {}
+  if (dist.get("num_processes") or 1) > 1 or dist.get("auto") or config.get("report_only"):
+    # Several processes share the workdir by design; a report only reads it.
+    return trainer.train_and_evaluate(config, workdir)
+  with workdir_lock.exclusive(workdir):
+    return trainer.train_and_evaluate(config, workdir)
 
 
 class _QuietLibraries(py_logging.Filter):

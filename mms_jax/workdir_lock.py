@@ -1,0 +1,60 @@
+"""One run per workdir: a second program started on a workdir in use stops with a message.
+
+Two runs in one workdir would both write checkpoints, logs and (the ablation) runs.jsonl,
+and the later one would resume from the earlier one's half-written steps. The lock is an
+advisory `flock` on `<workdir>/.mms_jax.lock`, held while the program runs: the kernel
+drops it when the process ends, however it ends, so a crashed or preempted run never
+leaves a stale lock and re-running the command resumes as before. Where the file system
+has no locks (some network mounts) the program warns and runs unguarded.
+"""
+
+import contextlib
+import fcntl
+import os
+import socket
+import time
+
+from absl import logging
+
+from mms_jax import errors
+
+LOCK_NAME = ".mms_jax.lock"
+
+
+class WorkdirInUseError(errors.UserError):
+  """Another process holds the workdir's lock."""
+
+
+@contextlib.contextmanager
+def exclusive(workdir):
+  """Holds `<workdir>/.mms_jax.lock` (creating the workdir) while the block runs."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_NAME)
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      locked = True
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      raise WorkdirInUseError(
+        f"workdir {workdir!r} is in use by {holder}: two runs in one workdir would "
+        "overwrite each other's checkpoints. Wait for that run to end (re-running this "
+        "command then resumes from its last checkpoint) or give another --workdir"
+      ) from None
+    except OSError as e:
+      logging.warning("no lock on %s (%s): nothing stops a second run on it", workdir, e)
+      locked = False
+    if locked:
+      f.seek(0)
+      f.truncate()
+      f.write(
+        f"process {os.getpid()} on {socket.gethostname()}, started "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
+      )
+      f.flush()
+    try:
+      yield
+    finally:
+      if locked:
+        fcntl.flock(f, fcntl.LOCK_UN)
