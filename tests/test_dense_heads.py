@@ -93,3 +93,37 @@ def test_segmenter_logits_follow_the_patch_grid():
   logits, _ = jax.jit(model.apply)({"params": params}, images)
   expected = np.tile(np.arange(32).reshape(4, 8), (2, 4))
   np.testing.assert_array_equal(logits[0], expected)
+
+
+@pytest.mark.parametrize("model_class", [dense_heads.Segmenter, dense_heads.SuperResolver])
+def test_pixel_shortcut_feeds_each_token_its_own_patch(model_class):
+  """With the encoder's path into the head cut and no head blocks, a token's output
+  depends on the pixels of its own patch only, through the shortcut."""
+  patch = (8, 4)
+  model = model_class(patch=patch, pixel_shortcut=True, **{**TINY, "head_depth": 0})
+  plain = model_class(patch=patch, **TINY)
+  hw = (16, 32) if model_class is dense_heads.Segmenter else (8, 16)
+  x = jax.random.uniform(jax.random.key(1), (1, *hw, 3), minval=-1, maxval=1)
+  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+  head = params["head"]
+  assert head["pixel_embed"]["kernel"].shape == (8 * 4 * 3, 32)
+  assert "pixel_embed" not in jax.jit(plain.init)(jax.random.key(0), x)["params"]["head"]
+  head["embed"]["kernel"] = jnp.zeros_like(head["embed"]["kernel"])
+  head["pred"]["kernel"] = jax.random.normal(jax.random.key(2), head["pred"]["kernel"].shape)
+
+  def first_token_output(x):
+    out, aux = model.apply({"params": params}, x)
+    if model_class is dense_heads.SuperResolver:
+      out = out - aux["upsampled"]
+    return out[0, :8, :4].sum()  # the top-left token's patch
+
+  grad = np.abs(np.asarray(jax.grad(first_token_output)(x)[0])).sum(-1)
+  own = (slice(0, 8), slice(0, 4))
+  reach = np.zeros(hw, bool)
+  if model_class is dense_heads.SuperResolver:  # the head sees the 2x bicubic image
+    own = (slice(0, 4), slice(0, 2))
+    reach[:6, :4] = True  # the bicubic taps reach two LR pixels past the patch
+  else:
+    reach[own] = True
+  assert grad[own].min() > 0  # every pixel of its patch reaches it
+  np.testing.assert_array_equal(grad[~reach], 0)  # no other pixel does

@@ -42,9 +42,14 @@ class DenseHead(nn.Module):
   zero_init: bool = False
 
   @nn.compact
-  def __call__(self, x, grid):
-    """x: [B, 1 + L, D] encoder output (cls first); grid: (gh, gw) -> [B, L, out_dim]."""
+  def __call__(self, x, grid, pixels=None):
+    """x: [B, 1 + L, D] encoder output (cls first); grid: (gh, gw); pixels: optional
+    [B, L, P], each token's input patch, embedded and added to its token (the pixel
+    shortcut) -> [B, L, out_dim]."""
     x = vit.dense(self.width, self.dtype, "embed")(x)
+    if pixels is not None:
+      shortcut = vit.dense(self.width, self.dtype, "pixel_embed")(pixels.astype(self.dtype))
+      x = x.at[:, 1:].add(shortcut)
     x = x + vit.sincos_pos_embed_2d(self.width, grid, cls_token=True).astype(x.dtype)
     x, _ = vit.block_stack(
       x,
@@ -88,6 +93,9 @@ class _DenseModel(nn.Module):
   stem: str = "patch"
   stem_channels: Tuple[int, ...] = ()
   attention_bias: str = "none"
+  # The head also sees each token's input pixels (a skip past the encoder): the pixel
+  # detail a conv stem does not pass on (docs/segmentation.md).
+  pixel_shortcut: bool = False
 
   @nn.nowrap
   def encoder_dims(self):
@@ -140,7 +148,8 @@ class Segmenter(_DenseModel):
     """
     grid = vit.grid_shape(images.shape[1:3], self.patch)
     encoded, _ = self._encoder()(images, train=train)
-    patches = self._head(1)(encoded, grid)  # [B, L, ph * pw]
+    pixels = vit.patchify(images, self.patch) if self.pixel_shortcut else None
+    patches = self._head(1)(encoded, grid, pixels)  # [B, L, ph * pw]
     logits = vit.unpatchify(patches, self.patch, grid, 1)[..., 0]
     return logits, {"encoded": encoded}
 
@@ -175,7 +184,8 @@ class SuperResolver(_DenseModel):
     up = upsample(lr_images, hr_size)
     grid = vit.grid_shape(hr_size, self.patch)
     encoded, _ = self._encoder()(up, train=train)
-    patches = self._head(up.shape[-1], zero_init=self.residual)(encoded, grid)
+    pixels = vit.patchify(up, self.patch) if self.pixel_shortcut else None
+    patches = self._head(up.shape[-1], zero_init=self.residual)(encoded, grid, pixels)
     sr = vit.unpatchify(patches, self.patch, grid, up.shape[-1])
     if self.residual:
       sr = sr + up
