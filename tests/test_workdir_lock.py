@@ -48,3 +48,14 @@ def test_main_refuses_a_workdir_in_use_and_writes_nothing_to_it(tmp_path):
   # Once the first run is gone (here: the lock released), the same command runs.
   run_main("pretrain.py:tiny", workdir, "--config.total_steps=2")
   assert "checkpoints" in os.listdir(workdir)
+
+
+def test_a_workdir_without_write_access_runs_unguarded(tmp_path, monkeypatch):
+  def refuse(*args, **kwargs):
+    raise PermissionError("read-only file system")
+
+  monkeypatch.setattr("builtins.open", refuse)
+  ran = []
+  with workdir_lock.exclusive(str(tmp_path)):
+    ran.append(True)
+  assert ran == [True]
