@@ -39,7 +39,12 @@ Variants (`--config=configs/ablation.py:VARIANT`):
                     random-init one 21.5 min beside the test suite): plan 3.0-3.4 h.
                     The runs of
                     2026-12-05 (docs/results.md) pretrained 4,000 steps:
-                    --config.pretrain.total_steps=4000.
+                    --config.pretrain.total_steps=4000. The segmentation and SR
+                    columns (--config.stages="('finetune', 'segmentation',
+                    'super_resolution')", 300 steps each, pixel-shortcut heads) add
+                    2.7 min per segmentation run with both cores free, 4.6-4.9 min per
+                    run of either beside a second study (measured 2026-12-06): ~40 min
+                    per seed for four arms.
   lengths           The default plus pretraining length as an axis: every arm's
                     fine-tune also from step 1,000 of its 3,000-step pretraining (rows
                     '<arm>@1000'; the default keeps that checkpoint, and where a
@@ -58,7 +63,7 @@ Variants (`--config=configs/ablation.py:VARIANT`):
                     the earlier plain 4x4 encoder (8.5 min per pretraining, multi_view
                     ~3x, 5 min per probe); the current encoder pretrains 600 steps in
                     ~4 min. The other stages stay available through --config.stages:
-                    segmentation and SR fine-tunes of 300 steps each (~10 min per run).
+                    segmentation and SR fine-tunes of 300 steps each (3-5 min per run).
   tiny              Seconds per run: the suite runs it so the pipeline keeps working.
 
   python -m mms_jax.main --config=configs/ablation.py --workdir=workdirs/ablation
