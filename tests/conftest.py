@@ -50,9 +50,9 @@ def subprocess_env(devices=None):
   return env
 
 
-def run_main(config, workdir, *overrides, devices=None, timeout=300):
-  """Runs the entry point to completion; returns its log, fails with it on error."""
-  result = subprocess.run(
+def main_process(config, workdir, *overrides, devices=None, timeout=300):
+  """Runs the entry point to its end; returns the CompletedProcess, whatever its status."""
+  return subprocess.run(
     main_command(config, workdir, *overrides),
     cwd=ROOT,
     env=subprocess_env(devices),
@@ -60,6 +60,11 @@ def run_main(config, workdir, *overrides, devices=None, timeout=300):
     text=True,
     timeout=timeout,
   )
+
+
+def run_main(config, workdir, *overrides, devices=None, timeout=300):
+  """Runs the entry point to completion; returns its log, fails with it on error."""
+  result = main_process(config, workdir, *overrides, devices=devices, timeout=timeout)
   if result.returncode:
     pytest.fail(f"main exited with {result.returncode}:\n{result.stderr[-6000:]}")
   return result.stderr

@@ -9,12 +9,9 @@ same layout), TextZoom and the Union14M-U release store them: JPEG bytes, 1-base
 import csv
 import io
 import logging
-import subprocess
 
-from conftest import ROOT
 from conftest import load_config
-from conftest import main_command
-from conftest import subprocess_env
+from conftest import main_process
 import lmdb
 import numpy as np
 from PIL import Image
@@ -149,21 +146,14 @@ def test_union14m_u_release_layout_trains_on_the_whole_tree(zoo, tmp_path, reade
 def test_documented_override_forms_run(zoo, tmp_path):
   """docs/data.md's unlabeled pretraining command with the attribute form of a split
   override (--config.data.splits.train=.), two steps of the tiny model."""
-  result = subprocess.run(
-    main_command(
-      "pretrain.py:tiny",
-      tmp_path / "w",
-      "--config.data.source=unlabeled",
-      f"--config.data.path={zoo / 'union14m_u'}",
-      "--config.data.reader=direct",
-      "--config.data.splits.train=.",
-      "--config.total_steps=2",
-    ),
-    cwd=ROOT,
-    env=subprocess_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
+  result = main_process(
+    "pretrain.py:tiny",
+    tmp_path / "w",
+    "--config.data.source=unlabeled",
+    f"--config.data.path={zoo / 'union14m_u'}",
+    "--config.data.reader=direct",
+    "--config.data.splits.train=.",
+    "--config.total_steps=2",
   )
   assert result.returncode == 0, result.stderr[-4000:]
   assert (tmp_path / "w" / "checkpoints" / "2").is_dir()
@@ -179,19 +169,9 @@ def test_documented_override_forms_run(zoo, tmp_path):
   ],
 )
 def test_user_errors_are_one_message_without_a_traceback(tmp_path, override, field):
-  command = main_command("pretrain.py:tiny", tmp_path / "w", override)
-  result = subprocess.run(
-    command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
-  )
+  result = main_process("pretrain.py:tiny", tmp_path / "w", override)
   assert result.returncode == 1
   assert "Traceback" not in result.stderr
   assert "mms_jax.main: error:" in result.stderr and field in result.stderr
-  verbose = subprocess.run(
-    command + ["--verbose"],
-    cwd=ROOT,
-    env=subprocess_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  verbose = main_process("pretrain.py:tiny", tmp_path / "w", override, "--verbose")
   assert verbose.returncode != 0 and "Traceback" in verbose.stderr

@@ -1,12 +1,9 @@
 """One run per workdir: a second run on a workdir in use stops and touches nothing."""
 
 import os
-import subprocess
 
-from conftest import ROOT
-from conftest import main_command
+from conftest import main_process
 from conftest import run_main
-from conftest import subprocess_env
 import pytest
 
 from mms_jax import workdir_lock
@@ -33,14 +30,7 @@ def test_lock_is_released_when_the_block_raises(tmp_path):
 def test_main_refuses_a_workdir_in_use_and_writes_nothing_to_it(tmp_path):
   workdir = tmp_path / "pretrain"
   with workdir_lock.exclusive(str(workdir)):
-    result = subprocess.run(
-      main_command("pretrain.py:tiny", workdir),
-      cwd=ROOT,
-      env=subprocess_env(),
-      capture_output=True,
-      text=True,
-      timeout=120,
-    )
+    result = main_process("pretrain.py:tiny", workdir, timeout=120)
   assert result.returncode == 1, result.stderr[-3000:]
   assert f"is in use by process {os.getpid()}" in result.stderr
   assert "give another --workdir" in result.stderr
