@@ -25,44 +25,46 @@ class WorkdirInUseError(errors.UserError):
   """Another process holds the workdir's lock."""
 
 
+def _acquire(workdir):
+  """The open, locked lock file with this process written into it; None (with a warning)
+  where the file system cannot lock it. Raises WorkdirInUseError if another holds it."""
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    f = open(os.path.join(workdir, LOCK_NAME), "a+")
+  except OSError as e:  # e.g. a read-only workdir that is only evaluated
+    logging.warning("no lock on %s (%s): nothing stops a second run on it", workdir, e)
+    return None
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    holder = f.read().strip() or "another process"
+    f.close()
+    raise WorkdirInUseError(
+      f"workdir {workdir!r} is in use by {holder}: two runs in one workdir would "
+      "overwrite each other's checkpoints. Wait for that run to end (re-running this "
+      "command then resumes from its last checkpoint) or give another --workdir"
+    ) from None
+  except OSError as e:
+    f.close()
+    logging.warning("no lock on %s (%s): nothing stops a second run on it", workdir, e)
+    return None
+  f.seek(0)
+  f.truncate()
+  f.write(
+    f"process {os.getpid()} on {socket.gethostname()}, started "
+    f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
+  )
+  f.flush()
+  return f
+
+
 @contextlib.contextmanager
 def exclusive(workdir):
   """Holds `<workdir>/.mms_jax.lock` (creating the workdir) while the block runs."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, LOCK_NAME)
+  lock_file = _acquire(workdir)
   try:
-    f = open(path, "a+")
-  except OSError as e:  # e.g. a read-only workdir that is only evaluated
-    logging.warning("no lock on %s (%s): nothing stops a second run on it", workdir, e)
-    f = None
-  if f is None:
     yield
-    return
-  with f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      locked = True
-    except BlockingIOError:
-      f.seek(0)
-      holder = f.read().strip() or "another process"
-      raise WorkdirInUseError(
-        f"workdir {workdir!r} is in use by {holder}: two runs in one workdir would "
-        "overwrite each other's checkpoints. Wait for that run to end (re-running this "
-        "command then resumes from its last checkpoint) or give another --workdir"
-      ) from None
-    except OSError as e:
-      logging.warning("no lock on %s (%s): nothing stops a second run on it", workdir, e)
-      locked = False
-    if locked:
-      f.seek(0)
-      f.truncate()
-      f.write(
-        f"process {os.getpid()} on {socket.gethostname()}, started "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
-      )
-      f.flush()
-    try:
-      yield
-    finally:
-      if locked:
-        fcntl.flock(f, fcntl.LOCK_UN)
+  finally:
+    if lock_file is not None:
+      lock_file.close()  # closing the only descriptor releases the flock
