@@ -83,7 +83,7 @@ def build_model(task, config):
     head_width=m.head_width,
     head_depth=m.head_depth,
     head_num_heads=m.head_num_heads,
-    pixel_shortcut=m.get("pixel_shortcut", False),
+    pixel_shortcut=m.pixel_shortcut,
     **task.model_options(config),
   )
 
