@@ -8,7 +8,8 @@ config.stages from that encoder and collects the final evaluation of each:
           mms_per_sample | mms_multi_view | mms_union (every image's mask superimposes
           the three strategies, each drawing a third of the count) | mms_visible_loss
           (per_sample, and the loss also on visible patches: paper 002) |
-          random_patch_visible_loss (plain MAE with that loss: tells masking from loss);
+          random_patch_visible_loss (plain MAE with that loss: tells masking from loss) |
+          mms_union_visible_loss (union masking with that loss);
           config.arm_masking and config.arm_pretrain define them
   stages  probe (frozen encoder, linear heads on cached features: recognition,
           segmentation and SR; configs/probe.py) | finetune (recognition, all weights) |
@@ -109,12 +110,13 @@ def get_config(variant="small"):
     mms_union=dict(mode="union", strategies=mms),
     mms_visible_loss=dict(mode="per_sample", strategies=mms),
     random_patch_visible_loss=dict(mode="single", strategies=("random_patch",)),
+    mms_union_visible_loss=dict(mode="union", strategies=mms),
   )
   # Pretraining settings an arm changes besides its masking, nested as in
   # configs/pretrain.py. The *_visible_loss arms also score the visible patches (paper 002).
   c.arm_pretrain = {
     arm: dict(loss=dict(visible_weight=1.0))
-    for arm in ("mms_visible_loss", "random_patch_visible_loss")
+    for arm in ("mms_visible_loss", "random_patch_visible_loss", "mms_union_visible_loss")
   }
   c.arms = ("none", "random_patch", "blockwise", "span", "mms_per_sample", "mms_multi_view")
   c.seeds = (0,)
