@@ -175,3 +175,9 @@ def test_configs_without_masks_or_pairs_are_refused(tmp_path):
   config.data.source = "textseg"
   with pytest.raises(common.ConfigError, match="config.data.source='textseg'"):
     super_resolution.train_and_evaluate(config, str(tmp_path))
+  # Augmentation would warp the HR image apart from its LR pair.
+  config = load_config("finetune_sr", "tiny")
+  config.data.augment = True
+  with pytest.raises(common.ConfigError, match="data.augment=False for super-resolution"):
+    super_resolution.train_and_evaluate(config, str(tmp_path))
+  assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -393,6 +393,23 @@ def test_synthetic_direct_state_restore():
   np.testing.assert_array_equal(want["mask"], got["mask"])
 
 
+def test_synthetic_training_augmentation_warps_image_and_mask_together():
+  """Synthetic records carry an lr_image; augmentation used to skip every such record,
+  so data.augment=True did nothing on the default data. It drops the lr_image now."""
+  config = _config(source="synthetic", reader="direct", size={"train": 16})
+  augmented = _config(**{**config.to_dict(), "augment": True})
+  a = next(pipeline.make_pipeline(augmented, "train", 16, train=True, seed=0))
+  b = next(pipeline.make_pipeline(config, "train", 16, train=True, seed=0))
+  np.testing.assert_array_equal(a["label"], b["label"])
+  assert "lr_image" in b and "lr_image" not in a
+  changed = [not np.array_equal(x, y) for x, y in zip(a["image"], b["image"])]
+  assert 4 <= sum(changed) < 16  # each transform is drawn per image; some draw none
+  # Where the image is untouched, so is its mask; the warp moves the mask with the text.
+  moved = [not np.array_equal(x, y) for x, y in zip(a["mask"], b["mask"])]
+  assert any(moved) and not any(m and not c for m, c in zip(moved, changed))
+  assert set(np.unique(a["mask"])) <= {0.0, 1.0}
+
+
 def test_synthetic_train_overrides_change_only_the_train_split():
   base = _config(source="synthetic", reader="direct", size={"train": 24, "val": 8})
   easy = _config(

@@ -15,7 +15,7 @@ Batches:
   image:    float32[B, H, W, 3] in [-1, 1]
   label:    object[B] of str                    (labeled sources)
   mask:     float32[B, H, W] in {0, 1}          (synthetic, textseg)
-  lr_image: float32[B, H//2, W//2, 3] in [-1, 1] (synthetic, textzoom)
+  lr_image: float32[B, H//2, W//2, 3] in [-1, 1] (synthetic, textzoom; not with augment)
 
 `data_config` fields (see `default_config` and docs/data.md):
   source: 'synthetic' | 'str_lmdb' | 'unlabeled' | 'textzoom' | 'textseg' | 'folder'
@@ -587,9 +587,10 @@ def _affine_coefficients(
 def augment_example(
   ex: dict[str, Any], rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()
 ) -> dict[str, Any]:
-  """Augments uint8 image (and mask consistently). lr_image pairs are left alone."""
-  if "lr_image" in ex:
-    return ex
+  """Augments uint8 image (and mask consistently). The warped image is no longer the
+  pair of an lr_image (synthetic and TextZoom records carry one), so that is dropped;
+  super-resolution refuses data.augment for this reason."""
+  ex.pop("lr_image", None)
   image = Image.fromarray(ex["image"])
   if rng.random() < cfg.p_affine:
     h, w = ex["image"].shape[:2]
