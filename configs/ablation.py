@@ -74,6 +74,11 @@ Variants (`--config=configs/ablation.py:VARIANT`):
   # 81 min for the 9 runs, 8.6-10.2 min each):
   python -m mms_jax.main --config=configs/ablation.py --workdir=workdirs/ablation_1024 \
       --config.pretrained_in=workdirs/ablation --config.finetune.data.size.train=1024
+  # ... and with the pipeline's augmentation, which keeps that fine-tune from memorising
+  # its labels (docs/results.md; 15-16 min per run beside a second study):
+  python -m mms_jax.main --config=configs/ablation.py --workdir=workdirs/ablation_1024_aug \
+      --config.pretrained_in=workdirs/ablation --config.finetune.data.size.train=1024 \
+      --config.finetune.data.augment=True
   python -m mms_jax.main --config=configs/ablation.py:probe --workdir=workdirs/ablation_probe \
       --config.stages="('probe', 'finetune', 'segmentation', 'super_resolution')"
 """
