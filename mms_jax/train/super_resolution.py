@@ -47,7 +47,7 @@ def _check(config):
     raise common.ConfigError("config.image_size: SSIM needs images of at least 11x11")
   if config.loss.gradient_weight < 0:
     raise common.ConfigError("config.loss.gradient_weight must be >= 0")
-  if config.data.get("augment"):
+  if config.data.augment:
     raise common.ConfigError(
       "config.data.augment=True would warp each high-resolution image apart from its "
       "low-resolution pair: set --config.data.augment=False for super-resolution"
