@@ -131,7 +131,10 @@ def get_config(variant="small"):
   # without it to continue.
   c.stop_at_step = 0
   c.resume_from = ""
-  c.init_from = ""  # a pretraining (or fine-tuning) workdir or step directory
+  c.init_from = ""  # a pretraining or recognition workdir or step directory
+  # When init_from is a recognizer: keep its head too (its charset's rows; new
+  # characters start fresh). False: take its encoder only.
+  c.init_head = True
   c.distributed = dict(coordinator_address="", num_processes=1, process_id=0, auto=False)
 
   if variant == "small":

@@ -3,33 +3,36 @@
   python -m mms_jax.main --config=configs/pretrain.py --workdir=workdirs/pretrain
   python -m mms_jax.main --config=configs/pretrain.py:tiny --config.total_steps=50 ...
 
-The config's `program` field picks the trainer; re-running a workdir resumes it. A
-single-process run holds the workdir's lock (mms_jax/workdir_lock.py): a second run
-started on the same workdir stops with a message.
-A user error (bad config field, data path, checkpoint; errors.UserError) prints its
-message and exits with status 1; --verbose shows the traceback.
+The config's `program` field picks the trainer; re-running a workdir resumes it. Before
+anything is written, the workdir is checked (workdir_lock.check: new, empty, or a run of
+the same program) and, in a single-process run, locked: a second run started on the
+same workdir stops with a message. A slip on the command line or a user error while the
+program runs prints one line (cli.py; --verbose shows the traceback). A run ends with a
+summary: time, final metrics, where the checkpoint is and the next command.
 """
 
 import importlib
-import logging as py_logging
+import os
+import time
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from mms_jax import errors
+from mms_jax import cli
 from mms_jax import workdir_lock
 from mms_jax.programs import PROGRAMS
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, pictures.")
-_VERBOSE = flags.DEFINE_bool(
-  "verbose",
-  False,
-  "Show the traceback of user errors (a bad "
-  "config field, data path or checkpoint), not just the message.",
-)
+
+# The command a user runs next, by program ({workdir} is filled in).
+NEXT_COMMAND = {
+  "pretrain": "python -m mms_jax.main --config=configs/finetune_recognition.py "
+  "--config.init_from={workdir} --workdir=<new workdir>",
+  "recognition": "python -m mms_jax.read --workdir={workdir} <images or folders>",
+}
 
 
 def run(config, workdir):
@@ -40,6 +43,8 @@ def run(config, workdir):
     )
   trainer = importlib.import_module(PROGRAMS[program])
   dist = config.get("distributed") or {}
+  if not config.get("report_only"):
+    workdir_lock.check(workdir, program)
   if (dist.get("num_processes") or 1) > 1 or dist.get("auto") or config.get("report_only"):
     # Several processes share the workdir by design; a report only reads it.
     return trainer.train_and_evaluate(config, workdir)
@@ -47,33 +52,63 @@ def run(config, workdir):
     return trainer.train_and_evaluate(config, workdir)
 
 
-class _QuietLibraries(py_logging.Filter):
-  """Keeps orbax's and grain's INFO chatter out of the training log."""
+def _metric_summary(metrics):
+  """A few words on a run's last evaluation (RunResult.metrics, any program's form)."""
+  if not metrics or not isinstance(metrics, dict):
+    return ""
+  parts = []
+  for name, value in metrics.items():
+    if isinstance(value, list) and value and isinstance(value[-1], dict):  # recognition
+      row = value[-1]
+      if "word_accuracy" in row:
+        parts.append(
+          f"{name} word accuracy {100 * row['word_accuracy']:.1f} %, "
+          f"1-NED {100 * row['one_minus_ned']:.1f} %"
+        )
+    elif isinstance(value, (int, float)) and not name.endswith("/count"):
+      parts.append(f"{name.removeprefix('eval/')} {value:.4g}")
+  return "; ".join(parts[:6])
 
-  def filter(self, record):
-    noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "absl"))
-    return record.levelno >= py_logging.WARNING or not noisy
+
+def summary_lines(program, result, workdir, seconds):
+  """The lines that close a run (module docstring)."""
+  lines = [f"{program} finished in {_duration(seconds)} at step {getattr(result, 'step', '?')}."]
+  metrics = _metric_summary(getattr(result, "metrics", None))
+  if metrics:
+    lines.append(f"Last evaluation: {metrics}.")
+  ckpt_root = os.path.join(workdir, "checkpoints")
+  steps = (
+    sorted(int(d) for d in os.listdir(ckpt_root) if d.isdigit()) if os.path.isdir(ckpt_root) else []
+  )
+  if steps:
+    lines.append(f"Checkpoint: {os.path.join(os.path.abspath(ckpt_root), str(steps[-1]))}.")
+  lines.append(f"Curves: python -m mms_jax.show_run {workdir} (or tensorboard --logdir {workdir}).")
+  if program in NEXT_COMMAND and steps:
+    lines.append("Next: " + NEXT_COMMAND[program].format(workdir=workdir))
+  return lines
+
+
+def _duration(seconds):
+  from mms_jax.train import common  # imports JAX; only needed once a run has ended
+
+  return common.format_duration(seconds)
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/pretrain.py")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required: the directory for checkpoints and logs")
-  logging.get_absl_handler().setFormatter(
-    py_logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-  )
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  logging.set_verbosity(logging.INFO)
-  try:
-    run(_CONFIG.value, _WORKDIR.value)
-  except errors.UserError as e:
-    if _VERBOSE.value:
-      raise
-    errors.exit_with_message(e, "mms_jax.main")
+  start = time.perf_counter()
+  result = run(_CONFIG.value, _WORKDIR.value)
+  if not _CONFIG.value.get("report_only"):
+    for line in summary_lines(
+      _CONFIG.value.program, result, _WORKDIR.value, time.perf_counter() - start
+    ):
+      logging.info("%s", line)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "mms_jax.main")

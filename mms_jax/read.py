@@ -41,6 +41,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from mms_jax import cli
 from mms_jax import errors
 from mms_jax.data import labels
 from mms_jax.data import pipeline
@@ -112,12 +113,13 @@ def load_recognizer(workdir, checkpoint=""):
   except (common.ConfigError, ValueError, KeyError) as e:
     raise ReadError(f"{config_path}: {e}") from None
   model = rec.from_config(config.model, tokenizer)
+  what = "--checkpoint" if checkpoint else "--workdir"
   try:
-    params = checkpoints.load_params(
-      checkpoint or workdir, what="--checkpoint" if checkpoint else "--workdir"
-    )
+    step_dir = checkpoints.resolve_checkpoint(checkpoint or workdir, what=what)
+    params = checkpoints.load_params(step_dir, what=what)
   except checkpoints.CheckpointError as e:
     raise ReadError(f"{e} (train it first, or wait for its first checkpoint)") from None
+  print(f"reading with {step_dir} (step {step_dir.name})", file=sys.stderr, flush=True)
   params = jax.tree.map(np.asarray, params)
   apply = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.predict_scored))
 
@@ -239,21 +241,34 @@ def read(predict, paths: Iterable[pathlib.Path], image_size, fit="stretch", batc
     yield from flush()
 
 
+def check_output(path):
+  """Refuses a --csv that cannot be written before any image is read."""
+  if not path:
+    return
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise app.UsageError(f"--csv={path} is a folder: give a file name, e.g. {path}/out.csv")
+  if not os.path.isdir(folder):
+    raise app.UsageError(f"--csv={path}: the folder {folder} does not exist; create it first")
+  if not os.access(folder, os.W_OK):
+    raise app.UsageError(f"--csv={path}: the folder {folder} is not writable")
+
+
 def main(argv):
   paths = argv[1:]
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required: a recognition workdir")
   if not paths:
-    raise app.UsageError("name at least one image file or folder to read")
+    raise app.UsageError(
+      "name the images to read: python -m mms_jax.read --workdir=W IMAGE_OR_FOLDER ..."
+    )
   if FLAGS.batch_size < 1:
     raise app.UsageError("--batch_size must be >= 1")
-  try:
-    files = find_images(paths)
-    config, predict = load_recognizer(FLAGS.workdir, FLAGS.checkpoint)
-  except ReadError as e:
-    sys.exit(f"error: {e}")
+  check_output(FLAGS.csv)
+  files = find_images(paths)
   if not files:
-    sys.exit(f"error: no image files ({', '.join(IMAGE_SUFFIXES)}) under {paths}")
+    raise ReadError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {paths}")
+  config, predict = load_recognizer(FLAGS.workdir, FLAGS.checkpoint)
   rows, skipped = [], []
   for path, text, extra in read(
     predict,
@@ -284,4 +299,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main, "mms_jax.read")

@@ -1,4 +1,12 @@
-"""One run per workdir: a second program started on a workdir in use stops with a message.
+"""One run per workdir, and only a run of its own program: both checked before a program
+writes anything.
+
+`check(workdir, program)` refuses, with the fix, a workdir that is a file or cannot be
+created, one that holds another program's run (a fine-tune pointed at a pretraining
+workdir would overwrite its config.json), and a folder of other files. A workdir that
+does not exist, is empty, or holds a run of the same program (to resume) passes.
+
+A second program started on a workdir in use stops with a message.
 
 Two runs in one workdir would both write checkpoints, logs and (the ablation) runs.jsonl,
 and the later one would resume from the earlier one's half-written steps. The lock is an
@@ -10,6 +18,7 @@ has no locks (some network mounts) the program warns and runs unguarded.
 
 import contextlib
 import fcntl
+import json
 import os
 import socket
 import time
@@ -23,6 +32,54 @@ LOCK_NAME = ".mms_jax.lock"
 
 class WorkdirInUseError(errors.UserError):
   """Another process holds the workdir's lock."""
+
+
+# What a run writes before its config.json: a run that stopped that early is resumable.
+RUN_FILES = (LOCK_NAME, "tensorboard", "metrics.jsonl", "synthetic_fonts.json")
+
+
+def check(workdir, program):
+  """Raises errors.UserError (module docstring) unless `program` may run in `workdir`."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise errors.UserError(f"--workdir={workdir} is a file, not a folder: give a new folder")
+  if not os.path.exists(path):
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+      raise errors.UserError(
+        f"--workdir={workdir} cannot be created: {parent} is a file. Give a folder path"
+      )
+    if not os.access(parent, os.W_OK | os.X_OK):
+      raise errors.UserError(
+        f"--workdir={workdir} cannot be created: {parent} is not writable. Give a "
+        "folder you can write"
+      )
+    return
+  config_path = os.path.join(path, "config.json")
+  if os.path.isfile(config_path):
+    try:
+      with open(config_path) as f:
+        held = json.load(f).get("program")
+    except (OSError, ValueError, AttributeError) as e:
+      raise errors.UserError(
+        f"--workdir={workdir}: its config.json cannot be read ({e}); give a new --workdir"
+      ) from None
+    if held and held != program:
+      raise errors.UserError(
+        f"--workdir={workdir} holds a {held} run, not a {program} one; nothing was "
+        f"written to it. To start from it, use --config.init_from={workdir} and a new "
+        "--workdir"
+      )
+    return
+  others = sorted(set(os.listdir(path)) - set(RUN_FILES))
+  if others:
+    shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+    raise errors.UserError(
+      f"--workdir={workdir} holds files of its own ({shown}) and no mms_jax run "
+      "(config.json); give a new or empty folder, so that nothing in it is overwritten"
+    )
 
 
 def _acquire(workdir):

@@ -22,8 +22,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from mms_jax import cli
 from mms_jax import convert as convert_lib
-from mms_jax.train import checkpoints
+from mms_jax import errors
 
 flags.DEFINE_string("src", None, "Source checkpoint (see the module docstring).")
 flags.DEFINE_string("dst", None, "Output directory.")
@@ -77,12 +78,11 @@ def main(argv):
       strict=f.strict,
       file_format=f.file_format,
     )
-  except (convert_lib.ConversionError, checkpoints.CheckpointError) as e:
-    logging.error("Conversion failed: %s", e)
-    raise SystemExit(f"error: {e}") from None
+  except convert_lib.ConversionError as e:
+    raise errors.UserError(f"conversion failed: {e}") from e
   logging.info("Wrote %s", out)
   print(out)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "mms_jax.convert")

@@ -30,7 +30,8 @@ Batches:
   curriculum: a training mixture that changes with the step (synthetic, direct
     reader): synthetic_train.clean_fraction falls linearly to 0 at `clean_until_step`;
     synthetic_train.hard_fraction rises linearly from 0 at `hard_start_step` to its
-    value at `hard_end_step`. 0 (the default) keeps a fraction constant.
+    value at `hard_end_step`. 0 (the default) keeps a fraction constant. Other
+    sources train on their own records: the curriculum does not apply to them.
   splits: {split: tree sub-path(s)}, e.g. {'train': 'train/real', 'test': 'evaluation'}.
   charset, max_label_length, case_sensitive, max_aspect, max_pixels: read options.
   keep_aspect, augment: preprocessing; worker_count, read_threads, prefetch: grain.
@@ -173,12 +174,11 @@ def validate(data_config) -> None:
       "Set data_config.path to an existing folder (see docs/data.md).",
     )
   curriculum = Curriculum.from_config(data_config)
-  if curriculum.active and (source != "synthetic" or reader != "direct"):
+  if curriculum.active and source == "synthetic" and reader != "direct":
     raise errors.ConfigError(
-      f"data_config.curriculum={curriculum} needs generated training images "
-      f"(data.source=synthetic, data.reader=direct), not source={source!r}, "
-      f"reader={reader!r}: built data sets are fixed. Set the curriculum steps to 0 "
-      "or use the direct reader."
+      f"data.curriculum={curriculum} changes the generated training images with the "
+      "step, which a built (reader='tfds') data set cannot do: set data.reader=direct, "
+      "or set data.curriculum's steps to 0."
     )
   charset = _get(data_config, "charset", "")
   if charset:
@@ -240,10 +240,21 @@ class Curriculum:
     return clean, hard
 
 
+def curriculum_applies(data_config) -> bool:
+  """True when data.curriculum shapes the training images: it belongs to images
+  generated on the fly (source 'synthetic', reader 'direct'); any other source trains
+  on its own records and the curriculum does not apply."""
+  return (
+    Curriculum.from_config(data_config).active
+    and _get(data_config, "source") == "synthetic"
+    and _get(data_config, "reader", "tfds") == "direct"
+  )
+
+
 def check_curriculum_fits(data_config, total_steps: int, global_batch_size: int) -> None:
   """Refuses a curriculum that would restart: it counts steps within one pass over
   data.size.train generated images."""
-  if not Curriculum.from_config(data_config).active:
+  if not curriculum_applies(data_config):
     return
   train_size = synthetic_sizes(data_config)["train"]
   needed = int(total_steps) * int(global_batch_size)
@@ -393,14 +404,17 @@ def synthetic_fonts(data_config, splits: Sequence[str]) -> dict[str, Any]:
 def _resolve_subpath(data_config, split: str) -> str:
   """The tree sub-path of a split: config.data.splits, else the source's default,
   else the split's own name. Unlabeled data without a `train/` folder (the Union14M-U
-  release: book32_lmdb/, cc_lmdb/, ... under one root) trains on the whole tree."""
+  release: book32_lmdb/, cc_lmdb/, ... under one root) trains on the whole tree, and
+  so does a labelled folder or LMDB tree with no train/, val/ or test/ folder (one
+  gt.txt or data.mdb at its root, say)."""
   source = _get(data_config, "source")
   mapped = _to_dict(_get(data_config, "splits", None)).get(split)
   if mapped is not None:
     return mapped
-  if source == "unlabeled" and split == "train":
+  if split == "train" and source in ("unlabeled", "folder", "str_lmdb"):
     root = os.path.expanduser(_get(data_config, "path", "") or "")
-    if not os.path.isdir(os.path.join(root, "train")):
+    split_folders = ("train",) if source == "unlabeled" else ("train", "val", "test")
+    if not any(os.path.isdir(os.path.join(root, f)) for f in split_folders):
       return "."
   return DEFAULT_SPLITS.get(source, {}).get(split, split)
 
@@ -796,6 +810,19 @@ def _fingerprint(source) -> str:
   return hashlib.sha256(repr(source).encode()).hexdigest()[:16]
 
 
+class DataStateMismatch(errors.UserError, ValueError):
+  """A checkpoint's data position belongs to another training stream (other data,
+  seed or global batch size); `changed` maps each field to (saved, now)."""
+
+  def __init__(self, changed: Mapping[str, tuple[Any, Any]]):
+    self.changed = dict(changed)
+    super().__init__(
+      "the checkpoint was trained on another data stream ("
+      + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in self.changed.items())
+      + ")"
+    )
+
+
 class TrainIterator(grain.DatasetIterator):
   """Iterates a host's training batches; the state is the global step.
 
@@ -864,7 +891,7 @@ class TrainIterator(grain.DatasetIterator):
       )
     changed = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
     if changed:
-      raise ValueError(f"The data state belongs to another stream; (saved, now): {changed}.")
+      raise DataStateMismatch(changed)
     self._stop()
     self._step = int(state["step"])
 
@@ -902,7 +929,7 @@ def make_train_iterator(
   if source is None:
     source = make_source(data_config, split)
   curriculum = Curriculum.from_config(data_config)
-  if curriculum.active and isinstance(source, SyntheticSource):
+  if curriculum_applies(data_config) and isinstance(source, SyntheticSource):
     source = source.with_curriculum(curriculum, global_batch_size)
   if len(source) == 0:
     raise formats.DataError(f"{source!r} has no records.")

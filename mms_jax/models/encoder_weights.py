@@ -116,7 +116,7 @@ def extract_encoder(loaded_params, abstract_encoder_params, source=""):
   return flat
 
 
-def _put(value, target):
+def put(value, target):
   """`value` with the dtype and sharding of the fresh tensor `target`."""
   value = jnp.asarray(value, target.dtype)
   sharding = getattr(target, "sharding", None)
@@ -151,7 +151,7 @@ def merge(fresh_params, loaded_params, *, strict=True, source=""):
         )
       mismatched.append(name)
     else:
-      merged[name] = _put(value, fresh[name])
+      merged[name] = put(value, fresh[name])
       taken.append(name)
   logging.info(
     "init_from %s (%s): loaded %d of %d tensors; new (fresh init): %s; shape differs "

@@ -73,10 +73,15 @@ def encoder_of(config, *, from_init=True):
 
 
 @functools.lru_cache(maxsize=8)
+def init_run_config(init_from):
+  """The config of the run behind the checkpoint at `init_from` ({} when it has none),
+  read once: finding the checkpoint verifies its manifest, which hashes its files."""
+  return checkpoints.run_config(init_from)
+
+
 def _pretrained_encoder(init_from):
-  """The encoder section of the run behind a checkpoint, or None (read once: finding the
-  checkpoint verifies its manifest, which hashes its files)."""
-  encoder = encoder_config.of_model(checkpoints.run_config(init_from).get("model") or {})
+  """The encoder section of the run behind a checkpoint, or None."""
+  encoder = encoder_config.of_model(init_run_config(init_from).get("model") or {})
   if encoder is None:
     logging.warning("init_from=%s has no run config: its encoder is assumed to match.", init_from)
   return encoder
@@ -140,8 +145,26 @@ def restore_or_fresh(ckpt, config, abstract_state, shardings, make_fresh, data_i
     resume_from=config.resume_from or None,
   )
   if data_state is not None:
-    data_iter.set_state(data_state)
+    try:
+      data_iter.set_state(data_state)
+    except pipeline.DataStateMismatch as e:
+      raise errors.UserError(_stream_fix(e, source, config, ckpt.workdir)) from None
   return (make_fresh() if state is None else state), source
+
+
+def _stream_fix(error, source, config, workdir):
+  """The one-line message of a checkpoint whose data stream is not this config's."""
+  if source == "resume_from":
+    return (
+      f"config.resume_from={config.resume_from!r}: {error}. resume_from continues the "
+      "same run on the same data; to train its weights on this data, use "
+      f"--config.init_from={config.resume_from!r} instead (a new schedule and optimizer)."
+    )
+  return (
+    f"workdir {os.fspath(workdir)!r}: {error}. Resume it with the data flags it was "
+    "started with (its config.json), or give a new --workdir with "
+    f"--config.init_from={os.fspath(workdir)!r} to start from its weights."
+  )
 
 
 # ------------------------------------------------------------------------------------
@@ -220,12 +243,7 @@ def global_batch(local_arrays, mesh):
 def learning_rate_schedule(config, total_steps):
   """lr = base_lr * global_batch / 256, linear warmup, then cosine decay to 0."""
   peak = config.lr.base * config.batch_size / 256
-  warmup = (
-    int(round(config.lr.warmup_fraction * total_steps))
-    if config.lr.get("warmup_fraction") is not None
-    else int(config.lr.warmup_steps)
-  )
-  warmup = min(max(warmup, 0), max(total_steps - 1, 0))
+  warmup = warmup_steps(config, total_steps)
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=peak,
@@ -233,6 +251,35 @@ def learning_rate_schedule(config, total_steps):
     decay_steps=max(total_steps, max(warmup, 1) + 1),
     end_value=config.lr.get("end", 0.0) * peak,
   )
+
+
+SHORT_RUN_WARMUP_FRACTION = 0.1
+
+
+def warmup_steps(config, total_steps):
+  """The warmup of the lr schedule: config.lr.warmup_fraction of the run, else
+  config.lr.warmup_steps. A warmup as long as the run or longer (a short fine-tune
+  with a recipe's warmup) would end the run at the peak lr: it is scaled to
+  SHORT_RUN_WARMUP_FRACTION of the run, with a warning."""
+  if config.lr.get("warmup_fraction") is not None:
+    fraction = float(config.lr.warmup_fraction)
+    if not 0 <= fraction < 1:
+      raise ConfigError(f"config.lr.warmup_fraction={fraction}: use a fraction in [0, 1)")
+    return int(round(fraction * total_steps))
+  warmup = max(int(config.lr.warmup_steps), 0)
+  if total_steps > 1 and warmup >= total_steps:
+    scaled = max(1, int(round(SHORT_RUN_WARMUP_FRACTION * total_steps)))
+    logging.warning(
+      "config.lr.warmup_steps=%d is not shorter than the run's %d steps: warming up "
+      "over %d steps (%d %%) instead. Set config.lr.warmup_steps below total_steps "
+      "(or config.lr.warmup_fraction) to choose.",
+      warmup,
+      total_steps,
+      scaled,
+      round(100 * SHORT_RUN_WARMUP_FRACTION),
+    )
+    return scaled
+  return min(warmup, max(total_steps - 1, 0))
 
 
 _NO_DECAY = re.compile(r"(bias|scale|cls_token|mask_token|pos_embed|position)")
@@ -391,10 +438,14 @@ class StepBookkeeping:
     return stop
 
 
-def write_config(config, workdir):
-  if jax.process_index() == 0:
+def write_config(config, workdir, *, keep_existing=False):
+  """Writes workdir/config.json, the record of how the run was made; called once every
+  check has passed. keep_existing (evaluate-only runs): a training run's config.json
+  stays as it is."""
+  path = os.path.join(workdir, "config.json")
+  if jax.process_index() == 0 and not (keep_existing and os.path.exists(path)):
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(path, "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
@@ -463,14 +514,23 @@ def format_duration(seconds):
 
 
 class Throughput:
-  """images/s and ETA between log steps."""
+  """images/s and ETA between log steps. The first step after a (re)start compiles the
+  update, so it is only timed (logged once): speed and ETA start from the next."""
 
   def __init__(self, total_steps, images_per_step, start_step):
     self.total_steps, self.images_per_step = total_steps, images_per_step
     self.last_time, self.last_step = time.perf_counter(), start_step
+    self.start_step = start_step
 
   def __call__(self, step):
     now = time.perf_counter()
+    if self.last_step == self.start_step:
+      logging.info(
+        "The first step took %s (compiling); speed and ETA follow.",
+        format_duration(now - self.last_time),
+      )
+      self.last_time, self.last_step = now, step
+      return {}
     steps = max(step - self.last_step, 1)
     seconds_per_step = (now - self.last_time) / steps
     self.last_time, self.last_step = now, step

@@ -211,7 +211,6 @@ def train_and_evaluate(task, config, workdir):
   common.resolve_encoder(config)
   model = check_config(task, config)
   common.maybe_initialize_distributed(config)
-  common.write_config(config, workdir)
   writer = common.MetricWriter(workdir)
 
   # ---- Mesh.
@@ -269,6 +268,7 @@ def train_and_evaluate(task, config, workdir):
   if config.eval_only:
     abstract = checkpoints.abstract_with_sharding(abstract_state.params, shardings.params)
     params, step = finetune.load_for_eval(finetune.eval_checkpoint(config, workdir), abstract)
+    common.write_config(config, workdir, keep_existing=True)
     metrics = write_eval(max(step, 0), params)
     writer.close()
     return common.RunResult(step, metrics=metrics)
@@ -287,6 +287,7 @@ def train_and_evaluate(task, config, workdir):
   if source == "scratch" and config.init_from:
     state = state.replace(params=common.load_pretrained(state.params, config.init_from))
     source = "init_from"
+  common.write_config(config, workdir)  # every check has passed
   start_step = int(state.step)
   common.log_parameter_summary(
     state.params["encoder"], "encoder (frozen)" if config.freeze_encoder else "encoder"

@@ -222,7 +222,6 @@ def train_and_evaluate(config, workdir):
   common.resolve_encoder(config, from_init=False)
   spec = check_config(config)
   common.maybe_initialize_distributed(config)
-  common.write_config(config, workdir)
   writer = common.MetricWriter(workdir)
   num_train = None
   if not config.get("total_steps"):  # num_epochs: count the training set
@@ -275,6 +274,7 @@ def train_and_evaluate(config, workdir):
     # every tensor whose path and shape match: the decoder too
     params = common.load_pretrained(state.params, config.init_from, strict=False)
     state, source = state.replace(params=params), "init_from"
+  common.write_config(config, workdir)  # every check has passed
   start_step = int(state.step)
   common.log_parameter_summary(state.params, "MAE")
 

@@ -24,7 +24,9 @@ from mms_jax.data import tokenizer as tokenizer_lib
 from mms_jax.evaluate import pictures
 from mms_jax.evaluate import str_benchmarks
 from mms_jax.evaluate import text_metrics
+from mms_jax.models import encoder_weights
 from mms_jax.models import recognition as rec
+from mms_jax.models import recognizer_weights
 from mms_jax.models import vit
 from mms_jax.train import checkpoints
 from mms_jax.train import common
@@ -70,8 +72,120 @@ def check_config(config):
   pipeline.validate(config.data)
   if config.total_steps:
     pipeline.check_curriculum_fits(config.data, config.total_steps, config.batch_size)
+  check_eval_splits(config)
   check_benchmarks_path(config)
-  return tokenizer_lib.Tokenizer(charset, m.head)
+  tokenizer = tokenizer_lib.Tokenizer(charset, m.head)
+  source_recognizer(config)
+  return tokenizer
+
+
+# The splits of generated data that a tree of the user's does not have.
+SYNTHETIC_EVAL_SPLITS = ("test_heldout_fonts", "test_hard")
+TREE_EVAL_SPLITS = ("test", "val")
+
+
+def _split_problem(data, split):
+  """None when `split` of the data config `data` exists, else why not."""
+  if data.source == "synthetic":
+    sizes = pipeline.synthetic_sizes(data)
+    return None if split in sizes else f"generated data has no size for it ({sorted(sizes)})"
+  try:
+    pipeline.list_benchmarks(data, split)
+  except (formats.DataError, ValueError) as e:
+    return str(e)
+  return None
+
+
+def check_eval_splits(config):
+  """Every split config.eval.splits names must exist, checked before anything compiles.
+  On a tree of the user's (any source but 'synthetic'), the default generated-data
+  splits (test_heldout_fonts, test_hard) become the tree's own test and/or val split
+  (config.eval.splits is updated, so config.json records what was scored)."""
+  splits = tuple(config.eval.splits)
+  if config.data.source != "synthetic" and splits and set(splits) <= set(SYNTHETIC_EVAL_SPLITS):
+    found = tuple(s for s in TREE_EVAL_SPLITS if _split_problem(config.data, s) is None)
+    config.eval.splits = found
+    if not found:
+      logging.warning(
+        "data.path=%s has no test or val split, so this run scores nothing: put held-out "
+        "crops in its test/ folder (docs/data.md), or set config.eval.splits (and "
+        "config.data.splits.<split>) to sub-folders of it.",
+        config.data.path,
+      )
+      return
+    logging.info(
+      "Evaluating on the tree's own %s split(s) (config.eval.splits; the default %s "
+      "belong to generated data).",
+      "/".join(found),
+      "/".join(splits),
+    )
+    return
+  for split in splits:
+    problem = _split_problem(config.data, split)
+    if problem is not None:
+      raise common.ConfigError(
+        f"config.eval.splits has {split!r}, which the {config.data.source} data does not "
+        f"hold: {problem} Set config.eval.splits to splits the data has (or map one with "
+        f"--config.data.splits.{split}=SUB/FOLDER)."
+      )
+
+
+# Head fields that decide a trained head's tensors, by head kind.
+HEAD_FIELDS = {
+  "ctc": (),
+  "ar": ("decoder_width", "decoder_depth", "decoder_num_heads", "decoder_mlp_ratio"),
+}
+
+
+def source_recognizer(config):
+  """The run config of config.init_from when it is a recognizer whose head this run
+  keeps (config.init_head), else None. Checked before anything compiles: the head
+  kind and the head's own fields must be the trained recognizer's."""
+  if not config.init_from or not config.get("init_head", True):
+    return None
+  source = common.init_run_config(str(config.init_from))
+  if source.get("program") != "recognition":
+    return None
+  trained, m = source.get("model") or {}, config.model
+  if trained.get("head") != m.head:
+    raise common.ConfigError(
+      f"init_from={config.init_from!r} is a recognizer with a {trained.get('head')!r} "
+      f"head, and config.model.head={m.head!r}: set --config.model.head="
+      f"{trained.get('head')} to keep its head, or --config.init_head=False to start a "
+      "new head on its encoder."
+    )
+  clash = [f for f in HEAD_FIELDS[m.head] if trained.get(f, m[f]) != m[f]]
+  if clash:
+    raise common.ConfigError(
+      f"init_from={config.init_from!r} has another {m.head} head: "
+      + ", ".join(f"config.model.{f}={m[f]} vs {trained[f]}" for f in clash)
+      + ". Set these to the trained recognizer's, or --config.init_head=False to start a "
+      "new head on its encoder."
+    )
+  return source
+
+
+def init_from_recognizer(params, config, tokenizer, source):
+  """`params` with init_from's encoder and, when `source` (source_recognizer) is set,
+  its head, mapped onto this run's charset (new characters keep their fresh rows)."""
+  loaded = checkpoints.load_params(config.init_from, what="init_from")
+  params = encoder_weights.merge(params, loaded, strict=True, source=str(config.init_from))
+  if source is None:
+    logging.info("Initialised the encoder from init_from=%s.", config.init_from)
+    return params
+  old = tokenizer_lib.Tokenizer(source.get("charset") or "36", config.model.head)
+  head = recognizer_weights.transfer_head(params["head"], loaded["head"], old, tokenizer)
+  new_chars = sorted(set(tokenizer.charset) - set(old.charset))
+  logging.info(
+    "Initialised encoder and %s head from the recognizer init_from=%s (charset %d -> %d "
+    "characters%s).",
+    config.model.head,
+    config.init_from,
+    len(old.charset),
+    len(tokenizer.charset),
+    f"; new, starting fresh: {''.join(new_chars)!r}" if new_chars else "",
+  )
+  return {**params, "head": head}
 
 
 def check_benchmarks_path(config):
@@ -282,8 +396,6 @@ def train_and_evaluate(config, workdir):
   common.resolve_encoder(config)
   tokenizer = check_config(config)
   common.maybe_initialize_distributed(config)
-  if not config.eval_only:  # keep the training run's config.json
-    common.write_config(config, workdir)
   writer = common.MetricWriter(workdir)
   num_train = None
   if not config.total_steps:  # num_epochs: count the training set
@@ -298,6 +410,14 @@ def train_and_evaluate(config, workdir):
   common.log_run_header("recognition", config, mesh, workdir)
   if config.data.source == "synthetic" and not config.eval_only:
     record_synthetic_fonts(config, workdir)
+  if pipeline.Curriculum.from_config(config.data).active and not pipeline.curriculum_applies(
+    config.data
+  ):
+    logging.info(
+      "data.curriculum shapes generated images only: data.source=%s trains on its own "
+      "records as they are.",
+      config.data.source,
+    )
 
   # ---- Model and optimizer, created already sharded.
   model = build_model(config, tokenizer)
@@ -331,6 +451,7 @@ def train_and_evaluate(config, workdir):
       finetune.eval_checkpoint(config, workdir),
       checkpoints.abstract_with_sharding(abstract_state.params, shardings.params),
     )
+    common.write_config(config, workdir, keep_existing=True)
     results = run_evals(predictor(params), config, workdir, step, writer)
     writer.close()
     return common.RunResult(step, metrics=results)
@@ -348,11 +469,13 @@ def train_and_evaluate(config, workdir):
   state, source = common.restore_or_fresh(
     ckpt, config, abstract_state, shardings, lambda: fresh_state(init_rng), data_iter
   )
+  trained = source_recognizer(config)
   if source == "scratch" and config.init_from:
-    state = state.replace(params=common.load_pretrained(state.params, config.init_from))
-    source = "init_from"
+    state = state.replace(params=init_from_recognizer(state.params, config, tokenizer, trained))
+    source = "init_from" if trained is None else "init_from, head included"
   elif source == "scratch":
     logging.warning("No init_from: the encoder starts from random weights.")
+  common.write_config(config, workdir)  # every check has passed
   start_step = int(state.step)
   common.log_parameter_summary(
     state.params["encoder"], "encoder (frozen)" if config.freeze_encoder else "encoder"
@@ -361,8 +484,11 @@ def train_and_evaluate(config, workdir):
 
   train_step = make_train_step(model, config, tokenizer, optimizer, schedule, mesh, shardings)
 
-  # ---- Loop.
+  # ---- Loop; a run that starts from a trained recognizer is scored first.
   evaluation = {}
+  if source == "init_from, head included" and eval_targets(config):
+    logging.info("Scoring the trained recognizer before the first step.")
+    evaluation = run_evals(predictor(state.params), config, workdir, 0, writer)
   with common.StepBookkeeping(
     config, total_steps, start_step, ckpt, data_iter, writer, source
   ) as bookkeeping:
