@@ -65,9 +65,9 @@ def _metric_summary(metrics):
           f"{name} word accuracy {100 * row['word_accuracy']:.1f} %, "
           f"1-NED {100 * row['one_minus_ned']:.1f} %"
         )
-    elif isinstance(value, (int, float)) and not name.endswith("/count"):
+    elif isinstance(value, (int, float)) and not name.endswith("/count") and "bicubic" not in name:
       parts.append(f"{name.removeprefix('eval/')} {value:.4g}")
-  return "; ".join(parts[:6])
+  return "; ".join(parts[:4]) + ("; ..." if len(parts) > 4 else "")
 
 
 def summary_lines(program, result, workdir, seconds):
@@ -75,7 +75,9 @@ def summary_lines(program, result, workdir, seconds):
   lines = [f"{program} finished in {_duration(seconds)} at step {getattr(result, 'step', '?')}."]
   metrics = _metric_summary(getattr(result, "metrics", None))
   if metrics:
-    lines.append(f"Last evaluation: {metrics}.")
+    tables = sorted(f for f in os.listdir(workdir) if f.startswith("eval") and f.endswith(".md"))
+    where = f" (tables: {', '.join(tables)})" if tables else ""
+    lines.append(f"Last evaluation{where}: {metrics}.")
   ckpt_root = os.path.join(workdir, "checkpoints")
   steps = (
     sorted(int(d) for d in os.listdir(ckpt_root) if d.isdigit()) if os.path.isdir(ckpt_root) else []

@@ -36,6 +36,7 @@ ABSL_FLAGS = {
   "logtostderr",
   "alsologtostderr",
   "flagfile",
+  "verbose",  # mms_jax/cli.py defines it for every command
 }
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$")  # OTHER_WORKDIR, ARGS, PRETRAIN_DIR ...
 # On the line before a fence: a record of a command as it was run, with a variant or

@@ -89,6 +89,10 @@ def test_segmentation_with_frozen_encoder_trains_evaluates_and_reevaluates(tmp_p
     assert final[f"eval/{split}/count"] == count  # padded last batch not counted
     for metric in ("iou", "fscore", "iou_per_image", "precision", "recall"):
       assert 0 <= final[f"eval/{split}/{metric}"] <= 1
+  table = (workdir / "eval.md").read_text().splitlines()
+  assert table[2].startswith("| benchmark | fscore | fscore_per_image | iou | iou_per_image |")
+  iou = final["eval/test_hard/iou"]
+  assert any(line.startswith("| test_hard | ") and f"| {iou:.4g} |" in line for line in table)
   assert (workdir / "segmentation_0000002.png").stat().st_size > 1000
 
   # Eval-only on the trained workdir gives the same numbers, and trains nothing.

@@ -465,11 +465,13 @@ class MetricWriter:
       self._events = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
-  def write_scalars(self, step, scalars):
+  def write_scalars(self, step, scalars, log=True):
+    """log=False: events and metrics.jsonl only (the caller prints a table)."""
     if self._events is None:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    logging.info("%s", console_line(step, scalars, self.total_steps))
+    if log:
+      logging.info("%s", console_line(step, scalars, self.total_steps))
     for name, value in scalars.items():
       self._events.add_scalar(name, value, step)
     self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")

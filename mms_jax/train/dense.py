@@ -184,6 +184,25 @@ def evaluate(task, eval_step, params, config, mesh, host_metrics=None):
   return results
 
 
+def format_table(metrics, title=""):
+  """{'eval/<benchmark>/<metric>': value} as a markdown table: a row per benchmark, a
+  column per metric (the image count last)."""
+  rows = {}
+  for key, value in metrics.items():
+    bench, _, metric = key.removeprefix("eval/").rpartition("/")
+    rows.setdefault(bench, {})[metric] = value
+  names = sorted({m for r in rows.values() for m in r if m != "count"})
+  lines = [f"### {title}", ""] if title else []
+  lines += [
+    "| benchmark | " + " | ".join(names) + " | images |",
+    "|---|" + "---:|" * (len(names) + 1),
+  ]
+  for bench, r in rows.items():
+    cells = [f"{r[m]:.4g}" if m in r else "" for m in names]
+    lines.append(f"| {bench} | " + " | ".join(cells) + f" | {int(r.get('count', 0))} |")
+  return "\n".join(lines) + "\n"
+
+
 def _summary(task, prefix, acc):
   return {f"{prefix}/{k}": v for k, v in {**task.summarize(acc), "count": acc.count}.items()}
 
@@ -254,10 +273,14 @@ def train_and_evaluate(task, config, workdir):
 
   def write_eval(step, params):
     metrics = evaluate(task, eval_step, params, config, mesh, host_metrics)
-    writer.write_scalars(step, metrics)
+    writer.write_scalars(step, metrics, log=False)
     if jax.process_index() == 0:
       with open(os.path.join(workdir, f"eval_{step:07d}.json"), "w") as f:
         json.dump(metrics, f, indent=1, sort_keys=True)
+      table = format_table(metrics, f"{task.program} at step {step}")
+      with open(os.path.join(workdir, "eval.md"), "w") as f:
+        f.write(table)
+      print(table, flush=True)
       if config.pictures:
         path = os.path.join(workdir, f"{task.program}_{step:07d}.png")
         task.picture(model, config, jax.device_get(params), picture_batch, path)
