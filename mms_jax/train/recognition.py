@@ -19,6 +19,7 @@ import optax
 
 from mms_jax.data import formats
 from mms_jax.data import labels as labels_lib
+from mms_jax.data import leakage
 from mms_jax.data import pipeline
 from mms_jax.data import tokenizer as tokenizer_lib
 from mms_jax.evaluate import pictures
@@ -357,6 +358,35 @@ def run_evals(predict, config, workdir, step, writer):
   return results
 
 
+def check_leakage(config, workdir):
+  """Warns, with a list in <workdir>/leakage.tsv, about evaluation images of a user's tree
+  that are also training images (exact or near duplicates; data/leakage.py)."""
+  if config.data.source == "synthetic" or not config.eval.splits or jax.process_index():
+    return
+  out = os.path.join(workdir, "leakage.tsv")
+  found = leakage.check(
+    config.data, "train", config.eval.splits, out, max_train=leakage.MAX_AUTOMATIC
+  )
+  if found is None:
+    logging.info(
+      "Training set larger than %d images: not checked for copies of the evaluation "
+      "images; run python -m mms_jax.data.leakage --source=%s --path=%s --eval=%s once.",
+      leakage.MAX_AUTOMATIC,
+      config.data.source,
+      config.data.path,
+      ",".join(config.eval.splits),
+    )
+  elif any(found.values()):
+    logging.warning(
+      "Evaluation images that are also training images (%s): their scores are inflated. "
+      "The pairs are in %s; remove them from one side.",
+      leakage.summary(found),
+      out,
+    )
+  else:
+    logging.info("No evaluation image is also a training image (data/leakage.py).")
+
+
 def record_synthetic_fonts(config, workdir):
   """Logs and writes workdir/synthetic_fonts.json: which fonts the generated training
   and test splits draw on this machine (they follow the installed fonts)."""
@@ -476,6 +506,8 @@ def train_and_evaluate(config, workdir):
   elif source == "scratch":
     logging.warning("No init_from: the encoder starts from random weights.")
   common.write_config(config, workdir)  # every check has passed
+  if source != "workdir":
+    check_leakage(config, workdir)
   start_step = int(state.step)
   common.log_parameter_summary(
     state.params["encoder"], "encoder (frozen)" if config.freeze_encoder else "encoder"
