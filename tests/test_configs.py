@@ -19,7 +19,8 @@ from mms_jax.train import recognition
 VARIANTS = (
   [("pretrain", v) for v in ("small", "plain", "tiny", "S4_union14m")]
   + [
-    ("finetune_recognition", v) for v in ("small", "quick", "robust", "plain", "tiny", "S_union14m")
+    ("finetune_recognition", v)
+    for v in ("small", "quick", "robust", "cased", "plain", "tiny", "S_union14m")
   ]
   + [("finetune_segmentation", v) for v in ("small", "tiny", "paper")]
   + [("finetune_sr", v) for v in ("small", "tiny", "paper")]

@@ -246,3 +246,14 @@ def test_resume_from_another_data_stream_is_one_line(trained_recognizer, word_tr
   assert len(error) == 1 and "another data stream" in error[0]
   assert f"--config.init_from='{source}' instead" in error[0]
   assert "Traceback" not in result.stderr
+
+
+def test_a_cased_recognizer_is_scored_with_both_protocols(trained_recognizer, tmp_path):
+  head, source = trained_recognizer
+  config = _tiny(head, charset="94", init_from=str(source), total_steps=1)
+  config.eval.charset = "36,94"
+  tables = recognition.train_and_evaluate(config, str(tmp_path)).metrics
+  assert set(tables) == {"test_heldout_fonts", "test_heldout_fonts_94"}
+  (row36,), (row94,) = tables["test_heldout_fonts"], tables["test_heldout_fonts_94"]
+  assert row94["word_accuracy"] <= row36["word_accuracy"]  # case counts in the 94 protocol
+  assert "(charset 94)" in (tmp_path / "eval_test_heldout_fonts_94.md").read_text()

@@ -317,43 +317,53 @@ def eval_targets(config):
   return targets
 
 
+def eval_protocols(config):
+  """The charsets config.eval.charset scores with ('36', or several: '36,94')."""
+  names = [c.strip() for c in str(config.eval.charset or "").split(",") if c.strip()]
+  return names or [text_metrics.DEFAULT_CHARSET]
+
+
 def run_evals(predict, config, workdir, step, writer):
-  """Scores every eval target; writes eval_<name>.{md,csv}; returns {name: rows}."""
+  """Scores every eval target under every protocol of config.eval.charset (the first
+  gives the table eval_<name>, each other one eval_<name>_<charset>); writes their
+  .md and .csv; returns {table name: rows}."""
   results, kept = {}, []
-  eval_charset = config.eval.charset or text_metrics.DEFAULT_CHARSET
+  protocols = eval_protocols(config)
 
   def keep(batch, preds):
     if len(kept) < config.num_picture_images:
       take = config.num_picture_images - len(kept)
       kept.extend(zip(batch["image"][:take], batch["label"][:take], preds[:take]))
 
-  for name, data, split in eval_targets(config):
-    rows = str_benchmarks.evaluate(
-      predict,
-      data,
-      split,
-      batch_size=config.eval.batch_size,
-      image_size=tuple(config.image_size),
-      charset=eval_charset,
-      max_batches=config.eval.max_batches,
-      on_batch=keep if not results else None,
-    )
-    results[name] = rows
-    title = f"{name} at step {step} (charset {eval_charset})"
-    if jax.process_index() == 0:
-      str_benchmarks.write_tables(rows, workdir, f"eval_{name}", title)
-      print(str_benchmarks.format_table(rows, title), flush=True)
-    writer.write_scalars(
-      step,
-      {
-        f"eval/{name}/{r['benchmark']}/{k}": r[k]
-        for r in rows
-        for k in ("word_accuracy", "one_minus_ned", "skipped")
-      },
-    )
+  for target, data, split in eval_targets(config):
+    for i, protocol in enumerate(protocols):
+      name = target if i == 0 else f"{target}_{protocol}"
+      rows = str_benchmarks.evaluate(
+        predict,
+        data,
+        split,
+        batch_size=config.eval.batch_size,
+        image_size=tuple(config.image_size),
+        charset=protocol,
+        max_batches=config.eval.max_batches,
+        on_batch=keep if not results else None,
+      )
+      results[name] = rows
+      title = f"{name} at step {step} (charset {protocol})"
+      if jax.process_index() == 0:
+        str_benchmarks.write_tables(rows, workdir, f"eval_{name}", title)
+        print(str_benchmarks.format_table(rows, title), flush=True)
+      writer.write_scalars(
+        step,
+        {
+          f"eval/{name}/{r['benchmark']}/{k}": r[k]
+          for r in rows
+          for k in ("word_accuracy", "one_minus_ned", "skipped")
+        },
+      )
   if config.pictures and kept and jax.process_index() == 0:
     path = os.path.join(workdir, f"predictions_{step:07d}.png")
-    pictures.save_prediction_grid(kept, path, eval_charset)
+    pictures.save_prediction_grid(kept, path, protocols[0])
     logging.info("Wrote %s", path)
   return results
 
