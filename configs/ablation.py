@@ -29,36 +29,26 @@ Variants (`--config=configs/ablation.py:VARIANT`):
                     recognition default recipe (configs/finetune_recognition.py) on a
                     1,500-step schedule (warmup 150) with 4,096 labelled images of the
                     test distribution, half of them rendered clean, no hard images;
-                    scored on 500 images of test_heldout_fonts and test_hard. Measured
-                    end to end (2026-12-06, 2-core Intel Xeon, both cores, nothing else
-                    running; runs.jsonl has `seconds` and `pretrain_seconds`): a
-                    3,000-step pretraining 15.2 min (105 img/s), a fine-tune 9.8 min,
-                    so a seed (one fine-tune from random init, two pretrainings with
-                    their fine-tunes) ~60 min and the default ~3.0 h. Seed 2, a
-                    session later on the same machine, took 82 min (pretrainings at
-                    60-100 img/s: 20.0 and 18.0 min; fine-tunes 10.6 and 12.2 min; the
-                    random-init one 21.5 min beside the test suite): plan 3.0-3.4 h.
-                    The runs of
-                    2026-12-05 (docs/results.md) pretrained 4,000 steps:
-                    --config.pretrain.total_steps=4000. The segmentation and SR
-                    columns (--config.stages="('finetune', 'segmentation',
-                    'super_resolution')", 300 steps each, pixel-shortcut heads) add
-                    2.7 min per segmentation run with both cores free, 4.6-4.9 min per
-                    run of either beside a second study (measured 2026-12-06): ~40 min
-                    per seed for four arms.
+                    scored on 500 images of test_heldout_fonts and test_hard. On a
+                    2-core Intel Xeon (runs.jsonl has `seconds` and
+                    `pretrain_seconds`): a 3,000-step pretraining 15-20 min, a
+                    fine-tune 10-12 min, a seed 60-82 min, the default 3.0-3.4 h. The
+                    segmentation and SR columns (--config.stages="('finetune',
+                    'segmentation', 'super_resolution')", 300 steps each,
+                    pixel-shortcut heads) add 3-5 min per run: ~40 min per seed for
+                    four arms.
   lengths           The default plus pretraining length as an axis: every arm's
                     fine-tune also from step 1,000 of its 3,000-step pretraining (rows
                     '<arm>@1000'; the default keeps that checkpoint, and where a
                     pretraining no longer has it, it is re-run to step 1,000). Run in
-                    the default's workdir it adds 2 fine-tunes per seed (measured
-                    2026-12-06: 7.4-7.5 min each with both cores free, 15.5 beside
-                    the test suite) plus, per seed whose step 1,000 was not kept (runs
-                    before 2026-12-06 04:00), two re-runs to step 1,000 (4-10 min each).
+                    the default's workdir it adds 2 fine-tunes per seed (7.5 min each
+                    with both cores free) plus, per seed whose step 1,000 was not kept,
+                    two re-runs to step 1,000 (4-10 min each).
   quick             The same with arms none / mms_per_sample, seed 0 and 1,000
-                    pretraining steps. Measured end to end (2026-12-06, same Xeon,
-                    nothing else running, empty compilation cache): 22.1 min (the
-                    pretraining 4.8 min, each fine-tune 8.7 min).
-  probe             The 2026-12-01 study: six arms, 600 pretraining steps, the probe
+                    pretraining steps. 22 min end to end on the same Xeon with an
+                    empty compilation cache (the pretraining 4.8 min, each fine-tune
+                    8.7 min).
+  probe             The linear-probe study: six arms, 600 pretraining steps, the probe
                     stage only (frozen encoder, linear probes for recognition,
                     segmentation and SR on 2,048 images). About 90 min per seed with
                     the earlier plain 4x4 encoder (8.5 min per pretraining, multi_view
@@ -70,8 +60,8 @@ Variants (`--config=configs/ablation.py:VARIANT`):
   python -m mms_jax.main --config=configs/ablation.py --workdir=workdirs/ablation
   python -m mms_jax.main --config=configs/ablation.py:lengths --workdir=workdirs/ablation
   python -m mms_jax.main --config=configs/ablation.py:quick --workdir=workdirs/ablation_quick
-  # the same pretrainings, 1,024 labelled images (fine-tunes only; measured 2026-12-06:
-  # 81 min for the 9 runs, 8.6-10.2 min each):
+  # the same pretrainings, 1,024 labelled images (fine-tunes only; 81 min for the 9
+  # runs, 8.6-10.2 min each):
   python -m mms_jax.main --config=configs/ablation.py --workdir=workdirs/ablation_1024 \
       --config.pretrained_in=workdirs/ablation --config.finetune.data.size.train=1024
   # ... and with the pipeline's augmentation, which keeps that fine-tune from memorising

@@ -9,8 +9,8 @@ Variants (`--config=configs/finetune_recognition.py:VARIANT`):
                     distribution (training fonts), starting clean (all images clean at
                     step 0, none from step 1,000) and ending with 'hard' images (0 % at
                     step 5,000 rising to 30 % at step 7,000). From scratch or
-                    --config.init_from. Measured on the documented full font set
-                    (launch/install.sh; 186 training, 16 held-out fonts), 2026-12-05:
+                    --config.init_from. On the documented full font set
+                    (launch/install.sh; 186 training, 16 held-out fonts) it reads
                     68.8 % held-out fonts, 7.4 % hard (1-NED 89.2 / 32.8); Tesseract 5.3
                     reads 49 % / 6 % of those splits, RapidOCR (PP-OCRv4) 77 % / 17 %.
                     9,000 steps are ~53 min on both cores of that day's 2-core Intel
@@ -19,16 +19,16 @@ Variants (`--config=configs/finetune_recognition.py:VARIANT`):
                     1,000 steps.
   quick             The same recipe, 1,500 steps, clean until step 500, no hard
                     images: a demonstration that the curve leaves the CTC plateau, not
-                    a usable recognizer (5.0 % held-out fonts, 1-NED 47.8 %; 15 min on
-                    one core of the 2026-12-05 Intel Xeon, ~9 min on both).
+                    a usable recognizer (5.0 % held-out fonts, 1-NED 47.8 %; ~9 min on
+                    both cores of a 2-core Intel Xeon).
   robust            An optional second stage after a `small` run
                     (--config.init_from=<its workdir>; its head is kept, measured
                     below with the head starting fresh, as --config.init_head=False):
                     1,500 steps on half normal, half 'hard' training images at peak lr
-                    5e-4 (~10 min on both cores). On the 2026-12-03 recipe it took the
-                    hard split from 6.4 % to 12.2 %; on today's default, which already
+                    5e-4 (~10 min on both cores). After a recipe without hard images it
+                    doubled the hard split (6.4 -> 12.2 %); after the default, which
                     ends with hard images, it adds nothing (hard 7.4 -> 7.6 %, held-out
-                    68.8 -> 67.8 %; docs/results.md, 2026-12-05).
+                    68.8 -> 67.8 %; docs/results.md).
   cased             An optional second stage after a `small` run
                     (--config.init_from=<its workdir>; the head is kept): the
                     94-character charset (upper case and punctuation; the new
@@ -41,7 +41,7 @@ Variants (`--config=configs/finetune_recognition.py:VARIANT`):
                     of docs/results.md it does not leave the CTC plateau.
   tiny              Seconds-long smoke run matching configs/pretrain.py:tiny (tests;
                     plain ViT, AR head).
-  S_union14m        Paper scale (METHOD.md §4): plain ViT-S/4 + AR decoder 6 x 384 x 8 heads,
+  S_union14m        Paper scale (docs/method.md §4): plain ViT-S/4 + AR decoder 6 x 384 x 8 heads,
                     max length 25, trained on Union14M-L-style STR LMDBs with the
                     94-character charset, evaluated on the six standard benchmarks
                     (36-character protocol). Cost, analytic: ~12.4 GFLOP forward per
@@ -227,17 +227,15 @@ def get_config(variant="small"):
 
   # A clean start: every training image clean (black on white, no geometry,
   # degradations or occluders) at step 0, falling linearly to none at this step; it
-  # leaves the CTC plateau ~1,000 steps sooner on the full font set (docs/results.md,
-  # 2026-12-04). It needs freshly generated images (not robust's second stage, a fixed
-  # data set or an LMDB).
+  # leaves the CTC plateau ~1,000 steps sooner on the full font set (docs/results.md).
+  # It shapes freshly generated images only; other data sources train as they are.
   clean_until_step = {"small": 1000, "plain": 1000, "quick": 500}.get(variant, 0)
   if clean_until_step:
     c.data.synthetic_train.clean_fraction = 1.0
     c.data.curriculum.clean_until_step = clean_until_step
   # A hard finish: 'hard' training images from 0 % at step 5,000 to 30 % at step 7,000.
   # Hard images from the first step keep the model on the CTC plateau; after it they
-  # double the hard split's word accuracy at no cost on held-out fonts (docs/results.md,
-  # 2026-12-05).
+  # double the hard split's word accuracy at no cost on held-out fonts (docs/results.md).
   if variant in ("small", "plain"):
     c.data.synthetic_train.hard_fraction = 0.3
     c.data.curriculum.update(hard_start_step=5000, hard_end_step=7000)

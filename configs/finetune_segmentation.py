@@ -1,4 +1,4 @@
-r"""Text segmentation: pretrained ViT encoder + light transformer head (METHOD.md §4).
+r"""Text segmentation: pretrained ViT encoder + light transformer head (docs/method.md §4).
 
 Variants (`--config=configs/finetune_segmentation.py:VARIANT`):
 

@@ -1,5 +1,5 @@
 r"""Text-image super-resolution: bicubic(LR) -> pretrained ViT encoder -> light transformer
-head predicting the HR pixels of each patch (METHOD.md §4).
+head predicting the HR pixels of each patch (docs/method.md §4).
 
 Variants (`--config=configs/finetune_sr.py:VARIANT`):
 

@@ -9,7 +9,7 @@ Variants (`--config=configs/pretrain.py:VARIANT`):
   plain             The same size with the paper's plain ViT (4x4 linear patches, no
                     attention bias); exports to PyTorch (docs/pytorch.md).
   tiny              Seconds-long smoke run, plain ViT (tests, notebooks).
-  S4_union14m       Paper scale (METHOD.md §2): ViT-S/4 on Union14M-U-style LMDBs,
+  S4_union14m       Paper scale (docs/method.md §2): ViT-S/4 on Union14M-U-style LMDBs,
                     global batch 1024, 20 epochs (2 warmup), bf16 compute. About
                     50.7 GFLOP per image (fwd+bwd with the decoder, analytic;
                     docs/benchmarks.md), ~0.5 EFLOP per epoch of ~10M images, ~10 EFLOP

@@ -399,7 +399,7 @@ def count_for_ratio(ratio, num_cells):
 # Configuration.
 # ------------------------------------------------------------------------------------
 def default_config():
-  """The masking sub-config of every pretraining config (METHOD.md §3)."""
+  """The masking sub-config of every pretraining config (docs/method.md §3)."""
   return ml_collections.ConfigDict(
     dict(
       mode="per_sample",  # single | per_sample | union | multi_view

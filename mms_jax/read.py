@@ -21,7 +21,7 @@ when no image could be read.
                on the right): the default when the training config set data.keep_aspect.
   auto         (default) the one that matches the workdir's training data, as above.
 On 48 real word crops the default recognizer reads 75 % with `center`, 61-67 % with
-`stretch` (docs/results.md, 2026-12-05, "Real text").
+`stretch` (docs/results.md, "Real text").
 """
 
 import csv

@@ -1,4 +1,4 @@
-"""Properties of the masking samplers (METHOD.md §3)."""
+"""Properties of the masking samplers (docs/method.md §3)."""
 
 import re
 

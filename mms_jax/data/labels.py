@@ -1,6 +1,6 @@
 """Character sets and label normalisation for scene-text recognition.
 
-The community evaluation protocol (METHOD.md §4) normalises labels and predictions
+The community evaluation protocol (docs/method.md §4) normalises labels and predictions
 the same way: strip, NFKD to ASCII, lowercase and keep the 36 characters 0-9a-z.
 A case-sensitive mode keeps the 94 printable ASCII characters.
 """

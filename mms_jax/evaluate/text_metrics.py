@@ -1,4 +1,4 @@
-"""Scene-text recognition metrics under the community protocol (METHOD.md §4).
+"""Scene-text recognition metrics under the community protocol (docs/method.md §4).
 
 Both the ground truth and the prediction are normalised with labels.normalize_label
 over the evaluation charset before scoring:

@@ -1,7 +1,7 @@
 """Dense-prediction models: text segmentation and text-image super-resolution.
 
 Both are a ViT encoder over all tokens (no masking) plus a light transformer head that
-predicts one patch of output per token (METHOD.md §4):
+predicts one patch of output per token (docs/method.md §4):
 
   Segmenter:      images [B, H, W, 3]      -> foreground logits [B, H, W]
   SuperResolver:  lr_images [B, h, w, 3]   -> HR images [B, h * s, w * s, 3]

@@ -1,5 +1,5 @@
 """MMS pretraining: a ViT-MAE trained to reconstruct the patches hidden by several
-masking strategies (METHOD.md §2-3).
+masking strategies (docs/method.md §2-3).
 
   python -m mms_jax.main --config=configs/pretrain.py --workdir=workdirs/pretrain
 

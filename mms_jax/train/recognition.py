@@ -1,4 +1,4 @@
-"""Scene-text recognition fine-tuning of a pretrained MMS encoder (METHOD.md §4).
+"""Scene-text recognition fine-tuning of a pretrained MMS encoder (docs/method.md §4).
 
   python -m mms_jax.main --config=configs/finetune_recognition.py --workdir=DIR \
       --config.init_from=PRETRAIN_WORKDIR
@@ -172,16 +172,16 @@ def init_from_recognizer(params, config, tokenizer, source):
   loaded = checkpoints.load_params(config.init_from, what="init_from")
   params = encoder_weights.merge(params, loaded, strict=True, source=str(config.init_from))
   if source is None:
-    logging.info("Initialised the encoder from init_from=%s.", config.init_from)
+    logging.info("Initialised params from init_from=%s: the encoder.", config.init_from)
     return params
   old = tokenizer_lib.Tokenizer(source.get("charset") or "36", config.model.head)
   head = recognizer_weights.transfer_head(params["head"], loaded["head"], old, tokenizer)
   new_chars = sorted(set(tokenizer.charset) - set(old.charset))
   logging.info(
-    "Initialised encoder and %s head from the recognizer init_from=%s (charset %d -> %d "
-    "characters%s).",
-    config.model.head,
+    "Initialised params from init_from=%s, a recognizer: the encoder and its %s head "
+    "(charset %d -> %d characters%s).",
     config.init_from,
+    config.model.head,
     len(old.charset),
     len(tokenizer.charset),
     f"; new, starting fresh: {''.join(new_chars)!r}" if new_chars else "",

@@ -1,5 +1,5 @@
 """Text segmentation: a pretrained ViT encoder + light transformer head predicting a
-foreground patch per token, trained with per-pixel binary cross-entropy (METHOD.md §4).
+foreground patch per token, trained with per-pixel binary cross-entropy (docs/method.md §4).
 
   python -m mms_jax.main --config=configs/finetune_segmentation.py --workdir=DIR \
       --config.init_from=PRETRAIN_WORKDIR

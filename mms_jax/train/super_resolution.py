@@ -1,6 +1,6 @@
 """Text-image super-resolution: the LR image, bicubic-upsampled to the encoder size, goes
 through a pretrained ViT encoder; a light transformer head predicts the HR pixels of
-each patch. L2 loss, optionally + a gradient-profile term (METHOD.md §4).
+each patch. L2 loss, optionally + a gradient-profile term (docs/method.md §4).
 
   python -m mms_jax.main --config=configs/finetune_sr.py --workdir=DIR \
       --config.init_from=PRETRAIN_WORKDIR
