@@ -62,6 +62,18 @@ def main_process(config, workdir, *overrides, devices=None, timeout=300):
   )
 
 
+def module_process(module, *args, timeout=300):
+  """Runs `python -m <module> <args>` to its end; returns the CompletedProcess."""
+  return subprocess.run(
+    [sys.executable, "-m", module, *map(str, args)],
+    cwd=ROOT,
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
 def run_main(config, workdir, *overrides, devices=None, timeout=300):
   """Runs the entry point to completion; returns its log, fails with it on error."""
   result = main_process(config, workdir, *overrides, devices=devices, timeout=timeout)

@@ -3,11 +3,8 @@ near (re-encoded, resized, brightened), found on both sides of the threshold; th
 program warns and lists them; the command runs alone."""
 
 import io
-import subprocess
-import sys
 
-from conftest import ROOT
-from conftest import subprocess_env
+from conftest import module_process
 import numpy as np
 from PIL import Image
 from PIL import ImageEnhance
@@ -69,14 +66,7 @@ def test_find_names_exact_and_near_copies(crops, tmp_path):
   assert leakage.check(config, "train", ["test"], max_train=10) is None
 
   # The command alone.
-  result = subprocess.run(
-    [sys.executable, "-m", "mms_jax.data.leakage", f"--path={tmp_path}", "--eval=test"],
-    cwd=ROOT,
-    env=subprocess_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  result = module_process("mms_jax.data.leakage", f"--path={tmp_path}", "--eval=test")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "test: 2 image(s) also in train (1 exact, 1 near duplicates)" in result.stdout
 

@@ -2,12 +2,9 @@
 and modes, a folder, a corrupt file, the CSV, and the errors a user meets."""
 
 import csv
-import subprocess
-import sys
 
-from conftest import ROOT
 from conftest import load_config
-from conftest import subprocess_env
+from conftest import module_process
 import numpy as np
 from PIL import Image
 import pytest
@@ -49,14 +46,7 @@ def images(tmp_path_factory):
 
 
 def run_read(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "mms_jax.read", *map(str, args)],
-    cwd=ROOT,
-    env=subprocess_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  return module_process("mms_jax.read", *args)
 
 
 def test_reads_a_folder_skips_the_corrupt_file_and_writes_csv(rec_dir, images, tmp_path):

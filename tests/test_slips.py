@@ -5,13 +5,11 @@ workdir as it was. Also what a finished run tells its user."""
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 from conftest import ROOT
 from conftest import main_process
+from conftest import module_process
 from conftest import run_main
-from conftest import subprocess_env
 import pytest
 
 from mms_jax import show_run
@@ -112,14 +110,7 @@ def test_a_folder_of_other_files_is_not_a_workdir(tmp_path):
 
 
 def _read(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "mms_jax.read", *map(str, args)],
-    cwd=ROOT,
-    env=subprocess_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  return module_process("mms_jax.read", *args)
 
 
 def test_read_slips_are_one_line_before_any_image_is_read(pretrain_workdir, tmp_path):
