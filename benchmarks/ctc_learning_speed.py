@@ -35,6 +35,7 @@ from mms_jax.data import builders
 from mms_jax.data import labels
 from mms_jax.data import synthetic
 from mms_jax.data import tokenizer as tokenizer_lib
+from mms_jax.models import encoder_config
 from mms_jax.models import recognition as rec
 from mms_jax.train import common
 
@@ -97,13 +98,15 @@ def build(name, tokenizer):
   model = rec.Recognizer(
     num_classes=tokenizer.num_classes,
     head="ctc",
-    encoder_width=FLAGS.vit_width,
-    encoder_depth=FLAGS.vit_depth,
-    encoder_num_heads=FLAGS.vit_heads,
-    patch=tuple(int(p) for p in FLAGS.vit_patch),
-    stem=FLAGS.vit_stem,
-    stem_channels=tuple(int(c) for c in FLAGS.vit_stem_channels),
-    attention_bias=FLAGS.vit_attention_bias,
+    encoder=encoder_config.EncoderConfig(
+      width=FLAGS.vit_width,
+      depth=FLAGS.vit_depth,
+      num_heads=FLAGS.vit_heads,
+      patch=tuple(int(p) for p in FLAGS.vit_patch),
+      stem=FLAGS.vit_stem,
+      stem_channels=tuple(int(c) for c in FLAGS.vit_stem_channels),
+      attention_bias=FLAGS.vit_attention_bias,
+    ),
   )
   variables = model.init(jax.random.key(0), images)
   if FLAGS.init_from:

@@ -135,7 +135,7 @@ def test_configs_from_before_the_encoder_section_still_load(tmp_path):
     dict(flat, head="ctc", max_length=25, decoder_width=32, decoder_depth=1, decoder_num_heads=2),
     tok_lib.Tokenizer(labels.get_charset("36"), "ctc"),
   )
-  assert (recognizer.encoder_width, recognizer.patch, recognizer.stem) == (64, (4, 4), "patch")
+  assert recognizer.encoder == encoder_config.EncoderConfig(**expected)
 
 
 @functools.cache

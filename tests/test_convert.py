@@ -21,10 +21,12 @@ import pytest
 
 from mms_jax import convert as cv
 from mms_jax.convert import torch_layouts as tl
+from mms_jax.models import encoder_config
 from mms_jax.models import mae
 from mms_jax.models import vit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The model fields as a config.json from before `model.encoder` wrote them (flat).
 TINY = dict(
   encoder_variant=None,
   encoder_width=64,
@@ -42,7 +44,16 @@ def make_model(image_size=(32, 128), patch=(4, 4), gelu="erf", scan_layers=False
 
   Cached: callers must not modify the returned params in place.
   """
-  model = mae.MAE(patch=patch, gelu=gelu, scan_layers=scan_layers, **TINY)
+  model = mae.MAE(
+    encoder=encoder_config.EncoderConfig(
+      width=64, depth=2, num_heads=2, patch=patch, stem="patch", attention_bias="none"
+    ),
+    decoder_width=TINY["decoder_width"],
+    decoder_depth=TINY["decoder_depth"],
+    decoder_num_heads=TINY["decoder_num_heads"],
+    gelu=gelu,
+    scan_layers=scan_layers,
+  )
   grid = vit.grid_shape(image_size, patch)
   length = grid[0] * grid[1]
   images = jnp.zeros((1, *image_size, 3))
@@ -255,7 +266,7 @@ def _compare_pretraining(model, hf_model, params, image_size, num_masked):
   mask = random_mask(np.random.default_rng(0), 3, length, num_masked)
   apply = jax.jit(model.apply, static_argnames="num_masked")
   pred, _ = apply({"params": params}, images, jnp.asarray(mask), num_masked=num_masked)
-  loss, _ = mae.mae_loss(images, pred, jnp.asarray(mask), model.patch)
+  loss, _ = mae.mae_loss(images, pred, jnp.asarray(mask), model.encoder.patch)
   # HF keeps the tokens with the smallest noise: visible ones first, in index order.
   noise = torch.from_numpy(mask.astype(np.float32) + np.arange(length) / (2.0 * length))
   with torch.no_grad():

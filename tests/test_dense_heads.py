@@ -7,25 +7,29 @@ import numpy as np
 import pytest
 
 from mms_jax.models import dense_heads
+from mms_jax.models import encoder_config
 from mms_jax.models import mae
 from mms_jax.models import vit
 
 TINY = dict(
-  encoder_variant=None,
-  encoder_width=32,
-  encoder_depth=1,
-  encoder_num_heads=2,
   head_width=32,
   head_depth=2,
   head_num_heads=2,
 )
 
 
+def tiny_encoder(patch=(4, 4)):
+  """A 32-wide, 1-deep plain ViT encoder (linear patches, no attention bias)."""
+  return encoder_config.EncoderConfig(
+    width=32, depth=1, num_heads=2, patch=patch, stem="patch", attention_bias="none"
+  )
+
+
 @pytest.mark.parametrize(
   "image_hw,patch", [((32, 128), (4, 4)), ((24, 40), (8, 4)), ((16, 16), (2, 8))]
 )
 def test_segmenter_shapes(image_hw, patch):
-  model = dense_heads.Segmenter(patch=patch, **TINY)
+  model = dense_heads.Segmenter(encoder=tiny_encoder(patch), **TINY)
   images = jax.ShapeDtypeStruct((2, *image_hw, 3), jnp.float32)
   (logits, aux), params = jax.eval_shape(model.init_with_output, jax.random.key(0), images)
   assert logits.shape == (2, *image_hw) and logits.dtype == jnp.float32
@@ -40,7 +44,7 @@ def test_segmenter_shapes(image_hw, patch):
 @pytest.mark.parametrize("lr_hw,patch", [((16, 64), (4, 4)), ((12, 20), (8, 4))])
 @pytest.mark.parametrize("residual", [True, False])
 def test_super_resolver_shapes(lr_hw, patch, residual):
-  model = dense_heads.SuperResolver(patch=patch, residual=residual, **TINY)
+  model = dense_heads.SuperResolver(encoder=tiny_encoder(patch), residual=residual, **TINY)
   lr = jax.ShapeDtypeStruct((2, *lr_hw, 3), jnp.float32)
   (sr, aux), params = jax.eval_shape(model.init_with_output, jax.random.key(0), lr)
   hr_hw = (2 * lr_hw[0], 2 * lr_hw[1])
@@ -50,7 +54,7 @@ def test_super_resolver_shapes(lr_hw, patch, residual):
 
 
 def test_untrained_residual_super_resolver_returns_bicubic():
-  model = dense_heads.SuperResolver(patch=(4, 4), residual=True, **TINY)
+  model = dense_heads.SuperResolver(encoder=tiny_encoder((4, 4)), residual=True, **TINY)
   lr = jax.random.uniform(jax.random.key(1), (2, 8, 16, 3), minval=-1, maxval=1)
   (sr, aux), _ = jax.jit(model.init_with_output)(jax.random.key(0), lr)
   np.testing.assert_array_equal(sr, aux["upsampled"])  # the zero-initialised output layer
@@ -61,10 +65,7 @@ def test_untrained_residual_super_resolver_returns_bicubic():
 
 def test_encoder_params_have_the_pretraining_names():
   pre = mae.MAE(
-    encoder_variant=None,
-    encoder_width=32,
-    encoder_depth=1,
-    encoder_num_heads=2,
+    encoder=tiny_encoder(),
     decoder_width=32,
     decoder_depth=1,
     decoder_num_heads=2,
@@ -75,8 +76,8 @@ def test_encoder_params_have_the_pretraining_names():
     lambda x, m: pre.init(jax.random.key(0), x, m, num_masked=192), images, mask
   )["params"]
   for model, x in (
-    (dense_heads.Segmenter(**TINY), images),
-    (dense_heads.SuperResolver(**TINY), images[:, :16, :64]),
+    (dense_heads.Segmenter(encoder=tiny_encoder(), **TINY), images),
+    (dense_heads.SuperResolver(encoder=tiny_encoder(), **TINY), images[:, :16, :64]),
   ):
     params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
     assert vit.param_names(params["encoder"]) == vit.param_names(pre_params["encoder"])
@@ -84,7 +85,7 @@ def test_encoder_params_have_the_pretraining_names():
 
 def test_segmenter_logits_follow_the_patch_grid():
   """Token (i, j)'s prediction lands on pixels [i*ph, (i+1)*ph) x [j*pw, (j+1)*pw)."""
-  model = dense_heads.Segmenter(patch=(4, 8), **TINY)
+  model = dense_heads.Segmenter(encoder=tiny_encoder((4, 8)), **TINY)
   images = jnp.zeros((1, 8, 32, 3))
   params = jax.jit(model.init)(jax.random.key(0), images)["params"]
   # Output layer: zero kernel, bias = the index of the pixel inside its patch.
@@ -100,8 +101,8 @@ def test_pixel_shortcut_feeds_each_token_its_own_patch(model_class):
   """With the encoder's path into the head cut and no head blocks, a token's output
   depends on the pixels of its own patch only, through the shortcut."""
   patch = (8, 4)
-  model = model_class(patch=patch, pixel_shortcut=True, **{**TINY, "head_depth": 0})
-  plain = model_class(patch=patch, **TINY)
+  model = model_class(encoder=tiny_encoder(patch), pixel_shortcut=True, **{**TINY, "head_depth": 0})
+  plain = model_class(encoder=tiny_encoder(patch), **TINY)
   hw = (16, 32) if model_class is dense_heads.Segmenter else (8, 16)
   x = jax.random.uniform(jax.random.key(1), (1, *hw, 3), minval=-1, maxval=1)
   params = jax.jit(model.init)(jax.random.key(0), x)["params"]

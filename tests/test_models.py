@@ -1,5 +1,6 @@
 """Tests for mms_jax.models (vit encoder, MAE / SimMIM heads, loss)."""
 
+import dataclasses
 import functools
 
 from hypothesis import given
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mms_jax.models import encoder_config
 from mms_jax.models import mae
 from mms_jax.models import vit
 
@@ -18,6 +20,7 @@ IMAGE = (32, 128)  # 8 x 32 grid
 L = 256
 NUM_MASKED = 192
 TINY_DECODER = dict(decoder_width=32, decoder_depth=1, decoder_num_heads=2)
+TINY_ENCODER = encoder_config.EncoderConfig(variant="tiny", **encoder_config.PAPER_VIT)
 
 
 def exact_masks(seed, shape, num_masked):
@@ -47,7 +50,7 @@ class Model:
 
 @pytest.fixture(scope="module")
 def tiny_mae():
-  module = mae.MAE(encoder_variant="tiny", **TINY_DECODER)
+  module = mae.MAE(encoder=TINY_ENCODER, **TINY_DECODER)
   return Model(
     module, random_images(0, 1), exact_masks(0, (1, L), NUM_MASKED), num_masked=NUM_MASKED
   )
@@ -151,7 +154,7 @@ def test_sincos_properties():
 def test_mae_shapes(hw, patch, grid):
   length = grid[0] * grid[1]
   n = (3 * length) // 4
-  module = mae.MAE(encoder_variant="tiny", patch=patch, **TINY_DECODER)
+  module = mae.MAE(encoder=dataclasses.replace(TINY_ENCODER, patch=patch), **TINY_DECODER)
   images, mask = random_images(0, 2, hw), exact_masks(0, (2, length), n)
   model = Model(module, images, mask, num_masked=n)
   pred, aux = model.apply(model.params, images, mask, num_masked=n)
@@ -300,7 +303,7 @@ def test_multi_view_loss_is_mean_of_view_losses(tiny_mae):
 
 
 def test_simmim_uses_mask_token():
-  module = mae.MAE(encoder_variant="tiny", encoder_mode="simmim")
+  module = mae.MAE(encoder=TINY_ENCODER, encoder_mode="simmim")
   images = random_images(9, 2)
   mask = jnp.asarray(np.random.default_rng(9).random((2, L)) < np.array([[0.3], [0.8]]))
   model = Model(module, images, mask)
@@ -323,7 +326,7 @@ def test_simmim_uses_mask_token():
 
 
 def test_scan_matches_unscanned(tiny_mae):
-  module = mae.MAE(encoder_variant="tiny", scan_layers=True, **TINY_DECODER)
+  module = mae.MAE(encoder=TINY_ENCODER, scan_layers=True, **TINY_DECODER)
   scanned = vit.scan_params(tiny_mae.params)
   assert scanned["encoder"]["blocks"]["attn"]["qkv"]["kernel"].shape == (2, 64, 192)
   images, mask = random_images(10, 2), exact_masks(10, (2, L), NUM_MASKED)
@@ -392,7 +395,7 @@ def test_param_names_snapshot(tiny_mae):
 
 def test_tanh_gelu_option_is_close(tiny_mae):
   images, mask = random_images(11, 1), exact_masks(11, (1, L), NUM_MASKED)
-  module = mae.MAE(encoder_variant="tiny", gelu="tanh", **TINY_DECODER)
+  module = mae.MAE(encoder=TINY_ENCODER, gelu="tanh", **TINY_DECODER)
   out, _ = jax.jit(lambda p: module.apply({"params": p}, images, mask, num_masked=NUM_MASKED))(
     tiny_mae.params
   )
@@ -472,7 +475,7 @@ def test_mae_attention_impls_agree(tiny_mae, monkeypatch, scan_layers):
 
   def loss_and_grads(attention):
     module = mae.MAE(
-      encoder_variant="tiny", attention=attention, scan_layers=scan_layers, **TINY_DECODER
+      encoder=TINY_ENCODER, attention=attention, scan_layers=scan_layers, **TINY_DECODER
     )
 
     def loss(p):

@@ -16,6 +16,7 @@ from mms_jax.data import formats
 from mms_jax.data import pipeline
 from mms_jax.data import tokenizer as tok_lib
 from mms_jax.evaluate import str_benchmarks
+from mms_jax.models import encoder_config
 from mms_jax.models import recognition as rec
 from mms_jax.train import checkpoints
 from mms_jax.train import common
@@ -99,9 +100,9 @@ def test_ar_decoder_is_causal():
     vocab_size=7,
     bos=5,
     max_length=5,
-    encoder_width=32,
-    encoder_depth=1,
-    encoder_num_heads=2,
+    encoder=encoder_config.EncoderConfig(
+      width=32, depth=1, num_heads=2, **encoder_config.PAPER_VIT
+    ),
     decoder_width=32,
     decoder_depth=1,
     decoder_num_heads=2,

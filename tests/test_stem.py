@@ -106,17 +106,13 @@ def test_hidden_pixels_never_reach_the_encoder(patch):
   # The whole MAE (encoder + decoder) in both modes.
   for mode in ("mae", "simmim"):
     model = mae.MAE(
-      encoder_variant=None,
-      encoder_width=32,
-      encoder_depth=1,
-      encoder_num_heads=2,
-      patch=patch,
+      encoder=encoder_config.EncoderConfig(
+        width=32, depth=1, num_heads=2, patch=patch, stem="conv", attention_bias="alibi_2d"
+      ),
       decoder_width=32,
       decoder_depth=1,
       decoder_num_heads=2,
       encoder_mode=mode,
-      stem="conv",
-      attention_bias="alibi_2d",
     )
     v = model.init(jax.random.key(4), images, mask, num_masked=num_masked)
     run = jax.jit(lambda x, v=v, model=model: model.apply(v, x, mask, num_masked=num_masked)[0])
@@ -194,14 +190,12 @@ def test_layer_decay_puts_the_stem_with_the_patch_embedding():
 
 def test_converter_refuses_a_conv_stem_with_the_reason(tmp_path):
   model = mae.MAE(
-    encoder_variant=None,
-    encoder_width=32,
-    encoder_depth=1,
-    encoder_num_heads=2,
+    encoder=encoder_config.EncoderConfig(
+      width=32, depth=1, num_heads=2, patch=(4, 4), stem="conv", attention_bias="none"
+    ),
     decoder_width=32,
     decoder_depth=1,
     decoder_num_heads=2,
-    stem="conv",
   )
   mask = exact_masks(0, 1, 256, 192)
   params = model.init(jax.random.key(0), jnp.zeros((1, *IMAGE, 3)), mask, num_masked=192)["params"]

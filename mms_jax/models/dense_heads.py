@@ -12,13 +12,12 @@ Shapes: B batch, L = gh * gw tokens, D encoder width, Dh head width.
 """
 
 from typing import Any
-from typing import Optional
-from typing import Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mms_jax.models import encoder_config
 from mms_jax.models import vit
 
 
@@ -76,13 +75,10 @@ class DenseHead(nn.Module):
 
 
 class _DenseModel(nn.Module):
-  """Fields shared by both models (see vit.Encoder for the encoder ones)."""
+  """Fields shared by both models: the encoder (encoder_config.EncoderConfig; its default
+  is configs/pretrain.py's) and the head."""
 
-  encoder_variant: Optional[str] = "S"
-  encoder_width: Optional[int] = None
-  encoder_depth: Optional[int] = None
-  encoder_num_heads: Optional[int] = None
-  patch: Tuple[int, int] = (4, 4)
+  encoder: encoder_config.EncoderConfig = encoder_config.EncoderConfig()
   head_width: int = 384
   head_depth: int = 3
   head_num_heads: int = 2
@@ -90,34 +86,23 @@ class _DenseModel(nn.Module):
   gelu: str = "erf"
   dtype: Any = jnp.float32
   scan_layers: bool = False
-  stem: str = "patch"
-  stem_channels: Tuple[int, ...] = ()
-  attention_bias: str = "none"
   # The head also sees each token's input pixels (a skip past the encoder): the pixel
   # detail a conv stem does not pass on (docs/segmentation.md).
   pixel_shortcut: bool = False
 
-  @nn.nowrap
-  def encoder_dims(self):
-    """(width, depth, num_heads) of the encoder."""
-    return self._encoder(name=None).dims()
+  @property
+  def patch(self):
+    return self.encoder.patch
 
   @nn.nowrap
-  def _encoder(self, name="encoder"):
-    return vit.Encoder(
-      variant=self.encoder_variant,
-      width=self.encoder_width,
-      depth=self.encoder_depth,
-      num_heads=self.encoder_num_heads,
-      patch=self.patch,
+  def _encoder(self):
+    return encoder_config.build(
+      self.encoder,
       mlp_ratio=self.mlp_ratio,
       gelu=self.gelu,
       dtype=self.dtype,
       scan_layers=self.scan_layers,
-      stem=self.stem,
-      stem_channels=tuple(self.stem_channels),
-      attention_bias=self.attention_bias,
-      name=name,
+      name="encoder",
     )
 
   @nn.nowrap

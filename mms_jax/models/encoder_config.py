@@ -1,4 +1,5 @@
-"""The encoder's architecture as one config section, `config.model.encoder`.
+"""The encoder's architecture as one value: `EncoderConfig`, and the config section it
+comes from, `config.model.encoder`.
 
 Every program builds its encoder from the same eight fields, the vit.Encoder
 attributes that decide its weights and what they mean:
@@ -7,11 +8,15 @@ attributes that decide its weights and what they mean:
   variant), patch (ph, pw), stem ('patch' | 'conv'), stem_channels (() = default),
   attention_bias ('none' | 'alibi_2d')
 
-so `vit.Encoder(**config.model.encoder, gelu=..., dtype=..., scan_layers=...)` is the
-encoder; gelu, dtype, scan_layers and attention are compute settings of the whole model
-and stay in `config.model`.
+gelu, dtype, scan_layers and attention are compute settings of the whole model and stay
+in `config.model`.
 
-  check(encoder, where) -> dict        the one validator; errors name the field
+  EncoderConfig                        the frozen, hashable value every model class
+                                       (MAE, Recognizer, the dense models) takes as its
+                                       `encoder` attribute; its defaults are DEFAULT,
+                                       configs/pretrain.py's encoder; .dims()
+  build(encoder, **compute) -> vit.Encoder   the one place an encoder module is made
+  check(section, where) -> dict        the one validator; errors name the field
   resolve(given, pretrained, where)    a fine-tune encoder: fields set in `given` win and
                                        must agree with `pretrained` (init_from's); unset
                                        ones come from `pretrained`, else DEFAULT
@@ -19,8 +24,10 @@ and stay in `config.model`.
                                        config.json; configs written before the section
                                        existed (flat `encoder_width`, `patch`, ...) are
                                        read through a shim
-  model_kwargs(encoder) -> dict        the MAE / Recognizer / dense model attributes
 """
+
+import dataclasses
+from typing import Optional
 
 from ml_collections.config_dict import placeholder
 
@@ -187,7 +194,54 @@ def _dims(enc):
   return vit.Encoder(**{k: enc[k] for k in _SIZE}).dims()
 
 
-def model_kwargs(encoder):
-  """The model-class attributes (MAE, Recognizer, the dense models) of a section."""
-  enc = check(encoder)
-  return {_FLAT[name]: enc[name] for name in FIELDS}
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """The encoder's architecture (module docstring); defaults: DEFAULT."""
+
+  variant: Optional[str] = None
+  width: Optional[int] = None
+  depth: Optional[int] = None
+  num_heads: Optional[int] = None
+  patch: tuple[int, int] = DEFAULT["patch"]
+  stem: str = DEFAULT["stem"]
+  stem_channels: tuple[int, ...] = DEFAULT["stem_channels"]
+  attention_bias: str = DEFAULT["attention_bias"]
+
+  def __post_init__(self):
+    # Without a variant, unset sizes are DEFAULT's; a variant brings its own.
+    if self.variant is None:
+      for name in ("width", "depth", "num_heads"):
+        if getattr(self, name) is None:
+          object.__setattr__(self, name, DEFAULT[name])
+    object.__setattr__(self, "patch", tuple(int(v) for v in self.patch))
+    object.__setattr__(self, "stem_channels", tuple(int(v) for v in self.stem_channels or ()))
+
+  @classmethod
+  def of(cls, section, where="config.model.encoder"):
+    """The value of a complete config section (checked), or of an EncoderConfig."""
+    if isinstance(section, cls):
+      return section
+    return cls(**check(section, where))
+
+  def as_dict(self):
+    return dataclasses.asdict(self)
+
+  def dims(self):
+    """(width, depth, num_heads), the variant's unless overridden."""
+    return _dims(self.as_dict())
+
+
+def build(encoder, **compute):
+  """The vit.Encoder of `encoder` (an EncoderConfig); `compute`: gelu, dtype,
+  scan_layers, attention, mlp_ratio, return_blocks, name, ..."""
+  return vit.Encoder(
+    variant=encoder.variant,
+    width=encoder.width,
+    depth=encoder.depth,
+    num_heads=encoder.num_heads,
+    patch=encoder.patch,
+    stem=encoder.stem,
+    stem_channels=encoder.stem_channels,
+    attention_bias=encoder.attention_bias,
+    **compute,
+  )

@@ -14,13 +14,12 @@ Shapes: B batch, V views, L = gh * gw tokens, D width, P = ph * pw * C.
 """
 
 from typing import Any
-from typing import Optional
-from typing import Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from mms_jax.masking import ids_from_mask
+from mms_jax.models import encoder_config
 from mms_jax.models import vit
 
 
@@ -73,21 +72,16 @@ class MAE(nn.Module):
   """Encoder + pretraining head.
 
   Attributes:
-    encoder_variant, encoder_width/depth/num_heads: see vit.Encoder.
-    patch: (ph, pw). channels: C of the input images (sets P).
+    encoder: the encoder's architecture (encoder_config.EncoderConfig; its default is
+      configs/pretrain.py's encoder). channels: C of the input images (sets P).
     decoder_width/depth/num_heads: the MAE decoder (unused in 'simmim' mode).
     encoder_mode: 'mae' (token dropping) or 'simmim' (mask token in the encoder).
-    gelu, dtype, scan_layers, attention: passed to every block (see vit.Encoder).
-    stem, stem_channels: the encoder's patch embedding (see vit.Encoder; 'conv' masks
-      hidden patches inside the stem in both encoder modes).
-    attention_bias: the encoder's attention bias (vit.Encoder); the decoder has none.
+    gelu, dtype, scan_layers, attention: passed to every block (see vit.Encoder); a
+      'conv' stem masks hidden patches inside the stem in both encoder modes; the
+      decoder has no attention bias.
   """
 
-  encoder_variant: Optional[str] = "S"
-  encoder_width: Optional[int] = None
-  encoder_depth: Optional[int] = None
-  encoder_num_heads: Optional[int] = None
-  patch: Tuple[int, int] = (4, 4)
+  encoder: encoder_config.EncoderConfig = encoder_config.EncoderConfig()
   channels: int = 3
   decoder_width: int = 512
   decoder_depth: int = 8
@@ -98,27 +92,19 @@ class MAE(nn.Module):
   dtype: Any = jnp.float32
   scan_layers: bool = False
   attention: str = "auto"
-  stem: str = "patch"
-  stem_channels: Tuple[int, ...] = ()
-  attention_bias: str = "none"
 
   def setup(self):
-    self.encoder = vit.Encoder(
-      variant=self.encoder_variant,
-      width=self.encoder_width,
-      depth=self.encoder_depth,
-      num_heads=self.encoder_num_heads,
-      patch=self.patch,
+    self.vit = encoder_config.build(
+      self.encoder,
       mlp_ratio=self.mlp_ratio,
       gelu=self.gelu,
       dtype=self.dtype,
       scan_layers=self.scan_layers,
       attention=self.attention,
-      stem=self.stem,
-      stem_channels=tuple(self.stem_channels),
-      attention_bias=self.attention_bias,
+      name="encoder",
     )
-    patch_dim = self.patch[0] * self.patch[1] * self.channels
+    patch = self.encoder.patch
+    patch_dim = patch[0] * patch[1] * self.channels
     if self.encoder_mode == "mae":
       self.decoder = Decoder(
         self.decoder_width,
@@ -159,16 +145,16 @@ class MAE(nn.Module):
       b, v, length = mask.shape
       images = jnp.repeat(images, v, axis=0)  # row b * V + j = view j of image b
       mask = mask.reshape(b * v, length)
-    grid = vit.grid_shape(images.shape[1:3], self.patch)
+    grid = vit.grid_shape(images.shape[1:3], self.encoder.patch)
 
     if self.encoder_mode == "mae":
       if num_masked is None:
         raise ValueError("encoder_mode 'mae' needs a static num_masked")
       ids_keep, _, ids_restore = ids_from_mask(mask, num_masked)
-      encoded, _ = self.encoder(images, ids_keep, train=train)
+      encoded, _ = self.vit(images, ids_keep, train=train)
       pred = self.decoder(encoded, ids_restore, grid)
     else:
-      encoded, _ = self.encoder(
+      encoded, _ = self.vit(
         images, mask=mask.astype(bool), mask_token=self.simmim_mask_token, train=train
       )
       pred = self.simmim_pred(encoded[:, 1:])

@@ -16,8 +16,6 @@ data/tokenizer.py. Shapes: B batch, T text positions, K classes, D widths.
 """
 
 from typing import Any
-from typing import Optional
-from typing import Tuple
 
 import flax.linen as nn
 import jax
@@ -141,11 +139,7 @@ class Recognizer(nn.Module):
   bos: int = 0
   eos: int = 0
   max_length: int = 25
-  encoder_variant: Optional[str] = None
-  encoder_width: Optional[int] = None
-  encoder_depth: Optional[int] = None
-  encoder_num_heads: Optional[int] = None
-  patch: Tuple[int, int] = (4, 4)
+  encoder: encoder_config.EncoderConfig = encoder_config.EncoderConfig()
   decoder_width: int = 384
   decoder_depth: int = 6
   decoder_num_heads: int = 8
@@ -153,25 +147,12 @@ class Recognizer(nn.Module):
   gelu: str = "erf"
   dtype: Any = jnp.float32
   scan_layers: bool = False
-  stem: str = "patch"
-  stem_channels: Tuple[int, ...] = ()
-  attention_bias: str = "none"
 
   def setup(self):
     if self.head not in ("ctc", "ar"):
       raise ValueError(f"head={self.head!r}: use 'ctc' or 'ar'")
-    self.encoder = vit.Encoder(
-      variant=self.encoder_variant,
-      width=self.encoder_width,
-      depth=self.encoder_depth,
-      num_heads=self.encoder_num_heads,
-      patch=tuple(self.patch),
-      gelu=self.gelu,
-      dtype=self.dtype,
-      scan_layers=self.scan_layers,
-      stem=self.stem,
-      stem_channels=tuple(self.stem_channels),
-      attention_bias=self.attention_bias,
+    self.vit = encoder_config.build(
+      self.encoder, gelu=self.gelu, dtype=self.dtype, scan_layers=self.scan_layers, name="encoder"
     )
     if self.head == "ar":
       self.decoder = ARDecoder(
@@ -191,11 +172,11 @@ class Recognizer(nn.Module):
 
   def encode(self, images):
     """images [B, H, W, 3] -> memory [B, 1 + L, D]."""
-    return self.encoder(images)[0]
+    return self.vit(images)[0]
 
   def ctc_logits(self, images):
     """images -> logits [B, gw, K]."""
-    grid = vit.grid_shape(images.shape[1:3], tuple(self.patch))
+    grid = vit.grid_shape(images.shape[1:3], self.encoder.patch)
     return self.ctc_head(self.encode(images), grid)
 
   def decode(self, tokens, memory):
@@ -263,7 +244,7 @@ def from_config(m, tokenizer, encoder=None) -> Recognizer:
     gelu=m.get("gelu", "erf"),
     dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.get("dtype", "float32")],
     scan_layers=m.get("scan_layers", False),
-    **encoder_config.model_kwargs(encoder or encoder_config.of_model(m)),
+    encoder=encoder_config.EncoderConfig.of(encoder or encoder_config.of_model(m)),
   )
 
 

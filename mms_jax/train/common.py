@@ -89,10 +89,11 @@ def _pretrained_encoder(init_from):
 
 def model_kwargs(config, *, from_init=True):
   """The attributes every model class (MAE, the dense models) takes from config.model:
-  the encoder section (encoder_of) and the compute settings gelu, dtype, scan_layers."""
+  the encoder (an EncoderConfig of encoder_of) and the compute settings gelu, dtype,
+  scan_layers."""
   m = config.model
   return dict(
-    **encoder_config.model_kwargs(encoder_of(config, from_init=from_init)),
+    encoder=encoder_config.EncoderConfig.of(encoder_of(config, from_init=from_init)),
     gelu=m.gelu,
     dtype=checked_model_dtype(m),
     scan_layers=m.scan_layers,

@@ -93,7 +93,7 @@ def check_config(task, config):
   model = build_model(task, config)
   task.check_config(config)
   try:
-    vit.grid_shape(tuple(config.image_size), model.patch)
+    vit.grid_shape(tuple(config.image_size), model.encoder.patch)
   except ValueError as e:
     raise common.ConfigError(f"config.image_size / config.model.encoder.patch: {e}") from e
   if config.model.head_width % config.model.head_num_heads:

@@ -96,12 +96,7 @@ def micro_batches_per_step(model, config, spec, mesh, backend=None):
   if (backend or jax.default_backend()) != "cpu" or budget <= 0:
     return accumulation
   per_device = config.batch_size // (mesh.devices.size * accumulation)
-  width, _, _ = vit.Encoder(
-    variant=model.encoder_variant,
-    width=model.encoder_width,
-    depth=model.encoder_depth,
-    num_heads=model.encoder_num_heads,
-  ).dims()
+  width, _, _ = model.encoder.dims()
   widths = [width] + ([model.decoder_width] if model.encoder_mode == "mae" else [])
   per_example = spec.num_views * (1 + spec.num_cells) * model.mlp_ratio * max(widths) * 4
   split = next(
@@ -116,7 +111,7 @@ def make_train_step(model, config, spec, optimizer, schedule, mesh, shardings):
   sampler = masking.make_sampler(spec)
   batch_sharding = common.batch_sharding(mesh)
   accumulation = micro_batches_per_step(model, config, spec, mesh)
-  patch = tuple(model.patch)
+  patch = model.encoder.patch
 
   def loss_fn(params, images, mask, num_masked):
     pred, _ = model.apply({"params": params}, images, mask, num_masked=num_masked, train=True)
@@ -193,7 +188,7 @@ def reconstruct(images, pred, mask, patch, norm_pix):
 def reconstruction_picture(model, params, images, config, spec, path, step):
   """A PNG: one row triple (input, masked, reconstruction) per strategy."""
   rows, labels = [], []
-  patch = tuple(model.patch)
+  patch = model.encoder.patch
   num_masked = spec.num_masked(step, config.total_steps)
   for s, name in enumerate(spec.strategies):
     params_s = dict(spec.params[s])

@@ -41,6 +41,7 @@ from mms_jax.data import tokenizer as tokenizer_lib
 from mms_jax.evaluate import image_metrics
 from mms_jax.evaluate import text_metrics
 from mms_jax.models import dense_heads
+from mms_jax.models import encoder_config
 from mms_jax.models import recognition as rec
 from mms_jax.models import vit
 from mms_jax.train import common
@@ -55,8 +56,8 @@ TASKS = ("recognition", "segmentation", "super_resolution")
 # ------------------------------------------------------------------------------------
 def build_encoder(config):
   m = config.model
-  return vit.Encoder(
-    **common.encoder_of(config),
+  return encoder_config.build(
+    encoder_config.EncoderConfig.of(common.encoder_of(config)),
     gelu=m.gelu,
     dtype=common.checked_model_dtype(m),
     scan_layers=m.scan_layers,
