@@ -41,15 +41,11 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from mms_jax import checkpoints
 from mms_jax import cli
 from mms_jax import errors
-from mms_jax.data import labels
 from mms_jax.data import pipeline
-from mms_jax.data import tokenizer as tokenizer_lib
-from mms_jax.models import encoder_config
 from mms_jax.models import recognition as rec
-from mms_jax.train import checkpoints
-from mms_jax.train import common
 
 IMAGE_SUFFIXES = (
   ".png",
@@ -87,7 +83,7 @@ class ReadError(errors.UserError):
 
 
 def load_recognizer(workdir, checkpoint=""):
-  """(config, predict) of a recognition workdir.
+  """(config, predict) of a recognition workdir (models/recognition.load).
 
   predict(images float32[n, H, W, 3] in [-1, 1]) -> (texts, confidences float32[n]).
   Raises ReadError for a missing config.json, another program's workdir or a missing
@@ -99,35 +95,26 @@ def load_recognizer(workdir, checkpoint=""):
       f"{config_path} not found: --workdir must be a directory written by "
       "`python -m mms_jax.main --config=configs/finetune_recognition.py`"
     )
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if config.get("program") != "recognition":
+  program = json.loads(config_path.read_text()).get("program")
+  if program != "recognition":
     raise ReadError(
-      f"{workdir} is a {config.get('program')!r} workdir, not a recognition "
-      "one: point --workdir at a fine-tuned recognizer "
-      "(configs/finetune_recognition.py)"
+      f"{workdir} is a {program!r} workdir, not a recognition one: point --workdir at a "
+      "fine-tuned recognizer (configs/finetune_recognition.py)"
     )
-  try:  # the model fields only: the training data need not exist where we read
-    encoder_config.check(encoder_config.of_model(config.model))
-    tokenizer = tokenizer_lib.Tokenizer(labels.get_charset(config.charset), config.model.head)
-  except (common.ConfigError, ValueError, KeyError) as e:
-    raise ReadError(f"{config_path}: {e}") from None
-  model = rec.from_config(config.model, tokenizer)
   what = "--checkpoint" if checkpoint else "--workdir"
   try:
-    step_dir = checkpoints.resolve_checkpoint(checkpoint or workdir, what=what)
-    params = checkpoints.load_params(step_dir, what=what)
+    trained = rec.load(checkpoint or workdir, what=what)
   except checkpoints.CheckpointError as e:
     raise ReadError(f"{e} (train it first, or wait for its first checkpoint)") from None
-  print(f"reading with {step_dir} (step {step_dir.name})", file=sys.stderr, flush=True)
-  params = jax.tree.map(np.asarray, params)
+  print(f"reading with {trained.step_dir} (step {trained.step})", file=sys.stderr, flush=True)
+  model, tokenizer, params = trained.model, trained.tokenizer, trained.params
   apply = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.predict_scored))
 
   def predict(images):
     ids, confidence = apply(params, images)
     return tokenizer.decode(np.asarray(ids)), np.asarray(confidence)
 
-  return config, predict
+  return ml_collections.ConfigDict(trained.run_config), predict
 
 
 def find_images(paths: Sequence[str]) -> List[pathlib.Path]:

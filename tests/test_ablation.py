@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import pytest
 
+from mms_jax import checkpoints
 from mms_jax import masking
 from mms_jax.train import ablation
-from mms_jax.train import checkpoints
 from mms_jax.train import common
 from mms_jax.train import pretrain
 

@@ -1,4 +1,4 @@
-"""Tests for mms_jax.train.checkpoints and mms_jax.train.guards."""
+"""Tests for mms_jax.checkpoints and mms_jax.train.guards."""
 
 import logging
 import os
@@ -19,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 
-from mms_jax.train import checkpoints
+from mms_jax import checkpoints
 from mms_jax.train import guards
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_manifest_commits_with_the_step_directory(tmp_path):
       import os, pathlib, signal, sys, time
       sys.path.insert(0, {str(REPO / "tests")!r})
       from test_checkpoints import make_state
-      from mms_jax.train import checkpoints
+      from mms_jax import checkpoints
       ckpt = checkpoints.Checkpointer({str(tmp_path)!r})
       ckpt.save(3, make_state(seed=3, step=3))
       ckpt.wait_until_finished()
@@ -274,7 +274,7 @@ def test_restore_on_four_devices_in_subprocess(tmp_path):
   script = textwrap.dedent(f"""
       import jax, numpy as np
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-      from mms_jax.train import checkpoints
+      from mms_jax import checkpoints
       assert jax.device_count() == 4, jax.devices()
       mesh = Mesh(np.array(jax.devices()), ("data",))
       def shard(x):
@@ -312,7 +312,7 @@ def test_restore_on_four_devices_in_subprocess(tmp_path):
 
 def test_sigterm_sets_flag_and_does_not_kill(caplog):
   before = signal.getsignal(signal.SIGTERM)
-  with checkpoints.PreemptionWatcher() as watcher:
+  with guards.PreemptionWatcher() as watcher:
     assert not watcher.should_stop(1)
     os.kill(os.getpid(), signal.SIGTERM)
     deadline = time.time() + 5

@@ -70,7 +70,7 @@ def test_fine_tuning_defaults_have_the_pretraining_encoder(name, variant):
 
 def _run_config(tmp_path, model):
   """A finished-looking pretraining workdir whose config.json has this model field."""
-  from mms_jax.train import checkpoints
+  from mms_jax import checkpoints
 
   workdir = tmp_path / "pretrained"
   with checkpoints.Checkpointer(workdir) as ckpt:

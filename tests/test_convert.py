@@ -579,7 +579,7 @@ def test_pth_with_pickled_objects_is_refused(tmp_path, rect):
 
 def write_run(workdir, params):
   """An mms_jax pretraining checkpoint (step 10) of the tiny rect model, with its run config."""
-  from mms_jax.train import checkpoints
+  from mms_jax import checkpoints
 
   run_config = {
     "image_size": [32, 128],
@@ -617,7 +617,7 @@ def test_timm_loads_the_export_as_documented(tmp_path, rect):
 
 def test_cli_and_orbax_checkpoints(tmp_path, rect):
   transformers = _transformers()
-  from mms_jax.train import checkpoints
+  from mms_jax import checkpoints
 
   _, params, _ = rect
   write_run(tmp_path / "run", params)

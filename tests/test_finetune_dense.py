@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mms_jax import checkpoints
 from mms_jax.data import formats
-from mms_jax.train import checkpoints
 from mms_jax.train import common
 from mms_jax.train import pretrain
 from mms_jax.train import segmentation

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 
-from mms_jax.train import checkpoints
+from mms_jax import checkpoints
 
 LAUNCH = ROOT / "launch"
 CONFIG = f"--config={ROOT / 'configs' / 'pretrain.py'}:tiny"

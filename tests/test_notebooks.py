@@ -14,7 +14,7 @@ from conftest import subprocess_env
 import nbclient
 import nbformat
 
-from mms_jax.train import checkpoints
+from mms_jax import checkpoints
 
 NOTEBOOKS = ROOT / "notebooks"
 ORDER = ("quickstart", "finetune_recognition", "convert_to_pytorch")

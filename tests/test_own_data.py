@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mms_jax import checkpoints
 from mms_jax import errors
 from mms_jax.data import formats
 from mms_jax.data import pipeline
 from mms_jax.data import tokenizer as tok_lib
 from mms_jax.models import recognizer_weights
-from mms_jax.train import checkpoints
 from mms_jax.train import common
 from mms_jax.train import recognition
 

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mms_jax import checkpoints
 from mms_jax import masking
-from mms_jax.train import checkpoints
 from mms_jax.train import common
 from mms_jax.train import guards
 from mms_jax.train import pretrain

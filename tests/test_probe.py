@@ -9,12 +9,11 @@ import jax
 import numpy as np
 import pytest
 
+from mms_jax import checkpoints
 from mms_jax.data import tokenizer as tokenizer_lib
 from mms_jax.models import vit
-from mms_jax.train import checkpoints
 from mms_jax.train import common
 from mms_jax.train import probe
-from mms_jax.train import recognition
 
 PATCH, GRID = (4, 4), (8, 32)
 H, W = 32, 128
@@ -29,7 +28,7 @@ def _fit_and_score(task, data, config, tokenizer=None, fit=True, **fields):
   params = head.init(jax.random.PRNGKey(0), np.zeros((1, 1, width), np.float32))["params"]
   train = dict(data)
   if task == "recognition":
-    train["ids"], train["lengths"] = recognition.encode_labels(train.pop("label"), tokenizer, 25)
+    train["ids"], train["lengths"] = tokenizer.encode_labels(train.pop("label"), 25)
   with config.unlocked():
     for name, value in fields.items():
       parent, _, leaf = name.rpartition(".")

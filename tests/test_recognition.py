@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mms_jax import checkpoints
 from mms_jax.data import fonts as fonts_lib
 from mms_jax.data import formats
 from mms_jax.data import pipeline
@@ -18,7 +19,6 @@ from mms_jax.data import tokenizer as tok_lib
 from mms_jax.evaluate import str_benchmarks
 from mms_jax.models import encoder_config
 from mms_jax.models import recognition as rec
-from mms_jax.train import checkpoints
 from mms_jax.train import common
 from mms_jax.train import finetune
 from mms_jax.train import pretrain

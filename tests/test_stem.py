@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mms_jax import checkpoints
 from mms_jax import convert as cv
 from mms_jax.masking import ids_from_mask
 from mms_jax.models import encoder_config
 from mms_jax.models import mae
 from mms_jax.models import vit
-from mms_jax.train import checkpoints
 from mms_jax.train import common
 from mms_jax.train import finetune
 from mms_jax.train import pretrain

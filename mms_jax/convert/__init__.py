@@ -357,7 +357,7 @@ def load_mms_checkpoint(path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   The run config is the one stored in the checkpoint's meta, else the workdir's
   config.json, else {}.
   """
-  from mms_jax.train import checkpoints
+  from mms_jax import checkpoints
 
   step_dir = checkpoints.resolve_checkpoint(path, what="src")
   return checkpoints.load_params(step_dir, what="src"), checkpoints.step_run_config(step_dir)
@@ -368,7 +368,7 @@ def save_mms_checkpoint(params, config: Optional[ModelConfig], workdir, *, step:
   `<workdir>/checkpoints/<step>`, so that `init_from=<workdir>` and
   `load_mms_checkpoint` read it. Returns the step directory. A workdir that already
   has a checkpoint at `step` is refused (ConversionError), never overwritten."""
-  from mms_jax.train import checkpoints
+  from mms_jax import checkpoints
 
   if config is not None:
     config = config.with_shapes_of(tl.normalize_params(params))  # decoder fields from tensors

@@ -86,6 +86,14 @@ class Tokenizer:
       ids[np.arange(batch), lengths + 1] = EOS
     return ids, lengths
 
+  def encode_labels(self, labels, max_length: int):
+    """encode() of raw labels, normalised to the charset first (the synthetic source
+    yields raw labels); a longer label is cut to max_length."""
+    texts = [
+      (labels_lib.normalize_label(str(t), self.charset, None) or "")[:max_length] for t in labels
+    ]
+    return self.encode(texts, max_length)
+
   def decode(self, ids) -> list[str]:
     """ids: int[B, T] -> B strings.
 

@@ -15,6 +15,8 @@ Losses and greedy decoding are functions outside the module. Ids follow
 data/tokenizer.py. Shapes: B batch, T text positions, K classes, D widths.
 """
 
+import dataclasses
+import pathlib
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mms_jax import checkpoints
+from mms_jax import errors
+from mms_jax.data import labels
+from mms_jax.data import tokenizer as tokenizer_lib
 from mms_jax.models import encoder_config
 from mms_jax.models import vit
 
@@ -246,6 +252,48 @@ def from_config(m, tokenizer, encoder=None) -> Recognizer:
     scan_layers=m.get("scan_layers", False),
     encoder=encoder_config.EncoderConfig.of(encoder or encoder_config.of_model(m)),
   )
+
+
+# ------------------------------------------------------------------------------------
+# A trained recognizer.
+# ------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Trained:
+  """A trained recognizer as `load` returns it: params are numpy arrays (any device
+  count), run_config the dict of its run's config."""
+
+  model: Recognizer
+  tokenizer: Any
+  params: Any
+  run_config: dict
+  step_dir: pathlib.Path
+
+  @property
+  def step(self):
+    return int(self.step_dir.name) if self.step_dir.name.isdigit() else -1
+
+
+def load(path, *, what="workdir"):
+  """The trained recognizer of a recognition workdir or step directory (its latest good
+  checkpoint; the run's config rebuilds model and tokenizer, so the training data need
+  not exist where it is loaded). Raises checkpoints.CheckpointError (a missing or
+  corrupt checkpoint) or errors.ConfigError (another program's run, a bad model
+  config), their messages naming `what`."""
+  step_dir = checkpoints.resolve_checkpoint(path, what=what)
+  run_config = checkpoints.step_run_config(step_dir)
+  if run_config.get("program") != "recognition":
+    raise errors.ConfigError(
+      f"{what}={str(path)!r} is a {run_config.get('program')!r} run, not a recognition "
+      "one: point it at a fine-tuned recognizer (configs/finetune_recognition.py)"
+    )
+  try:
+    m = run_config["model"]
+    tokenizer = tokenizer_lib.Tokenizer(labels.get_charset(run_config["charset"]), m["head"])
+    model = from_config(m, tokenizer)
+  except (errors.ConfigError, ValueError, KeyError) as e:
+    raise errors.ConfigError(f"{what}={str(path)!r}: its run config: {e}") from None
+  params = jax.tree.map(np.asarray, checkpoints.load_params(step_dir, what=what))
+  return Trained(model, tokenizer, params, run_config, step_dir)
 
 
 # ------------------------------------------------------------------------------------

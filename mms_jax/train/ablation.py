@@ -46,9 +46,9 @@ import jax
 import numpy as np
 import scipy.stats
 
+from mms_jax import checkpoints
 from mms_jax.models import encoder_config
 from mms_jax.programs import PROGRAMS
-from mms_jax.train import checkpoints
 from mms_jax.train import common
 
 STAGE_PROGRAMS = {

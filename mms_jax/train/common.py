@@ -23,11 +23,11 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
+from mms_jax import checkpoints
 from mms_jax import errors
 from mms_jax.data import pipeline
 from mms_jax.models import encoder_config
 from mms_jax.models import encoder_weights
-from mms_jax.train import checkpoints
 from mms_jax.train import guards
 
 BATCH_AXES = ("data", "fsdp")
@@ -406,7 +406,7 @@ class StepBookkeeping:
       f", stopping at step {self.last_step}" if self.last_step < self.total_steps else "",
     )
     self._stack.enter_context(self.ckpt)
-    self.watcher = self._stack.enter_context(checkpoints.PreemptionWatcher())
+    self.watcher = self._stack.enter_context(guards.PreemptionWatcher())
     return self
 
   def __exit__(self, *exc_info):

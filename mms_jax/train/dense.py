@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mms_jax import checkpoints
 from mms_jax.data import pipeline
 from mms_jax.evaluate import image_metrics
 from mms_jax.models import vit
-from mms_jax.train import checkpoints
 from mms_jax.train import common
 from mms_jax.train import finetune
 

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mms_jax import checkpoints
 from mms_jax.models import encoder_weights
-from mms_jax.train import checkpoints
 from mms_jax.train import common
 
 ENCODER = encoder_weights.ENCODER

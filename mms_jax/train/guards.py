@@ -1,10 +1,15 @@
-"""Run-time guards for training loops."""
+"""Run-time guards for training loops: non-finite metrics, preemption signals."""
 
+import logging
 import math
+import signal
+import threading
 from typing import Any
 from typing import Mapping
 from typing import Optional
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from mms_jax import errors
@@ -69,3 +74,65 @@ def check_finite(
     step=step,
     bad=bad,
   )
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM into a flag the training loop polls.
+
+  Single process: installs a handler (main thread only) that just records the
+  signal; `should_stop()` then returns True, the trainer saves a checkpoint
+  and exits. The previous handler is restored by `close()`.
+
+  Multiple processes: a signal reaches only some hosts, and they must agree on
+  the step at which all of them save. `jax.distributed.initialize` starts
+  JAX's preemption sync service, which catches SIGTERM itself; here
+  `should_stop(step)` asks `multihost_utils.reached_preemption_sync_point`,
+  which returns True on all hosts at the same step. No Python handler is
+  installed then (it would replace JAX's). Call `should_stop` every step.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM,)):
+    self._event = threading.Event()
+    self._signum = None
+    self._logged = False
+    self._previous = {}
+    self._multihost = jax.process_count() > 1
+    if not self._multihost:
+      for sig in signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self._signum = signum
+    self._event.set()
+
+  def should_stop(self, step: Optional[int] = None) -> bool:
+    """True once a preemption signal was received (or, multi-host, at the
+    agreed sync step). The trainer should then save and exit."""
+    if self._multihost:
+      if step is None:
+        raise ValueError("should_stop(step) needs the step on multi-host.")
+      try:
+        stop = multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # preemption service disabled
+        stop = False
+    else:
+      stop = self._event.is_set()
+    if stop and not self._logged:
+      self._logged = True
+      name = signal.Signals(self._signum).name if self._signum else "signal"
+      logging.warning(
+        "Preemption (%s) received at step %s: saving a checkpoint and exiting.", name, step
+      )
+    return stop
+
+  def close(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -16,12 +16,12 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import optax
 
+from mms_jax import checkpoints
 from mms_jax import masking
 from mms_jax.data import pipeline
 from mms_jax.evaluate import pictures
 from mms_jax.models import mae as mae_lib
 from mms_jax.models import vit
-from mms_jax.train import checkpoints
 from mms_jax.train import common
 
 

@@ -45,7 +45,6 @@ from mms_jax.models import encoder_config
 from mms_jax.models import recognition as rec
 from mms_jax.models import vit
 from mms_jax.train import common
-from mms_jax.train import recognition
 
 PROGRAM = "probe"
 TASKS = ("recognition", "segmentation", "super_resolution")
@@ -334,7 +333,7 @@ def evaluate_task(task, head, params, data, config, tokenizer, patch, grid):
   """{metric: value} of one task's probe on one split's cached arrays."""
   batch_size = config.encode_batch_size
   if task == "recognition":
-    ids, lengths = recognition.encode_labels(data["label"], tokenizer, config.data.max_label_length)
+    ids, lengths = tokenizer.encode_labels(data["label"], config.data.max_label_length)
 
     def predict(p, b):
       logits = head.apply({"params": p}, b["columns"])
@@ -429,8 +428,8 @@ def train_and_evaluate(config, workdir):
   }
   train = splits[config.train_split]
   if "recognition" in tasks:
-    train["ids"], train["lengths"] = recognition.encode_labels(
-      train.pop("label"), tokenizer, config.data.max_label_length
+    train["ids"], train["lengths"] = tokenizer.encode_labels(
+      train.pop("label"), config.data.max_label_length
     )
   fields = {
     "recognition": ("columns", "ids", "lengths"),

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mms_jax import checkpoints
 from mms_jax.data import formats
 from mms_jax.data import labels as labels_lib
 from mms_jax.data import leakage
@@ -29,7 +30,6 @@ from mms_jax.models import encoder_weights
 from mms_jax.models import recognition as rec
 from mms_jax.models import recognizer_weights
 from mms_jax.models import vit
-from mms_jax.train import checkpoints
 from mms_jax.train import common
 from mms_jax.train import finetune
 
@@ -266,18 +266,9 @@ def make_train_step(model, config, tokenizer, optimizer, schedule, mesh, shardin
   )
 
 
-def encode_labels(labels, tokenizer, max_length):
-  """(ids, lengths) of raw labels, normalised to the model charset first (the synthetic
-  source yields raw labels); a longer label is cut to max_length."""
-  texts = [
-    (labels_lib.normalize_label(str(t), tokenizer.charset, None) or "")[:max_length] for t in labels
-  ]
-  return tokenizer.encode(texts, max_length)
-
-
 def host_batch(batch, tokenizer, max_length):
-  """The batch's images with the token ids of its labels (encode_labels)."""
-  ids, lengths = encode_labels(batch["label"], tokenizer, max_length)
+  """The batch's images with the token ids of its labels (tokenizer.encode_labels)."""
+  ids, lengths = tokenizer.encode_labels(batch["label"], max_length)
   return {"image": batch["image"], "ids": ids, "lengths": lengths}
 
 

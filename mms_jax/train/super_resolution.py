@@ -13,21 +13,17 @@ bicubic, SR and HR images with that recognizer and reports word accuracy.
 """
 
 import functools
-import json
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mms_jax.data import labels as labels_lib
-from mms_jax.data import tokenizer as tokenizer_lib
 from mms_jax.evaluate import image_metrics
 from mms_jax.evaluate import pictures
 from mms_jax.evaluate import text_metrics
 from mms_jax.models import dense_heads
 from mms_jax.models import recognition
-from mms_jax.train import checkpoints
 from mms_jax.train import common
 from mms_jax.train import dense
 
@@ -123,41 +119,24 @@ def _word_accuracies(config):
 # ------------------------------------------------------------------------------------
 # Optional: word accuracy of a recognizer trained by the recognition program.
 # ------------------------------------------------------------------------------------
-def _recognizer_from_config(rc):
-  """(Recognizer, Tokenizer) from a recognition run's config.json (a dict)."""
-  tokenizer = tokenizer_lib.Tokenizer(labels_lib.get_charset(rc["charset"]), rc["model"]["head"])
-  model = recognition.from_config(rc["model"], tokenizer)
-  return model, tokenizer
-
-
 def load_recognizer(path):
   """A callable (images [N, H, W, 3] in [-1, 1], labels [N]) -> correct float32[N].
 
-  `path`: a recognition workdir, or a step directory inside one; its config.json
-  rebuilds the model and tokenizer, its checkpoint gives the params. Images of
-  another size are resized (bilinear) to the recognizer's input size. Labels and
-  predictions are compared after text_metrics.normalize with the run's eval charset.
+  `path`: a recognition workdir, or a step directory inside one (models/recognition.load).
+  Images of another size are resized (bilinear) to the recognizer's input size. Labels
+  and predictions are compared after text_metrics.normalize with the run's first eval
+  charset.
   """
-  step_dir = checkpoints.resolve_checkpoint(path, what="sr_eval_recognizer")
-  config_path = step_dir.parent.parent / "config.json"
-  if not config_path.exists():
-    raise checkpoints.CheckpointError(
-      f"sr_eval_recognizer={str(path)!r}: no config.json in {step_dir.parent.parent}; "
-      "point it at a recognition workdir."
-    )
-  rec_config = json.loads(config_path.read_text())
-  if rec_config.get("program") != "recognition":
-    raise common.ConfigError(
-      f"sr_eval_recognizer={str(path)!r} is a {rec_config.get('program')!r} run, not 'recognition'"
-    )
-  model, tokenizer = _recognizer_from_config(rec_config)
-  params = jax.tree.map(jnp.asarray, checkpoints.load_params(step_dir, what="sr_eval_recognizer"))
+  trained = recognition.load(path, what="sr_eval_recognizer")
+  model, tokenizer, rec_config = trained.model, trained.tokenizer, trained.run_config
+  params = jax.tree.map(jnp.asarray, trained.params)
   image_size = tuple(rec_config["image_size"])
   charset = (rec_config.get("eval") or {}).get("charset") or text_metrics.DEFAULT_CHARSET
+  charset = charset.split(",")[0].strip()
   predict = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.predict))
   logging.info(
     "sr_eval_recognizer: %s (%s head, input %s, scored on charset %r).",
-    step_dir,
+    trained.step_dir,
     model.head,
     image_size,
     charset,

@@ -38,7 +38,7 @@ Usage in a trainer:
       state = state.replace(params=common.load_pretrained(state.params, config.init_from))
   if data_state is not None:
     data_iter.set_state(data_state)
-  with checkpoints.PreemptionWatcher() as watcher:
+  with guards.PreemptionWatcher() as watcher:
     for step in range(int(state.step) + 1, total_steps + 1):
       state, metrics = train_step(state, next(data_iter))
       stop = watcher.should_stop(step)
@@ -57,8 +57,6 @@ import json
 import logging
 import os
 import pathlib
-import signal
-import threading
 from typing import Any
 from typing import Optional
 
@@ -618,70 +616,3 @@ def restore_or_initialize(
     return state, data_state, "resume_from"
   logging.info("No checkpoint to resume; a fresh state.")
   return None, None, "scratch"
-
-
-# ---------------------------------------------------------------------------
-# Preemption.
-# ---------------------------------------------------------------------------
-
-
-class PreemptionWatcher:
-  """Turns SIGTERM into a flag the training loop polls.
-
-  Single process: installs a handler (main thread only) that just records the
-  signal; `should_stop()` then returns True, the trainer saves a checkpoint
-  and exits. The previous handler is restored by `close()`.
-
-  Multiple processes: a signal reaches only some hosts, and they must agree on
-  the step at which all of them save. `jax.distributed.initialize` starts
-  JAX's preemption sync service, which catches SIGTERM itself; here
-  `should_stop(step)` asks `multihost_utils.reached_preemption_sync_point`,
-  which returns True on all hosts at the same step. No Python handler is
-  installed then (it would replace JAX's). Call `should_stop` every step.
-  """
-
-  def __init__(self, signals=(signal.SIGTERM,)):
-    self._event = threading.Event()
-    self._signum = None
-    self._logged = False
-    self._previous = {}
-    self._multihost = jax.process_count() > 1
-    if not self._multihost:
-      for sig in signals:
-        self._previous[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    self._signum = signum
-    self._event.set()
-
-  def should_stop(self, step: Optional[int] = None) -> bool:
-    """True once a preemption signal was received (or, multi-host, at the
-    agreed sync step). The trainer should then save and exit."""
-    if self._multihost:
-      if step is None:
-        raise ValueError("should_stop(step) needs the step on multi-host.")
-      try:
-        stop = multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError:  # preemption service disabled
-        stop = False
-    else:
-      stop = self._event.is_set()
-    if stop and not self._logged:
-      self._logged = True
-      name = signal.Signals(self._signum).name if self._signum else "signal"
-      logging.warning(
-        "Preemption (%s) received at step %s: saving a checkpoint and exiting.", name, step
-      )
-    return stop
-
-  def close(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous = {}
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
