@@ -4,7 +4,7 @@ Each builder takes its parameters (synthetic config and split sizes, or the user
 data path and read options) through its BuilderConfig, whose name is a hash of
 those parameters: different parameters never share a directory in a data_dir.
 
-  builder = make_builder(data_config)       # data_config: see pipeline.py
+  builder = make_builder(source, data_dir, path=..., options=..., synthetic=..., sizes=...)
   prepare(builder)                          # builds once, then reuses
   source = builder.as_data_source('train')  # random access, for grain
 

@@ -577,18 +577,6 @@ class ConcatReader(Reader):
     return f"ConcatReader({self.readers!r})"
 
 
-def open_lmdb_tree(
-  root: str, subpath: str = "", kind: str = "str", options: ReadOptions = ReadOptions()
-) -> dict[str, LmdbReader]:
-  """{relative path: reader} for every LMDB at or below root/subpath."""
-  return {
-    rel: LmdbReader(
-      os.path.join(root, rel), kind, options, name=rel if rel != "." else os.path.basename(root)
-    )
-    for rel in select_datasets(root, subpath, LMDB_MARKER)
-  }
-
-
 # ----------------------------------------------------------------- folders ----
 
 

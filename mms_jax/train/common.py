@@ -478,10 +478,6 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
     self._jsonl.flush()  # readable while the run goes on (a line per log step)
 
-  def write_image(self, step, name, image_uint8):
-    if self._events is not None:
-      self._events.add_image(name, image_uint8, step, dataformats="HWC")
-
   def flush(self):
     if self._events is not None:
       self._events.flush()
