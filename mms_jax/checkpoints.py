@@ -58,7 +58,6 @@ import logging
 import os
 import pathlib
 from typing import Any
-from typing import Optional
 
 import jax
 from jax.experimental import multihost_utils
@@ -129,7 +128,7 @@ def write_manifest(step_dir: os.PathLike) -> dict[str, Any]:
   return manifest
 
 
-def verify_manifest(step_dir: os.PathLike) -> Optional[str]:
+def verify_manifest(step_dir: os.PathLike) -> str | None:
   """Checks a checkpoint against its manifest.
 
   Args:
@@ -196,7 +195,7 @@ def _encode_data_state(data_state) -> dict[str, Any]:
   return {"kind": "json", "value": data_state}
 
 
-def _decode_data_state(stored: Optional[dict[str, Any]]):
+def _decode_data_state(stored: dict[str, Any] | None):
   if not stored or stored.get("kind") == "none":
     return None
   if stored["kind"] == "bytes":
@@ -252,7 +251,7 @@ class Checkpointer:
     workdir: os.PathLike,
     *,
     keep: int = 3,
-    keep_every: Optional[int] = None,
+    keep_every: int | None = None,
     async_save: bool = True,
     program: str = "",
   ):
@@ -271,7 +270,7 @@ class Checkpointer:
     self.program = program
     self._async = async_save
     self._pending: list[int] = []  # saved steps still lacking a manifest
-    self._saving_step: Optional[int] = None
+    self._saving_step: int | None = None
     async_options = (
       ocp.AsyncOptions(post_finalization_callback=self._manifest_at_commit) if async_save else None
     )
@@ -314,7 +313,7 @@ class Checkpointer:
     meta = {
       "program": self.program,
       "step": int(step),
-      "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      "timestamp": datetime.datetime.now(datetime.UTC).isoformat(),
       "process_count": jax.process_count(),
       "device_count": jax.device_count(),
       "config": _jsonable(config),
@@ -406,7 +405,7 @@ class Checkpointer:
     os.replace(self.step_dir(step), target)
     return target
 
-  def latest_good_step(self) -> Optional[int]:
+  def latest_good_step(self) -> int | None:
     """Returns the newest step whose manifest verifies, or None.
 
     Corrupt steps (missing manifest or any file mismatch) are logged with a
@@ -540,7 +539,7 @@ def restore_path(path: os.PathLike, abstract_state: PyTree, *, what: str = "path
 
 
 def load_params(
-  path: os.PathLike, abstract_params: Optional[PyTree] = None, *, what: str = "init_from"
+  path: os.PathLike, abstract_params: PyTree | None = None, *, what: str = "init_from"
 ) -> PyTree:
   """Loads only `state['params']` of a checkpoint (no optimizer state).
 
@@ -587,7 +586,7 @@ def load_params(
 
 
 def restore_or_initialize(
-  ckpt: Checkpointer, abstract_state: PyTree, *, resume_from: Optional[os.PathLike] = None
+  ckpt: Checkpointer, abstract_state: PyTree, *, resume_from: os.PathLike | None = None
 ):
   """Restores a train state: this workdir's latest good checkpoint (a preempted run
   resumes here even if resume_from is set), else `resume_from` (full state and data

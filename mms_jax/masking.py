@@ -17,12 +17,12 @@ keys (priority | random bits | cell index) instead of a sort: sorting is slow on
 and the bisection needs only ~log2(L) + a few compare-and-count passes.
 """
 
+from collections.abc import Callable
+from collections.abc import Sequence
 import dataclasses
 import functools
 import math
 from typing import Any
-from typing import Callable
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp

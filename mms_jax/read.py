@@ -24,15 +24,13 @@ On 48 real word crops the default recognizer reads 75 % with `center`, 61-67 % w
 `stretch` (docs/results.md, "Real text").
 """
 
+from collections.abc import Iterable
+from collections.abc import Sequence
 import csv
 import json
 import os
 import pathlib
 import sys
-from typing import Iterable
-from typing import List
-from typing import Sequence
-from typing import Tuple
 
 from absl import app
 from absl import flags
@@ -117,7 +115,7 @@ def load_recognizer(workdir, checkpoint=""):
   return ml_collections.ConfigDict(trained.run_config), predict
 
 
-def find_images(paths: Sequence[str]) -> List[pathlib.Path]:
+def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
   """Files named on the command line as they are; folders searched recursively for
   IMAGE_SUFFIXES files (sorted). Raises ReadError for a path that does not exist."""
   found = []
@@ -153,7 +151,7 @@ def default_fit(config) -> str:
   return "keep_aspect" if config.data.get("keep_aspect", False) else "stretch"
 
 
-def center(array: np.ndarray, image_size: Tuple[int, int]) -> np.ndarray:
+def center(array: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
   """uint8 [h, w, 3] -> uint8 [H, W, 3]: scaled to height H at its aspect ratio (at most
   W wide), centred on a canvas filled with the median colour of its border pixels."""
   height, width = image_size
@@ -168,7 +166,7 @@ def center(array: np.ndarray, image_size: Tuple[int, int]) -> np.ndarray:
   return canvas
 
 
-def fit_array(array: np.ndarray, image_size: Tuple[int, int], fit: str) -> np.ndarray:
+def fit_array(array: np.ndarray, image_size: tuple[int, int], fit: str) -> np.ndarray:
   """uint8 [h, w, 3] -> float32 [H, W, 3] in [-1, 1] (`fit`: one of FITS)."""
   if fit == "center":
     example = {"image": center(array, tuple(image_size))}
@@ -179,7 +177,7 @@ def fit_array(array: np.ndarray, image_size: Tuple[int, int], fit: str) -> np.nd
   return pipeline.Normalize().map(example)["image"]
 
 
-def load_image(path, image_size: Tuple[int, int], fit: str = "stretch") -> np.ndarray:
+def load_image(path, image_size: tuple[int, int], fit: str = "stretch") -> np.ndarray:
   """float32 [H, W, 3] in [-1, 1]: the file at `path` as `fit_array` fits it."""
   with Image.open(path) as image:
     image.load()

@@ -38,7 +38,7 @@ TINY = dict(
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_model(image_size=(32, 128), patch=(4, 4), gelu="erf", scan_layers=False, seed=0):
   """(model, params, config) for a tiny MAE; params perturbed so biases/norms are non-trivial.
 

@@ -28,9 +28,6 @@ import math
 import pathlib
 import pickle
 from typing import Any
-from typing import Dict
-from typing import Optional
-from typing import Tuple
 import warnings
 
 import numpy as np
@@ -76,14 +73,14 @@ def to_timm_state_dict(params, config: ModelConfig) -> tl.StateDict:
 
 
 def to_mae_state_dict(
-  params, config: ModelConfig, *, with_decoder: Optional[bool] = None
+  params, config: ModelConfig, *, with_decoder: bool | None = None
 ) -> tl.StateDict:
   """Params -> original MAE layout (decoder included when present)."""
   return tl.to_state_dict(params, config, "mae", with_decoder=with_decoder)
 
 
 def to_hf_vitmae(
-  params, config: ModelConfig, out_dir, *, with_decoder: Optional[bool] = None
+  params, config: ModelConfig, out_dir, *, with_decoder: bool | None = None
 ) -> pathlib.Path:
   """Writes a transformers ViTMAE directory: config.json, model.safetensors,
   preprocessor_config.json (uint8 RGB -> [-1, 1], the mms_jax input range).
@@ -124,7 +121,7 @@ def to_hf_vitmae(
   return out
 
 
-def save_state_dict(sd: tl.StateDict, path, metadata: Optional[Dict[str, str]] = None):
+def save_state_dict(sd: tl.StateDict, path, metadata: dict[str, str] | None = None):
   """Writes a state dict: safetensors unless the suffix is .pth/.pt/.bin (torch.save
   of a plain dict of tensors, loadable with weights_only=True)."""
   path = pathlib.Path(path)
@@ -211,10 +208,10 @@ def from_torch_state_dict(
   state_dict,
   layout: str = "auto",
   *,
-  image_size: Optional[Tuple[int, int]] = None,
+  image_size: tuple[int, int] | None = None,
   pos_embed: str = "warn",
   strict: bool = True,
-  with_decoder: Optional[bool] = None,
+  with_decoder: bool | None = None,
   scan_layers: bool = False,
 ):
   """PyTorch state dict (torch tensors or numpy) -> mms_jax params.
@@ -272,7 +269,7 @@ def _sidecar(path):
 _HF_ACT = {"gelu": "erf", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
 
 
-def _config_hints(side: Dict[str, Any]) -> Dict[str, Any]:
+def _config_hints(side: dict[str, Any]) -> dict[str, Any]:
   """Fields of a sidecar config (HF config.json or ours) useful for ModelConfig."""
   if side.get("model_type") == "vit_mae":  # a transformers config
     act = side.get("hidden_act", "gelu")
@@ -317,8 +314,8 @@ def read_torch_checkpoint(
   gelu=None,
   pos_embed: str = "warn",
   strict: bool = True,
-  with_decoder: Optional[bool] = None,
-) -> Tuple[Dict[str, Any], ModelConfig]:
+  with_decoder: bool | None = None,
+) -> tuple[dict[str, Any], ModelConfig]:
   """A PyTorch checkpoint file or transformers directory -> (params, ModelConfig).
 
   A config.json beside the weights (HF's, or the one `convert` writes for timm and
@@ -351,7 +348,7 @@ def read_torch_checkpoint(
 # mms_jax checkpoints.
 
 
-def load_mms_checkpoint(path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def load_mms_checkpoint(path) -> tuple[dict[str, Any], dict[str, Any]]:
   """An mms_jax workdir / step directory -> (params as numpy, run config dict).
 
   The run config is the one stored in the checkpoint's meta, else the workdir's
@@ -363,7 +360,7 @@ def load_mms_checkpoint(path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   return checkpoints.load_params(step_dir, what="src"), checkpoints.step_run_config(step_dir)
 
 
-def save_mms_checkpoint(params, config: Optional[ModelConfig], workdir, *, step: int = 0):
+def save_mms_checkpoint(params, config: ModelConfig | None, workdir, *, step: int = 0):
   """Writes `{'params': params}` as an mms_jax checkpoint (with manifest) in
   `<workdir>/checkpoints/<step>`, so that `init_from=<workdir>` and
   `load_mms_checkpoint` read it. Returns the step directory. A workdir that already

@@ -22,9 +22,6 @@ import dataclasses
 import math
 import re
 from typing import Any
-from typing import Dict
-from typing import Optional
-from typing import Tuple
 
 import numpy as np
 
@@ -33,7 +30,7 @@ from mms_jax.models import encoder_config
 from mms_jax.models import vit
 
 LAYOUTS = ("hf", "timm", "mae")
-StateDict = Dict[str, np.ndarray]
+StateDict = dict[str, np.ndarray]
 
 
 class ConversionError(errors.UserError, ValueError):
@@ -54,16 +51,16 @@ class ModelConfig:
   or the caller.
   """
 
-  image_size: Tuple[int, int]
-  patch: Optional[Tuple[int, int]] = None
-  channels: Optional[int] = None
-  width: Optional[int] = None
-  depth: Optional[int] = None
-  num_heads: Optional[int] = None
-  decoder_width: Optional[int] = None  # None: encoder only
-  decoder_depth: Optional[int] = None
-  decoder_num_heads: Optional[int] = None
-  mlp_ratio: Optional[int] = None
+  image_size: tuple[int, int]
+  patch: tuple[int, int] | None = None
+  channels: int | None = None
+  width: int | None = None
+  depth: int | None = None
+  num_heads: int | None = None
+  decoder_width: int | None = None  # None: encoder only
+  decoder_depth: int | None = None
+  decoder_num_heads: int | None = None
+  mlp_ratio: int | None = None
   gelu: str = "erf"
   norm_pix_loss: bool = True
   mask_ratio: float = 0.75
@@ -450,7 +447,7 @@ def _subtree(tree, path, where):
 
 
 def to_state_dict(
-  params, config: ModelConfig, layout: str, *, with_decoder: Optional[bool] = None
+  params, config: ModelConfig, layout: str, *, with_decoder: bool | None = None
 ) -> StateDict:
   """mms_jax params -> flat numpy state dict in `layout` ('hf', 'timm' or 'mae').
 
@@ -635,10 +632,10 @@ def from_state_dict(
   sd: StateDict,
   layout: str = "auto",
   *,
-  image_size: Optional[Tuple[int, int]] = None,
+  image_size: tuple[int, int] | None = None,
   pos_embed_policy: str = "warn",
   strict: bool = True,
-  with_decoder: Optional[bool] = None,
+  with_decoder: bool | None = None,
 ):
   """PyTorch state dict (numpy values) -> (mms_jax params, ModelConfig, notes).
 
@@ -806,7 +803,7 @@ def _shaped(config: ModelConfig, params, what: str) -> ModelConfig:
   return config
 
 
-def timm_kwargs(config: ModelConfig, params=None) -> Dict[str, Any]:
+def timm_kwargs(config: ModelConfig, params=None) -> dict[str, Any]:
   """Constructor kwargs of a timm VisionTransformer matching the encoder.
 
   `VisionTransformer(**timm_kwargs(config, params))` (or `timm.create_model(
@@ -834,7 +831,7 @@ def timm_kwargs(config: ModelConfig, params=None) -> Dict[str, Any]:
   )
 
 
-def mae_kwargs(config: ModelConfig, params=None) -> Dict[str, Any]:
+def mae_kwargs(config: ModelConfig, params=None) -> dict[str, Any]:
   """Constructor kwargs of MAE's MaskedAutoencoderViT (and derived text MAE code).
 
   The MAE reference code takes square int sizes and a `norm_layer`; rectangular
@@ -864,7 +861,7 @@ def mae_kwargs(config: ModelConfig, params=None) -> Dict[str, Any]:
   return out
 
 
-def hf_config(config: ModelConfig, with_decoder: bool) -> Dict[str, Any]:
+def hf_config(config: ModelConfig, with_decoder: bool) -> dict[str, Any]:
   """config.json of a transformers ViTMAE directory.
 
   Raises if HF's ViTMAEForPreTraining cannot represent the model (its decoder
@@ -907,7 +904,7 @@ def hf_config(config: ModelConfig, with_decoder: bool) -> Dict[str, Any]:
   return out
 
 
-def hf_preprocessor_config(config: ModelConfig) -> Dict[str, Any]:
+def hf_preprocessor_config(config: ModelConfig) -> dict[str, Any]:
   """A ViTImageProcessor config mapping uint8 RGB to mms_jax's [-1, 1] input."""
   h, w = config.image_size
   return dict(

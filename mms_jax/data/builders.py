@@ -21,7 +21,6 @@ import json
 import logging
 import os
 from typing import Any
-from typing import Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -77,7 +76,7 @@ def skip_counts(builder, splits: list[str]) -> formats.SkipCounts:
   return total
 
 
-def log_skip_counts(builder, splits: Optional[list[str]] = None) -> None:
+def log_skip_counts(builder, splits: list[str] | None = None) -> None:
   """Logs the stored skip counts of `splits` (all by default) of a prepared builder."""
   skips = _metadata(builder).get("skips", {})
   for split in splits or sorted(skips):
@@ -96,7 +95,7 @@ def _record_skips(builder, split: str, counts: formats.SkipCounts) -> None:
 
 
 def synthetic_split_config(
-  synthetic: Mapping[str, Any], split: str, train_overrides: Optional[Mapping[str, Any]] = None
+  synthetic: Mapping[str, Any], split: str, train_overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
   """The SyntheticConfig dict of one split: its fonts, difficulty and own seed.
 
@@ -133,9 +132,9 @@ class SyntheticBuilderConfig(tfds.core.BuilderConfig):
 
 
 def synthetic_config(
-  synthetic: Optional[Mapping[str, Any]] = None,
-  sizes: Optional[Mapping[str, int]] = None,
-  train_overrides: Optional[Mapping[str, Any]] = None,
+  synthetic: Mapping[str, Any] | None = None,
+  sizes: Mapping[str, int] | None = None,
+  train_overrides: Mapping[str, Any] | None = None,
 ) -> SyntheticBuilderConfig:
   from mms_jax.data import synthetic as synthetic_lib
 
@@ -399,9 +398,9 @@ def make_builder(
   *,
   path: str = "",
   options: formats.ReadOptions = formats.ReadOptions(),
-  synthetic: Optional[Mapping[str, Any]] = None,
-  sizes: Optional[Mapping[str, int]] = None,
-  synthetic_train: Optional[Mapping[str, Any]] = None,
+  synthetic: Mapping[str, Any] | None = None,
+  sizes: Mapping[str, int] | None = None,
+  synthetic_train: Mapping[str, Any] | None = None,
 ):
   """The TFDS builder of a source (not yet prepared)."""
   if source not in BUILDERS:

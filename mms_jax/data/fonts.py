@@ -24,6 +24,8 @@ mtime). Set `MMS_JAX_FONT_CACHE=0` to disable the disk cache.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from collections.abc import Sequence
 import functools
 import hashlib
 import json
@@ -31,8 +33,6 @@ import logging
 import os
 import re
 import string
-from typing import Iterable
-from typing import Sequence
 
 from PIL import ImageFont
 
@@ -269,7 +269,7 @@ def fingerprint(paths: Sequence[str]) -> str:
 
 def font_hash(path: str, salt: str = "") -> float:
   """Deterministic value in [0, 1) from the font's file name."""
-  digest = hashlib.sha256(f"{salt}/{os.path.basename(path)}".encode("utf-8")).digest()
+  digest = hashlib.sha256(f"{salt}/{os.path.basename(path)}".encode()).digest()
   return int.from_bytes(digest[:8], "big") / 2.0**64
 
 

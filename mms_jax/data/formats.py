@@ -36,8 +36,6 @@ import os
 import re
 import threading
 from typing import Any
-from typing import Optional
-from typing import Union
 import warnings
 
 import lmdb
@@ -89,7 +87,7 @@ class SkipCounts:
   """
 
   def __init__(
-    self, skipped: Optional[Mapping[str, int]] = None, converted: Optional[Mapping[str, int]] = None
+    self, skipped: Mapping[str, int] | None = None, converted: Mapping[str, int] | None = None
   ):
     self.skipped = collections.Counter(skipped or {})
     self.converted = collections.Counter(converted or {})
@@ -173,13 +171,13 @@ class ReadOptions:
 
   max_aspect: float = 25.0
   max_pixels: int = 4096 * 4096
-  charset: Optional[str] = None
-  max_label_length: Optional[int] = 25
-  case_sensitive: Optional[bool] = None
+  charset: str | None = None
+  max_label_length: int | None = 25
+  case_sensitive: bool | None = None
   require_label: bool = True
 
   @classmethod
-  def from_dict(cls, d: Optional[Mapping[str, Any]]) -> "ReadOptions":
+  def from_dict(cls, d: Mapping[str, Any] | None) -> "ReadOptions":
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in (d or {}).items() if k in names})
 
@@ -190,7 +188,7 @@ class ReadOptions:
 # ------------------------------------------------------------------ images ----
 
 
-def _to_rgb_uint8(im: Image.Image, counts: Optional[SkipCounts]) -> Array:
+def _to_rgb_uint8(im: Image.Image, counts: SkipCounts | None) -> Array:
   """Any PIL mode -> uint8[H, W, 3]; transparent pixels are put on white."""
   mode = im.mode
   if mode == "RGB":
@@ -234,7 +232,7 @@ def _open_checked(data: bytes, options: ReadOptions) -> Image.Image:
 
 
 def decode_image(
-  data: bytes, options: ReadOptions = ReadOptions(), counts: Optional[SkipCounts] = None
+  data: bytes, options: ReadOptions = ReadOptions(), counts: SkipCounts | None = None
 ) -> Array:
   """Encoded bytes -> uint8[H, W, 3]; raises BadRecord with the skip reason."""
   im = _open_checked(data, options)
@@ -265,7 +263,7 @@ def encode_png(array: Array) -> bytes:
   return buf.getvalue()
 
 
-def encode_image(image: Union[Array, bytes], image_format: str = "png") -> bytes:
+def encode_image(image: Array | bytes, image_format: str = "png") -> bytes:
   if isinstance(image, (bytes, bytearray)):
     return bytes(image)
   buf = io.BytesIO()
@@ -273,9 +271,7 @@ def encode_image(image: Union[Array, bytes], image_format: str = "png") -> bytes
   return buf.getvalue()
 
 
-def decode_label(
-  data: Optional[bytes], options: ReadOptions, counts: Optional[SkipCounts] = None
-) -> str:
+def decode_label(data: bytes | None, options: ReadOptions, counts: SkipCounts | None = None) -> str:
   """Label bytes -> normalised str; raises BadRecord unless require_label=False."""
   try:
     if data is None:
@@ -319,7 +315,7 @@ class Reader:
   def key(self, index: int) -> str:
     return f"{self.name}/{index:09d}"
 
-  def __getitem__(self, index: int) -> Optional[Example]:
+  def __getitem__(self, index: int) -> Example | None:
     try:
       example = self.read(int(index))
     except BadRecord as e:
@@ -384,7 +380,7 @@ class LmdbReader(Reader):
     path: str,
     kind: str = "str",
     options: ReadOptions = ReadOptions(),
-    name: Optional[str] = None,
+    name: str | None = None,
   ):
     if kind not in LMDB_KINDS:
       raise ValueError(f"Unknown LMDB kind {kind!r}; expected one of {list(LMDB_KINDS)}.")
@@ -455,9 +451,7 @@ class LmdbReader(Reader):
     return f"LmdbReader({self.path!r}, kind={self.kind!r}, {self.options})"
 
 
-def write_lmdb_raw(
-  path: str, items: Mapping[Union[str, bytes], bytes], map_size: int = 1 << 30
-) -> None:
+def write_lmdb_raw(path: str, items: Mapping[str | bytes, bytes], map_size: int = 1 << 30) -> None:
   """Writes raw key -> value pairs into a new LMDB at `path` (for fixtures)."""
   os.makedirs(path, exist_ok=True)
   env = lmdb.open(path, map_size=map_size)
@@ -558,7 +552,7 @@ class ConcatReader(Reader):
     reader, i = self._locate(index)
     return reader.read(i)
 
-  def __getitem__(self, index: int) -> Optional[Example]:
+  def __getitem__(self, index: int) -> Example | None:
     reader, i = self._locate(int(index))
     return reader[i]
 
@@ -588,7 +582,7 @@ def _read_file(path: str) -> bytes:
     raise BadRecord(MISSING_IMAGE, path) from e
 
 
-def parse_gt_line(line: str) -> Optional[tuple[str, str]]:
+def parse_gt_line(line: str) -> tuple[str, str] | None:
   """'path<TAB>label' (or 'path label') -> (path, label); None for blank lines."""
   line = line.rstrip("\r\n")
   if not line.strip():
@@ -606,7 +600,7 @@ class FolderReader(Reader):
     root: str,
     options: ReadOptions = ReadOptions(),
     gt_file: str = GT_FILE,
-    name: Optional[str] = None,
+    name: str | None = None,
   ):
     gt_path = check_path(
       os.path.join(root, gt_file),
@@ -660,7 +654,7 @@ def write_folder(
 class ImageFolderReader(Reader):
   """Every image file below a folder (recursively, sorted), without labels."""
 
-  def __init__(self, root: str, options: ReadOptions = ReadOptions(), name: Optional[str] = None):
+  def __init__(self, root: str, options: ReadOptions = ReadOptions(), name: str | None = None):
     check_path(root, "Image folder", "Set data_config.path to a folder of images.")
     self.root = os.path.abspath(root)
     self.options = options
@@ -724,8 +718,8 @@ class TextSegReader(Reader):
     self,
     root: str,
     options: ReadOptions = ReadOptions(),
-    name: Optional[str] = None,
-    image_ids: Optional[list[str]] = None,
+    name: str | None = None,
+    image_ids: list[str] | None = None,
   ):
     check_path(
       os.path.join(root, "image"),

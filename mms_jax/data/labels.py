@@ -6,7 +6,6 @@ A case-sensitive mode keeps the 94 printable ASCII characters.
 """
 
 import string
-from typing import Optional
 import unicodedata
 
 # 0-9a-z: the standard case-insensitive evaluation charset.
@@ -60,10 +59,10 @@ def to_ascii(text: str) -> str:
 
 def check_label(
   label: str,
-  charset: Optional[str] = CHARSET_36,
-  max_length: Optional[int] = 25,
-  case_sensitive: Optional[bool] = None,
-) -> tuple[Optional[str], Optional[str]]:
+  charset: str | None = CHARSET_36,
+  max_length: int | None = 25,
+  case_sensitive: bool | None = None,
+) -> tuple[str | None, str | None]:
   """Normalises a label and says why it was rejected.
 
   Args:
@@ -97,10 +96,10 @@ def check_label(
 
 def normalize_label(
   label: str,
-  charset: Optional[str] = CHARSET_36,
-  max_length: Optional[int] = 25,
-  case_sensitive: Optional[bool] = None,
-) -> Optional[str]:
+  charset: str | None = CHARSET_36,
+  max_length: int | None = 25,
+  case_sensitive: bool | None = None,
+) -> str | None:
   """Community normalisation; None when the result is empty or too long.
 
   With the 36-character charset: strip, NFKD to ASCII, lowercase, keep 0-9a-z.

@@ -46,8 +46,6 @@ import math
 import os
 import sys
 from typing import Any
-from typing import Optional
-from typing import Union
 
 import grain.python as grain
 import ml_collections
@@ -275,7 +273,7 @@ class NamedSource(grain.RandomAccessDataSource):
   `skips`: the records left out when the data set was built (formats.SkipCounts).
   """
 
-  def __init__(self, source, name: str, skips: Optional[formats.SkipCounts] = None):
+  def __init__(self, source, name: str, skips: formats.SkipCounts | None = None):
     self._source = source
     self._name = name
     self.skips = skips if skips is not None else formats.SkipCounts()
@@ -304,7 +302,7 @@ class SyntheticSource(grain.RandomAccessDataSource):
     synthetic: Mapping[str, Any],
     split: str,
     size: int,
-    train_overrides: Optional[Mapping[str, Any]] = None,
+    train_overrides: Mapping[str, Any] | None = None,
   ):
     self.config = builders.synthetic_split_config(dict(synthetic), split, train_overrides)
     from mms_jax.data import synthetic as synthetic_lib
@@ -686,7 +684,7 @@ def _check_batch_size(global_batch_size: int, shard_count: int) -> int:
 
 
 def resolve_shard(
-  shard_index: Optional[int] = None, shard_count: Optional[int] = None
+  shard_index: int | None = None, shard_count: int | None = None
 ) -> tuple[int, int]:
   """(shard_index, shard_count): explicit, else this JAX process of all of them."""
   if shard_index is None and shard_count is None:
@@ -749,7 +747,7 @@ class SubstituteInvalid(grain.RandomAccessDataSource):
     return repr(self._source)
 
 
-def global_records(source, *, seed: int, num_epochs: Optional[int]) -> grain.MapDataset:
+def global_records(source, *, seed: int, num_epochs: int | None) -> grain.MapDataset:
   """The global training order: position p -> record, the same on every host.
 
   Epoch e (positions [e*N, (e+1)*N)) is a permutation of the N records drawn
@@ -788,7 +786,7 @@ def make_train_dataset(
   image_size: tuple[int, int],
   shard_index: int,
   shard_count: int,
-  num_epochs: Optional[int],
+  num_epochs: int | None,
   augment: bool,
 ) -> grain.MapDataset:
   """The random-access dataset of this host's training batches (index = step).
@@ -915,11 +913,11 @@ def make_train_iterator(
   *,
   seed: int = 0,
   image_size: Sequence[int] = (32, 128),
-  worker_count: Optional[int] = None,
-  shard_index: Optional[int] = None,
-  shard_count: Optional[int] = None,
-  num_epochs: Union[int, None, str] = "auto",
-  augment: Optional[bool] = None,
+  worker_count: int | None = None,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  num_epochs: int | None | str = "auto",
+  augment: bool | None = None,
   source=None,
 ) -> TrainIterator:
   """The training iterator of a split; see `make_pipeline` (train=True)."""
@@ -970,7 +968,7 @@ def make_train_iterator(
 
 
 def shard_options(
-  train: bool, shard_index: Optional[int] = None, shard_count: Optional[int] = None
+  train: bool, shard_index: int | None = None, shard_count: int | None = None
 ) -> grain.ShardOptions:
   """Explicit shards, else one shard per JAX process (evaluation loader)."""
   if shard_index is None and shard_count is None:
@@ -1014,10 +1012,10 @@ def make_loader(
   global_batch_size: int,
   *,
   image_size: Sequence[int] = (32, 128),
-  worker_count: Optional[int] = None,
-  shard_index: Optional[int] = None,
-  shard_count: Optional[int] = None,
-  num_epochs: Union[int, None, str] = "auto",
+  worker_count: int | None = None,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  num_epochs: int | None | str = "auto",
   augment: bool = False,
   source=None,
 ) -> grain.DataLoader:
@@ -1072,11 +1070,11 @@ def make_pipeline(
   train: bool,
   seed: int = 0,
   image_size: Sequence[int] = (32, 128),
-  worker_count: Optional[int] = None,
-  shard_index: Optional[int] = None,
-  shard_count: Optional[int] = None,
-  num_epochs: Union[int, None, str] = "auto",
-  augment: Optional[bool] = None,
+  worker_count: int | None = None,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  num_epochs: int | None | str = "auto",
+  augment: bool | None = None,
 ):
   """A checkpointable iterator of per-host batches (see the module docstring).
 
@@ -1144,7 +1142,7 @@ def padded_eval_batches(
   fields: Mapping[str, Sequence[int]],
   *,
   image_size: Sequence[int] = (32, 128),
-  worker_count: Optional[int] = None,
+  worker_count: int | None = None,
   with_labels: bool = False,
   source=None,
 ):

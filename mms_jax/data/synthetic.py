@@ -24,6 +24,8 @@ Usage:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from collections.abc import Sequence
 import dataclasses
 import functools
 import importlib.resources
@@ -32,8 +34,6 @@ import math
 import os
 import string
 from typing import Any
-from typing import Mapping
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -212,7 +212,7 @@ class SyntheticConfig:
     check(1.0 <= self.render_scale <= 8.0, "render_scale", "in [1, 8]")
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any] | Any) -> "SyntheticConfig":
+  def from_dict(cls, d: Mapping[str, Any] | Any) -> SyntheticConfig:
     """Builds a config from a dict or an ml_collections.ConfigDict."""
     if hasattr(d, "to_dict"):
       d = d.to_dict()

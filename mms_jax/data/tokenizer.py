@@ -12,7 +12,7 @@ feeds argmax ids straight back. encode() is vectorised numpy; decode() cuts with
 numpy masks and only joins strings in Python.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

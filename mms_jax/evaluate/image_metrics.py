@@ -20,8 +20,7 @@ The jnp functions run under jit on per-batch arrays; `Accumulator` gathers their
 per-image outputs on the host and drops padding rows.
 """
 
-from typing import Dict
-from typing import Mapping
+from collections.abc import Mapping
 
 import dm_pix
 import jax.numpy as jnp
@@ -59,7 +58,7 @@ def fscore(tp, fp, fn):
   return _ratio(2 * tp, 2 * tp + fp + fn)
 
 
-def segmentation_summary(tp, fp, fn) -> Dict[str, float]:
+def segmentation_summary(tp, fp, fn) -> dict[str, float]:
   """Data-set IoU / F-score / precision / recall from per-image counts [N]."""
   tp, fp, fn = (np.asarray(x, np.float64) for x in (tp, fp, fn))
   total = tp.sum(), fp.sum(), fn.sum()
@@ -111,7 +110,7 @@ class Accumulator:
     for name, value in per_image.items():
       self._values.setdefault(name, []).append(np.asarray(value, np.float64)[keep])
 
-  def values(self) -> Dict[str, np.ndarray]:
+  def values(self) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in self._values.items()}
 
   @property
@@ -119,5 +118,5 @@ class Accumulator:
     values = self.values()
     return len(next(iter(values.values()))) if values else 0
 
-  def means(self) -> Dict[str, float]:
+  def means(self) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in self.values().items()}

@@ -12,13 +12,12 @@ and the average weights every sample equally (sum of correct / sum of samples).
 """
 
 import collections
+from collections.abc import Callable
+from collections.abc import Sequence
 import csv
 import json
 import logging
 import os
-from typing import Callable
-from typing import Optional
-from typing import Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -65,7 +64,7 @@ AVERAGE = "average"
 COLUMNS = ("benchmark", "num", "word_accuracy", "one_minus_ned", "skipped")
 
 
-def expected_size(name: str) -> Optional[int]:
+def expected_size(name: str) -> int | None:
   """Known size of a benchmark given its (tree-relative) name, else None."""
   return BENCHMARK_SIZES.get(os.path.basename(os.path.normpath(name)))
 
@@ -78,8 +77,8 @@ def evaluate_dataset(
   batch_size: int,
   image_size,
   charset: str = "36",
-  case_sensitive: Optional[bool] = None,
-  max_batches: Optional[int] = None,
+  case_sensitive: bool | None = None,
+  max_batches: int | None = None,
   on_batch=None,
 ) -> dict:
   """Counts (text_metrics.counts) of one data set, summed over every process.
@@ -157,8 +156,8 @@ def evaluate(
   batch_size: int,
   image_size,
   charset: str = "36",
-  case_sensitive: Optional[bool] = None,
-  max_batches: Optional[int] = None,
+  case_sensitive: bool | None = None,
+  max_batches: int | None = None,
   on_batch=None,
 ) -> list[dict]:
   """Rows {benchmark, num, word_accuracy, one_minus_ned} per benchmark of `split`,

@@ -14,9 +14,8 @@ The edit distance is rapidfuzz's Levenshtein (unit insert/delete/substitute cost
 Counts add up (`add_counts`), so averages over benchmarks weight every sample equally.
 """
 
-from typing import Iterable
-from typing import Mapping
-from typing import Optional
+from collections.abc import Iterable
+from collections.abc import Mapping
 
 from rapidfuzz.distance import Levenshtein
 
@@ -25,9 +24,7 @@ from mms_jax.data import labels as labels_lib
 DEFAULT_CHARSET = "36"
 
 
-def normalize(
-  text: str, charset: str = DEFAULT_CHARSET, case_sensitive: Optional[bool] = None
-) -> str:
+def normalize(text: str, charset: str = DEFAULT_CHARSET, case_sensitive: bool | None = None) -> str:
   """The protocol's normalisation; '' when nothing is left (no length limit)."""
   return (
     labels_lib.normalize_label(text, charset, max_length=None, case_sensitive=case_sensitive) or ""
@@ -48,7 +45,7 @@ def counts(
   gts: Iterable[str],
   preds: Iterable[str],
   charset: str = DEFAULT_CHARSET,
-  case_sensitive: Optional[bool] = None,
+  case_sensitive: bool | None = None,
 ) -> dict:
   """Sums over samples: {'num', 'correct', 'one_minus_ned_sum'} (normalised first)."""
   num = correct = 0
@@ -79,8 +76,6 @@ def summarize(c: Mapping[str, float]) -> dict:
   }
 
 
-def score(
-  gts, preds, charset: str = DEFAULT_CHARSET, case_sensitive: Optional[bool] = None
-) -> dict:
+def score(gts, preds, charset: str = DEFAULT_CHARSET, case_sensitive: bool | None = None) -> dict:
   """Word accuracy and 1 - NED of predictions against ground truths."""
   return summarize(counts(gts, preds, charset, case_sensitive))

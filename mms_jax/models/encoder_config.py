@@ -27,7 +27,6 @@ in `config.model`.
 """
 
 import dataclasses
-from typing import Optional
 
 from ml_collections.config_dict import placeholder
 
@@ -198,10 +197,10 @@ def _dims(enc):
 class EncoderConfig:
   """The encoder's architecture (module docstring); defaults: DEFAULT."""
 
-  variant: Optional[str] = None
-  width: Optional[int] = None
-  depth: Optional[int] = None
-  num_heads: Optional[int] = None
+  variant: str | None = None
+  width: int | None = None
+  depth: int | None = None
+  num_heads: int | None = None
   patch: tuple[int, int] = DEFAULT["patch"]
   stem: str = DEFAULT["stem"]
   stem_channels: tuple[int, ...] = DEFAULT["stem_channels"]

@@ -15,8 +15,8 @@ bfloat16 result and input gradient; the weight gradient is accumulated in float3
 and rounded to the kernel's compute dtype as autodiff through nn.Dense's cast would.
 """
 
+from collections.abc import Callable
 from typing import Any
-from typing import Callable
 
 import flax.linen as nn
 import jax

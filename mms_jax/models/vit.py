@@ -12,12 +12,10 @@ Conventions (see docs/model.md for the parameter-name table):
 Shapes in docstrings: B batch, L = gh * gw tokens, D width, P = ph * pw * C.
 """
 
+from collections.abc import Sequence
 import functools
 import re
 from typing import Any
-from typing import Optional
-from typing import Sequence
-from typing import Tuple
 
 import flax.linen as nn
 import jax
@@ -368,7 +366,7 @@ class _PatchEmbed(nn.Module):
   """images: [B, H, W, C] -> [B, L, D]; params kernel [ph, pw, C, D], bias [D]."""
 
   width: int
-  patch: Tuple[int, int]
+  patch: tuple[int, int]
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -423,8 +421,8 @@ class ConvStem(nn.Module):
   """
 
   width: int
-  patch: Tuple[int, int]
-  channels: Tuple[int, ...] = ()
+  patch: tuple[int, int]
+  channels: tuple[int, ...] = ()
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -485,11 +483,11 @@ class Encoder(nn.Module):
       coordinates only, so it works with token dropping).
   """
 
-  variant: Optional[str] = "S"
-  width: Optional[int] = None
-  depth: Optional[int] = None
-  num_heads: Optional[int] = None
-  patch: Tuple[int, int] = (4, 4)
+  variant: str | None = "S"
+  width: int | None = None
+  depth: int | None = None
+  num_heads: int | None = None
+  patch: tuple[int, int] = (4, 4)
   mlp_ratio: int = 4
   gelu: str = "erf"
   dtype: Any = jnp.float32
@@ -497,7 +495,7 @@ class Encoder(nn.Module):
   return_blocks: bool = False
   attention: str = "auto"
   stem: str = "patch"
-  stem_channels: Tuple[int, ...] = ()
+  stem_channels: tuple[int, ...] = ()
   attention_bias: str = "none"
 
   def dims(self):
@@ -631,7 +629,7 @@ def _to_dict(tree):
   return {k: _to_dict(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
 
 
-def param_names(params) -> Sequence[Tuple[str, Tuple[int, ...]]]:
+def param_names(params) -> Sequence[tuple[str, tuple[int, ...]]]:
   """Sorted ('a/b/c', shape) pairs for a param tree: the stable-name snapshot."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   rows = [

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 from typing import Any
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +59,7 @@ class Task:
   # (model, config, host params, batch, path) -> None: a PNG of predictions.
   picture: Callable
   # config -> None, or (this host's outputs, its batch) -> {metric: [b]} on the host.
-  host_metrics: Callable[[Any], Optional[Callable]] = lambda config: None
+  host_metrics: Callable[[Any], Callable | None] = lambda config: None
   with_labels: bool = False  # evaluation batches carry 'label' (for host_metrics)
 
 

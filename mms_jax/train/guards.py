@@ -1,12 +1,11 @@
 """Run-time guards for training loops: non-finite metrics, preemption signals."""
 
+from collections.abc import Mapping
 import logging
 import math
 import signal
 import threading
 from typing import Any
-from typing import Mapping
-from typing import Optional
 
 import jax
 from jax.experimental import multihost_utils
@@ -30,7 +29,7 @@ class NonFiniteError(errors.UserError, FloatingPointError):
     self.bad = bad
 
 
-def _first_non_finite(value) -> Optional[float]:
+def _first_non_finite(value) -> float | None:
   arr = np.asarray(value)
   if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.integer):
     return None
@@ -39,7 +38,7 @@ def _first_non_finite(value) -> Optional[float]:
 
 
 def check_finite(
-  metrics: Mapping[str, Any], step: int, *, last_checkpoint: Optional[str] = None
+  metrics: Mapping[str, Any], step: int, *, last_checkpoint: str | None = None
 ) -> None:
   """Raises NonFiniteError if any float metric is NaN or Inf.
 
@@ -106,7 +105,7 @@ class PreemptionWatcher:
     self._signum = signum
     self._event.set()
 
-  def should_stop(self, step: Optional[int] = None) -> bool:
+  def should_stop(self, step: int | None = None) -> bool:
     """True once a preemption signal was received (or, multi-host, at the
     agreed sync step). The trainer should then save and exit."""
     if self._multihost:
