@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything mms_jax needs on a fresh machine that has only Python:
 #   bash launch/install.sh          the package, into ./.venv
-#   bash launch/install.sh test     ... plus the test tools and the PyTorch interop extra
-#                                   (the converter is tested against transformers)
+#   bash launch/install.sh test     ... plus the test tools, the PyTorch interop extra
+#                                   (the converter is tested against transformers) and
+#                                   the ONNX extra
 #   bash launch/install.sh torch    ... plus only the PyTorch interop extra
 # System fonts and a word list come from apt when it is usable; without apt the
 # generator falls back to matplotlib's bundled fonts and the bundled word list.
@@ -57,7 +58,7 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 case "$extras" in
-  test) extras="test,torch" ;;
+  test) extras="test,torch,onnx" ;;
 esac
 if [[ ",$extras," == *",torch,"* ]] && ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   # The CPU build the suite is tested with; an unpinned torch would pull a CUDA build.

@@ -34,16 +34,12 @@ import sys
 
 from absl import app
 from absl import flags
-import jax
-import ml_collections
 import numpy as np
 from PIL import Image
 
-from mms_jax import checkpoints
 from mms_jax import cli
 from mms_jax import errors
-from mms_jax.data import pipeline
-from mms_jax.models import recognition as rec
+from mms_jax import onnx_reader
 
 IMAGE_SUFFIXES = (
   ".png",
@@ -74,6 +70,9 @@ def define_flags():
   flags.DEFINE_string("csv", "", "Also write path,text,confidence rows to this CSV file.")
   flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
   flags.DEFINE_enum("fit", "auto", ("auto",) + FITS, "How a crop becomes the model's input.")
+  flags.DEFINE_string(
+    "model", "", "An ONNX export (convert --format=onnx) to read with instead of --workdir."
+  )
 
 
 class ReadError(errors.UserError):
@@ -99,6 +98,12 @@ def load_recognizer(workdir, checkpoint=""):
       f"{workdir} is a {program!r} workdir, not a recognition one: point --workdir at a "
       "fine-tuned recognizer (configs/finetune_recognition.py)"
     )
+  import jax  # the JAX path only: `--model` reads without it
+  import ml_collections
+
+  from mms_jax import checkpoints
+  from mms_jax.models import recognition as rec
+
   what = "--checkpoint" if checkpoint else "--workdir"
   try:
     trained = rec.load(checkpoint or workdir, what=what)
@@ -130,18 +135,10 @@ def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
-  """Any PIL image -> uint8 [h, w, 3]. Transparency is composited on white; 16-bit
-  and float greyscale are rescaled to their own range."""
-  if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-    a = np.asarray(image, np.float64)
-    lo, hi = float(a.min()), float(a.max())
-    a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-    image = Image.fromarray(a.astype(np.uint8))
-  if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-    rgba = image.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    image = Image.alpha_composite(white, rgba)
-  return np.asarray(image.convert("RGB"))
+  """Any PIL image -> uint8 [h, w, 3]: EXIF orientation applied, transparency
+  composited on white, 16-bit and float greyscale rescaled to their own range (the ONNX
+  reader does the same: onnx_reader.to_rgb)."""
+  return onnx_reader.to_rgb(image)
 
 
 def default_fit(config) -> str:
@@ -154,27 +151,16 @@ def default_fit(config) -> str:
 def center(array: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
   """uint8 [h, w, 3] -> uint8 [H, W, 3]: scaled to height H at its aspect ratio (at most
   W wide), centred on a canvas filled with the median colour of its border pixels."""
-  height, width = image_size
-  h, w = array.shape[:2]
-  new_w = max(1, min(width, int(round(w * height / h))))
-  resized = np.asarray(Image.fromarray(array).resize((new_w, height), Image.BILINEAR))
-  border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
-  canvas = np.empty((height, width, 3), np.uint8)
-  canvas[:] = np.median(border, axis=0).astype(np.uint8)
-  left = (width - new_w) // 2
-  canvas[:, left : left + new_w] = resized
-  return canvas
+  return onnx_reader.fit(array, tuple(image_size), "center")
 
 
 def fit_array(array: np.ndarray, image_size: tuple[int, int], fit: str) -> np.ndarray:
-  """uint8 [h, w, 3] -> float32 [H, W, 3] in [-1, 1] (`fit`: one of FITS)."""
-  if fit == "center":
-    example = {"image": center(array, tuple(image_size))}
-  elif fit in ("stretch", "keep_aspect"):
-    example = pipeline.Resize(tuple(image_size), fit == "keep_aspect").map({"image": array})
-  else:
+  """An image array (grey [h, w], RGB or RGBA) -> float32 [H, W, 3] in [-1, 1] (`fit`:
+  one of FITS; `stretch` and `keep_aspect` are the training pipeline's Resize)."""
+  if fit not in FITS:
     raise ValueError(f"fit={fit!r}: one of {FITS}")
-  return pipeline.Normalize().map(example)["image"]
+  fitted = onnx_reader.fit(onnx_reader.as_rgb_array(array), tuple(image_size), fit)
+  return fitted.astype(np.float32) / 127.5 - 1.0
 
 
 def load_image(path, image_size: tuple[int, int], fit: str = "stretch") -> np.ndarray:
@@ -241,8 +227,17 @@ def check_output(path):
 
 def main(argv):
   paths = argv[1:]
+  if FLAGS.model:  # the JAX-free path: the export's own reader
+    args = [*paths, f"--model={FLAGS.model}", f"--batch_size={FLAGS.batch_size}"]
+    args += [f"--csv={FLAGS.csv}"] if FLAGS.csv else []
+    args += [f"--fit={FLAGS.fit}"] if FLAGS.fit != "auto" else []
+    if not paths:
+      raise app.UsageError("name the images to read: python -m mms_jax.read --model=D IMAGES")
+    sys.exit(onnx_reader.main(args, prog="mms_jax.read"))
   if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required: a recognition workdir")
+    raise app.UsageError(
+      "--workdir (a recognition workdir) or --model (an ONNX export) is required"
+    )
   if not paths:
     raise app.UsageError(
       "name the images to read: python -m mms_jax.read --workdir=W IMAGE_OR_FOLDER ..."

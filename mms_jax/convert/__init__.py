@@ -53,7 +53,7 @@ __all__ = [
   "FORMATS",
 ]
 
-FORMATS = ("hf", "timm", "mae", "mms")
+FORMATS = ("hf", "timm", "mae", "mms", "onnx")
 SIDECAR = "config.json"  # next to a timm / mae state dict: layout, kwargs, run config
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
@@ -413,9 +413,15 @@ def convert(
   kwargs, mms_jax run config).
   fmt 'mms': src is a PyTorch checkpoint (file or directory, `layout` or auto);
   writes an mms_jax checkpoint at `<dst>/checkpoints/0` (use init_from=<dst>).
+  fmt 'onnx': src is a CTC recognition workdir or step; writes model.onnx, reader.json
+  and read.py, which reads without JAX (convert/onnx_export.py).
   """
   if fmt not in FORMATS:
     raise ConversionError(f"unknown format {fmt!r}; use one of {FORMATS}")
+  if fmt == "onnx":
+    from mms_jax.convert import onnx_export  # jax2onnx is an optional extra
+
+    return onnx_export.export(src, dst)
   if fmt == "mms":
     params, config = read_torch_checkpoint(
       src,

@@ -7,6 +7,8 @@ from the checkpoint's stored run config, flags override it):
   python -m mms_jax.convert --src=workdirs/pretrain --format=timm --dst=export/timm
   python -m mms_jax.convert --src=workdirs/pretrain --format=mae --dst=export/mae \
       --file_format=pth
+  python -m mms_jax.convert --src=workdirs/rec --format=onnx --dst=export/rec_onnx
+      (a recognizer that reads without JAX: python export/rec_onnx/read.py IMAGES)
 
 PyTorch -> mms_jax (src: .safetensors, .pth (weights-only load) or a transformers
 directory; writes <dst>/checkpoints/0, usable as --config.init_from=<dst>):
@@ -32,7 +34,7 @@ flags.DEFINE_enum(
   "format",
   None,
   list(convert_lib.FORMATS),
-  "Output format: hf | timm | mae (from mms_jax) or mms (to mms_jax).",
+  "Output format: hf | timm | mae | onnx (from mms_jax) or mms (to mms_jax).",
 )
 flags.DEFINE_enum(
   "layout", "auto", ["auto", "hf", "timm", "mae"], "--format=mms: layout of the PyTorch tensors."

@@ -153,12 +153,18 @@ class Recognizer(nn.Module):
   gelu: str = "erf"
   dtype: Any = jnp.float32
   scan_layers: bool = False
+  attention: str = "auto"  # vit.Attention's formulation ('plain' for exports)
 
   def setup(self):
     if self.head not in ("ctc", "ar"):
       raise ValueError(f"head={self.head!r}: use 'ctc' or 'ar'")
     self.vit = encoder_config.build(
-      self.encoder, gelu=self.gelu, dtype=self.dtype, scan_layers=self.scan_layers, name="encoder"
+      self.encoder,
+      gelu=self.gelu,
+      dtype=self.dtype,
+      scan_layers=self.scan_layers,
+      attention=self.attention,
+      name="encoder",
     )
     if self.head == "ar":
       self.decoder = ARDecoder(
