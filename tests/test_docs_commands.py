@@ -203,8 +203,15 @@ def test_documented_main_command_parses_and_passes_its_checks(command, monkeypat
       raise AssertionError(f"{command}\n  fails its checks: {e}") from e
 
 
+# Scripts the docs run from an export folder, by the module they are a copy of
+# (convert --format=onnx copies mms_jax/onnx_reader.py as read.py).
+GENERATED = {"export.rec_onnx.read": "mms_jax.onnx_reader"}
+
+
 def _defined_flags(module):
-  """Flag names the module's source defines (absl DEFINE_* calls with a literal name)."""
+  """Flag names the module's source defines (absl DEFINE_* calls or argparse options
+  with a literal name)."""
+  module = GENERATED.get(module, module)
   path = ROOT / (module.replace(".", "/") + ".py")
   if not path.exists():
     path = ROOT / module.replace(".", "/") / "__main__.py"
@@ -217,6 +224,7 @@ def _defined_flags(module):
     names |= set(
       re.findall(r"(?:flags|config_flags)\.DEFINE_\w+\(\s*[\"']([A-Za-z_][\w]*)[\"']", source)
     )
+    names |= set(re.findall(r"add_argument\(\s*[\"']--([A-Za-z_][\w]*)[\"']", source))
   return names
 
 
