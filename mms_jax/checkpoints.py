@@ -65,6 +65,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mms_jax import errors
+from mms_jax import shipped
 
 MANIFEST_NAME = "mms_manifest.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -482,8 +483,8 @@ def resolve_checkpoint(path: os.PathLike, *, what: str = "path") -> pathlib.Path
   WARNING (workdir) or reported as an error (explicit step directory).
 
   Args:
-    path: `<workdir>/checkpoints/<step>`, `<workdir>/checkpoints` or
-      `<workdir>`.
+    path: `<workdir>/checkpoints/<step>`, `<workdir>/checkpoints`,
+      `<workdir>`, or the name of a shipped model (mms_jax/shipped.py).
     what: the option name used in error messages, e.g. "resume_from".
 
   Returns:
@@ -493,7 +494,7 @@ def resolve_checkpoint(path: os.PathLike, *, what: str = "path") -> pathlib.Path
     CheckpointError: the path does not exist, holds no checkpoint, or the
       requested checkpoint is corrupt.
   """
-  p = pathlib.Path(path).expanduser()
+  p = shipped.resolve(path).expanduser()  # a shipped model's name works too
   hint = (
     f"Set {what} to a step directory (<workdir>/{CHECKPOINTS_DIR}/"
     f"<step>) or to a workdir containing {CHECKPOINTS_DIR}/, or unset "

@@ -40,6 +40,7 @@ from PIL import Image
 from mms_jax import cli
 from mms_jax import errors
 from mms_jax import onnx_reader
+from mms_jax import shipped
 
 IMAGE_SUFFIXES = (
   ".png",
@@ -63,7 +64,12 @@ FLAGS = flags.FLAGS
 def define_flags():
   """The command's flags (defined only when it runs as a program, so that importing this
   module elsewhere does not clash with the importer's own flags)."""
-  flags.DEFINE_string("workdir", None, "Recognition workdir (config.json + checkpoints/).")
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "Recognition workdir (config.json + checkpoints/) or a shipped model's name "
+    f"(default: the shipped {shipped.DEFAULT_RECOGNIZER}).",
+  )
   flags.DEFINE_string(
     "checkpoint", "", "A step directory to read instead of the workdir's latest good checkpoint."
   )
@@ -234,10 +240,14 @@ def main(argv):
     if not paths:
       raise app.UsageError("name the images to read: python -m mms_jax.read --model=D IMAGES")
     sys.exit(onnx_reader.main(args, prog="mms_jax.read"))
-  if not FLAGS.workdir:
-    raise app.UsageError(
-      "--workdir (a recognition workdir) or --model (an ONNX export) is required"
-    )
+  workdir = FLAGS.workdir
+  if not workdir:
+    if shipped.DEFAULT_RECOGNIZER not in shipped.names():
+      raise app.UsageError(
+        "--workdir (a recognition workdir) or --model (an ONNX export) is required: this "
+        "installation has no shipped recognizer"
+      )
+    workdir = shipped.DEFAULT_RECOGNIZER
   if not paths:
     raise app.UsageError(
       "name the images to read: python -m mms_jax.read --workdir=W IMAGE_OR_FOLDER ..."
@@ -248,7 +258,7 @@ def main(argv):
   files = find_images(paths)
   if not files:
     raise ReadError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {paths}")
-  config, predict = load_recognizer(FLAGS.workdir, FLAGS.checkpoint)
+  config, predict = load_recognizer(shipped.resolve(workdir), FLAGS.checkpoint)
   rows, skipped = [], []
   for path, text, extra in read(
     predict,
