@@ -291,3 +291,20 @@ def test_scanned_layers_and_attention_formulations_agree_with_both_options():
     {"params": params}, images
   )[0]
   np.testing.assert_allclose(bf16.astype(jnp.float32), full, atol=0.1)
+
+
+def test_the_converter_names_every_blocker_at_once(caplog):
+  params = {"encoder": {"stem": {}, "cls_token": np.zeros((1, 1, 8))}}
+  run_config = {"program": "recognition", "model": {"encoder": dict(encoder_config.DEFAULT)}}
+  with pytest.raises(cv.ConversionError) as e:
+    cv.check_torch_exportable(params, run_config)
+  message = str(e.value)
+  assert "(1) a convolutional patch stem" in message and "(2) an attention bias" in message
+  assert "configs/pretrain.py:plain" in message and "--format=onnx" in message
+  # A plain encoder of a recognizer exports, with a warning that the head stays behind.
+  plain = dict(encoder_config.DEFAULT, **encoder_config.PAPER_VIT)
+  with caplog.at_level("WARNING"):
+    cv.check_torch_exportable(
+      {"encoder": {"patch_embed": {}}}, {"program": "recognition", "model": {"encoder": plain}}
+    )
+  assert "its encoder only, not its head and charset" in caplog.text

@@ -35,6 +35,7 @@ import numpy as np
 from mms_jax.convert import torch_layouts as tl
 from mms_jax.convert.torch_layouts import ConversionError
 from mms_jax.convert.torch_layouts import ModelConfig
+from mms_jax.models import encoder_config
 
 __all__ = [
   "ConversionError",
@@ -389,6 +390,42 @@ def save_mms_checkpoint(params, config: ModelConfig | None, workdir, *, step: in
 # One-call conversion (the CLI).
 
 
+def check_torch_exportable(params, run_config):
+  """Raises ConversionError naming every reason at once why a checkpoint has no
+  PyTorch ViT equivalent (hf, timm, mae layouts) and the config that avoids them; warns
+  when the export keeps only part of the model (a recognizer's or dense model's head)."""
+  encoder = encoder_config.of_model(run_config.get("model") or {}) or {}
+  blockers = []
+  if "stem" in params.get("encoder", params):
+    blockers.append(
+      "a convolutional patch stem (model.encoder.stem='conv'): the layouts hold a linear "
+      "patch embedding only"
+    )
+  if (encoder.get("attention_bias") or "none") != "none":
+    blockers.append(
+      f"an attention bias (model.encoder.attention_bias={encoder['attention_bias']!r}): "
+      "a PyTorch ViT has none, so it would compute something else"
+    )
+  if blockers:
+    program = run_config.get("program")
+    onnx = " For a recognizer, --format=onnx exports it whole." if program == "recognition" else ""
+    raise ConversionError(
+      "the hf, timm and mae layouts cannot hold this encoder: "
+      + "; ".join(f"({i}) {b}" for i, b in enumerate(blockers, 1))
+      + ". Pretrain with configs/pretrain.py:plain (4x4 linear patches, no attention bias) "
+      "to export it to PyTorch." + onnx
+    )
+  program = run_config.get("program")
+  if program in ("recognition", "segmentation", "super_resolution"):
+    logging.warning(
+      "%s is a %s run: the PyTorch layouts hold its encoder only, not its head%s.%s",
+      run_config.get("workdir", "src"),
+      program,
+      " and charset" if program == "recognition" else "",
+      " --format=onnx exports the whole recognizer." if program == "recognition" else "",
+    )
+
+
 def convert(
   src,
   dst,
@@ -442,6 +479,7 @@ def convert(
     return save_mms_checkpoint(params, config, dst)
 
   params, run_config = load_mms_checkpoint(src)
+  check_torch_exportable(params, run_config)
   config = ModelConfig.from_run_config(
     run_config,
     image_size=image_size,
