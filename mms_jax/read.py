@@ -126,6 +126,47 @@ def load_recognizer(workdir, checkpoint=""):
   return ml_collections.ConfigDict(trained.run_config), predict
 
 
+class Reader:
+  """Reads words in images with the CLI's defaults, in Python:
+
+    reader = Reader.from_workdir()                 # the shipped recognizer
+    reader = Reader.from_workdir("workdirs/rec")   # or a workdir, step or shipped name
+    reader = Reader.from_onnx("export/rec_onnx")   # an ONNX export, without JAX
+    reader.read(["word.png", pil_image, grey_or_rgb_or_rgba_array])  # [(text, confidence)]
+
+  The fit is the one of the recognizer's training data (default_fit), EXIF orientation
+  is applied, the checkpoint step is logged, an input far wider than a line of text is
+  read with a warning."""
+
+  def __init__(self, predict, image_size, fit, batch_size=64):
+    self.predict, self.image_size, self.fit = predict, tuple(image_size), fit
+    self.batch_size = batch_size
+
+  @classmethod
+  def from_workdir(cls, workdir=shipped.DEFAULT_RECOGNIZER, checkpoint="", fit="auto"):
+    config, predict = load_recognizer(shipped.resolve(workdir), checkpoint)
+    return cls(predict, config.image_size, default_fit(config) if fit == "auto" else fit)
+
+  @staticmethod
+  def from_onnx(folder):
+    """The export's own reader (onnx_reader.Reader): the same `read`."""
+    return onnx_reader.Reader(folder)
+
+  def read(self, images):
+    """[(text, confidence)] of paths, PIL images or arrays, in order."""
+    arrays = [onnx_reader.as_rgb_array(x) for x in images]
+    for array in arrays:
+      h, w = array.shape[:2]
+      if w / max(h, 1) > onnx_reader.MAX_ASPECT_FACTOR * self.image_size[1] / self.image_size[0]:
+        print(
+          f"warning: an input of {w}x{h} is far wider than the one line of text the model "
+          f"reads ({self.image_size[1]}x{self.image_size[0]}); crop the words first",
+          file=sys.stderr,
+        )
+    fitted = np.stack([fit_array(a, self.image_size, self.fit) for a in arrays])
+    return list(zip(*read_arrays(self.predict, fitted, self.batch_size)))
+
+
 def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
   """Files named on the command line as they are; folders searched recursively for
   IMAGE_SUFFIXES files (sorted). Raises ReadError for a path that does not exist."""
@@ -169,13 +210,20 @@ def fit_array(array: np.ndarray, image_size: tuple[int, int], fit: str) -> np.nd
   return fitted.astype(np.float32) / 127.5 - 1.0
 
 
-def load_image(path, image_size: tuple[int, int], fit: str = "stretch") -> np.ndarray:
+def load_image(path, image_size: tuple[int, int], fit: str = "center") -> np.ndarray:
   """float32 [H, W, 3] in [-1, 1]: the file at `path` as `fit_array` fits it."""
   with Image.open(path) as image:
     image.load()
     array = to_rgb(image)
   if array.shape[0] == 0 or array.shape[1] == 0:
     raise ValueError("zero-size image")
+  h, w = array.shape[:2]
+  if w / h > onnx_reader.MAX_ASPECT_FACTOR * image_size[1] / image_size[0]:
+    print(
+      f"warning: {path} is {w}x{h}: the model reads one line of text (its input is "
+      f"{image_size[1]}x{image_size[0]}); crop the words first",
+      file=sys.stderr,
+    )
   return fit_array(array, image_size, fit)
 
 
@@ -193,10 +241,11 @@ def read_arrays(predict, images: np.ndarray, batch_size=64):
   return texts, confidences
 
 
-def read(predict, paths: Iterable[pathlib.Path], image_size, fit="stretch", batch_size=64):
+def read(predict, paths: Iterable[pathlib.Path], image_size, fit="center", batch_size=64):
   """Yields (path, text, confidence) per readable image and (path, None, error) per
   unreadable one, in input order (read_arrays, batch by batch). `fit`: one of FITS
-  (default_fit(config) gives the layout of the workdir's training images)."""
+  (default_fit(config) gives the layout of the workdir's training images; `Reader`
+  picks it)."""
   pending, images = [], []
 
   def flush():

@@ -138,3 +138,11 @@ def test_the_converter_cli_writes_the_folder(exported, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert {p.name for p in (tmp_path / "d").iterdir()} == {"model.onnx", "reader.json", "read.py"}
   assert "onnx_ir" not in result.stderr
+
+
+def test_the_python_reader_reads_the_same_with_both_backends(exported, word_images):
+  workdir, folder = exported
+  with_jax = read_lib.Reader.from_workdir(str(workdir)).read(word_images[:5])
+  without = read_lib.Reader.from_onnx(folder).read(word_images[:5])
+  assert [t for t, _ in with_jax] == [t for t, _ in without]
+  np.testing.assert_allclose([c for _, c in with_jax], [c for _, c in without], rtol=1e-3)
