@@ -175,3 +175,25 @@ class SuperResolver(_DenseModel):
     if self.residual:
       sr = sr + up
     return sr, {"upsampled": up, "encoded": encoded}
+
+
+def from_config(program, m):
+  """The Segmenter or SuperResolver of a dense run's `model` config (ConfigDict or the
+  dict of its config.json): program 'segmentation' or 'super_resolution'."""
+  classes = {"segmentation": Segmenter, "super_resolution": SuperResolver}
+  if program not in classes:
+    raise ValueError(f"program {program!r} is not a dense program: {sorted(classes)}")
+  options = (
+    {"scale": 2, "residual": m.get("residual", True)} if program == "super_resolution" else {}
+  )
+  return classes[program](
+    encoder=encoder_config.EncoderConfig.of(encoder_config.of_model(m)),
+    head_width=m["head_width"],
+    head_depth=m["head_depth"],
+    head_num_heads=m["head_num_heads"],
+    pixel_shortcut=m.get("pixel_shortcut", False),
+    gelu=m.get("gelu", "erf"),
+    dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.get("dtype", "float32")],
+    scan_layers=m.get("scan_layers", False),
+    **options,
+  )
