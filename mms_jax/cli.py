@@ -130,7 +130,7 @@ def parse_flags(program):
 class QuietLibraries(py_logging.Filter):
   """Keeps libraries' chatter out of the log (module docstring)."""
 
-  NOISY_PATHS = ("/orbax/", "/grain/", "/absl/", "/jax/_src/xla_bridge")
+  NOISY_PATHS = ("/orbax/", "/grain/", "/absl/", "/jax/_src/xla_bridge", "/jax2onnx/")
   NOISY_MESSAGES = ("Metadata file does not exist", "Unable to initialize backend")
 
   def filter(self, record):

@@ -73,7 +73,7 @@ def package(src, name, card_text="", into=None):
     run_config.get("program") == "recognition"
     and (run_config.get("model") or {}).get("head") == "ctc"
   ):
-    onnx_export.export(staging, staging / "onnx")
+    onnx_export.export(staging, staging / "onnx", source=f"{name} (from {os.fspath(src)})")
   if card_text:
     (staging / "MODEL_CARD.md").write_text(card_text)
   shutil.rmtree(out, ignore_errors=True)

@@ -13,6 +13,8 @@ ONNX outputs against JAX on random images before it returns. Opset 21 (Gelu is a
 operator from opset 20): onnxruntime 1.18 or newer.
 """
 
+import contextlib
+import io
 import json
 import logging
 import pathlib
@@ -25,7 +27,6 @@ import numpy as np
 from mms_jax.convert.torch_layouts import ConversionError
 from mms_jax.models import recognition
 
-logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # "value type ... not known" per node
 READER_SOURCE = pathlib.Path(__file__).resolve().parents[1] / "onnx_reader.py"
 TOLERANCE = 1e-4
 
@@ -38,7 +39,7 @@ def default_fit(run_config):
   return "keep_aspect" if data.get("keep_aspect") else "stretch"
 
 
-def export(src, dst, *, opset=21, check_images=4, seed=0):
+def export(src, dst, *, opset=21, check_images=4, seed=0, source=None):
   """Writes the folder of the module docstring; returns its path.
 
   Raises ConversionError for a source that is not a CTC recognizer or a graph that
@@ -51,6 +52,9 @@ def export(src, dst, *, opset=21, check_images=4, seed=0):
     raise ConversionError(
       f"--format=onnx needs jax2onnx and onnxruntime ({e}): pip install -e .[onnx]"
     ) from None
+  for name in list(logging.root.manager.loggerDict):  # jax2onnx sets its own levels on import
+    if name.startswith(("jax2onnx", "onnx_ir")):
+      logging.getLogger(name).setLevel(logging.ERROR)
   trained = recognition.load(src, what="src")
   if trained.model.head != "ctc":
     raise ConversionError(
@@ -68,14 +72,15 @@ def export(src, dst, *, opset=21, check_images=4, seed=0):
   out = pathlib.Path(dst)
   out.mkdir(parents=True, exist_ok=True)
   try:
-    proto = jax2onnx.to_onnx(
-      logits,
-      [("B", height, width, 3)],
-      model_name="mms_jax_recognizer",
-      opset=opset,
-      input_names=["images"],
-      output_names=["logits"],
-    )
+    with contextlib.redirect_stdout(io.StringIO()):  # jax2onnx prints debug lines
+      proto = jax2onnx.to_onnx(
+        logits,
+        [("B", height, width, 3)],
+        model_name="mms_jax_recognizer",
+        opset=opset,
+        input_names=["images"],
+        output_names=["logits"],
+      )
   except Exception as e:  # jax2onnx raises many kinds for an unsupported primitive
     raise ConversionError(f"jax2onnx could not convert the recognizer: {e}") from e
   (out / "model.onnx").write_bytes(proto.SerializeToString())
@@ -104,7 +109,7 @@ def export(src, dst, *, opset=21, check_images=4, seed=0):
     "decoding": "ctc_greedy",
     "blank": 0,
     "eval_charset": ((trained.run_config.get("eval") or {}).get("charset") or "36").split(",")[0],
-    "source": {"checkpoint": str(trained.step_dir), "step": trained.step},
+    "source": {"checkpoint": source or str(trained.step_dir), "step": trained.step},
     "max_abs_error_vs_jax": error,
   }
   (out / "reader.json").write_text(json.dumps(spec, indent=1) + "\n")
