@@ -92,7 +92,8 @@ def load_recognizer(workdir, checkpoint=""):
   Raises ReadError for a missing config.json, another program's workdir or a missing
   or corrupt checkpoint.
   """
-  config_path = pathlib.Path(workdir) / "config.json"
+  workdir = shipped.resolve(workdir)  # a shipped model's name works too
+  config_path = workdir / "config.json"
   if not config_path.is_file():
     raise ReadError(
       f"{config_path} not found: --workdir must be a directory written by "
