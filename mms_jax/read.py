@@ -42,19 +42,7 @@ from mms_jax import errors
 from mms_jax import onnx_reader
 from mms_jax import shipped
 
-IMAGE_SUFFIXES = (
-  ".png",
-  ".jpg",
-  ".jpeg",
-  ".bmp",
-  ".gif",
-  ".tif",
-  ".tiff",
-  ".webp",
-  ".pgm",
-  ".ppm",
-  ".pbm",
-)
+IMAGE_SUFFIXES = onnx_reader.IMAGE_SUFFIXES
 
 FITS = ("center", "stretch", "keep_aspect")
 
@@ -171,15 +159,10 @@ class Reader:
 def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
   """Files named on the command line as they are; folders searched recursively for
   IMAGE_SUFFIXES files (sorted). Raises ReadError for a path that does not exist."""
-  found = []
-  for p in map(pathlib.Path, paths):
-    if p.is_dir():
-      found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-    elif p.exists():
-      found.append(p)
-    else:
-      raise ReadError(f"{p} does not exist")
-  return found
+  try:
+    return onnx_reader.find_images(paths)
+  except FileNotFoundError as e:
+    raise ReadError(str(e)) from None
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
@@ -190,10 +173,12 @@ def to_rgb(image: Image.Image) -> np.ndarray:
 
 
 def default_fit(config) -> str:
-  """The --fit that matches a recognition config's training images (module docstring)."""
-  if config.data.get("source", "synthetic") == "synthetic":
+  """The --fit that matches a recognition config's training images (module docstring);
+  `config`: a ConfigDict or the dict of a run's config."""
+  data = config.get("data") or {}
+  if data.get("source", "synthetic") == "synthetic":
     return "center"
-  return "keep_aspect" if config.data.get("keep_aspect", False) else "stretch"
+  return "keep_aspect" if data.get("keep_aspect", False) else "stretch"
 
 
 def center(array: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:

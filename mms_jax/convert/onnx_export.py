@@ -24,19 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mms_jax import read
 from mms_jax.convert.torch_layouts import ConversionError
 from mms_jax.models import recognition
 
 READER_SOURCE = pathlib.Path(__file__).resolve().parents[1] / "onnx_reader.py"
 TOLERANCE = 1e-4
-
-
-def default_fit(run_config):
-  """The read-time fit of a recognition run (mms_jax.read.default_fit)."""
-  data = run_config.get("data") or {}
-  if data.get("source", "synthetic") == "synthetic":
-    return "center"
-  return "keep_aspect" if data.get("keep_aspect") else "stretch"
 
 
 def export(src, dst, *, opset=21, check_images=4, seed=0, source=None):
@@ -104,7 +97,7 @@ def export(src, dst, *, opset=21, check_images=4, seed=0, source=None):
     "model": "model.onnx",
     "input": "images: float32[B, H, W, 3], RGB, uint8 / 127.5 - 1",
     "image_size": [height, width],
-    "fit": default_fit(trained.run_config),
+    "fit": read.default_fit(trained.run_config),
     "charset": trained.tokenizer.charset,
     "decoding": "ctc_greedy",
     "blank": 0,
