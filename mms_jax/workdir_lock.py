@@ -35,7 +35,14 @@ class WorkdirInUseError(errors.UserError):
 
 
 # What a run writes before its config.json: a run that stopped that early is resumable.
-RUN_FILES = (LOCK_NAME, "tensorboard", "metrics.jsonl", "synthetic_fonts.json")
+RUN_FILES = (
+  LOCK_NAME,
+  "tensorboard",
+  "metrics.jsonl",
+  "synthetic_fonts.json",
+  "checkpoints",
+  "checkpoints_corrupt",
+)
 
 
 def check(workdir, program):

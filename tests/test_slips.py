@@ -155,3 +155,12 @@ def test_show_run_plots_the_loss_and_the_quality_metrics(tmp_path):
     show_run.choose(curves, ["iou"])
   out = show_run.plot(curves, show_run.choose(curves), str(tmp_path / "c.png"))
   assert os.path.getsize(out) > 5000
+
+
+def test_a_run_refused_before_its_config_json_can_be_run_again(tmp_path):
+  from mms_jax import workdir_lock
+
+  for name in ("checkpoints", "tensorboard"):  # what a run makes before config.json
+    (tmp_path / name).mkdir()
+  (tmp_path / "metrics.jsonl").write_text("")
+  workdir_lock.check(str(tmp_path), "recognition")  # no error: it is ours, resumable
