@@ -71,8 +71,3 @@ def transfer_head(fresh_head, loaded_head, old, new):
       )
     out[name] = encoder_weights.put(value, target)
   return encoder_weights.unflatten(out)
-
-
-def shared_symbols(old, new):
-  """The characters both tokenizers read, in `new`'s order."""
-  return [c for c in new.charset if c in set(old.charset)]
