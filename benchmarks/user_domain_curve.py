@@ -173,7 +173,7 @@ def draw(results, sizes, step0, out):
   ax.set_ylabel("word accuracy on its test set (%)")
   ax.set_ylim(-2, 100)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc="center right")
+  ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(0.02, 0.3))  # between the lines
   fig.tight_layout()
   fig.savefig(out, dpi=110)
   print(f"Wrote {out}")
