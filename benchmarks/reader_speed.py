@@ -136,11 +136,7 @@ def peer_readers():
       with tempfile.TemporaryDirectory() as tmp:
         for i, image in enumerate(images):
           path = os.path.join(tmp, f"{i}.png")
-          h, w = image.shape[:2]
-          big = Image.fromarray(image).resize((3 * w, 3 * h), Image.BICUBIC)
-          canvas = Image.new("RGB", (big.width + 20, big.height + 20), "white")
-          canvas.paste(big, (10, 10))
-          canvas.save(path)
+          recognition_peers.tesseract_input(image, scale=3).save(path)
           tsv = subprocess.run(
             ["tesseract", path, "stdout", "--psm", "7", "-l", "eng", "tsv"],
             capture_output=True,

@@ -99,6 +99,18 @@ def font_table(split, fonts, gts, preds_by_reader):
   return "\n".join(lines)
 
 
+def tesseract_input(image, scale=3, height=None):
+  """The PIL image Tesseract gets for a uint8 crop: upscaled `scale` times, or to `height`
+  pixels when given (bicubic), on a 10-pixel white border."""
+  h, w = image.shape[:2]
+  factor = height / h if height else scale
+  size = (max(1, round(w * factor)), max(1, round(h * factor)))
+  big = Image.fromarray(image).resize(size, Image.BICUBIC)
+  canvas = Image.new("RGB", (big.width + 20, big.height + 20), "white")
+  canvas.paste(big, (10, 10))
+  return canvas
+
+
 def tesseract_reader(scale=3, height=None):
   """(read, version) or (None, why): read(uint8 images, any sizes) -> texts. Each crop is
   upscaled `scale` times, or to `height` pixels when given (bicubic), on a white border."""
@@ -112,14 +124,8 @@ def tesseract_reader(scale=3, height=None):
     with tempfile.TemporaryDirectory() as tmp:
       paths = []
       for i, image in enumerate(images):
-        h, w = image.shape[:2]
-        factor = height / h if height else scale
-        size = (max(1, round(w * factor)), max(1, round(h * factor)))
-        big = Image.fromarray(image).resize(size, Image.BICUBIC)
-        canvas = Image.new("RGB", (big.width + 20, big.height + 20), "white")
-        canvas.paste(big, (10, 10))
         paths.append(os.path.join(tmp, f"{i:05d}.png"))
-        canvas.save(paths[-1])
+        tesseract_input(image, scale, height).save(paths[-1])
       out = []
       for path in paths:  # one process per image: a list file would merge the pages' text
         r = subprocess.run(
