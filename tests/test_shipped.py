@@ -2,6 +2,7 @@
 path is taken (init_from, read), read with no --workdir, exported for JAX-free reading."""
 
 import json
+import pathlib
 
 from conftest import load_config
 from conftest import module_process
@@ -68,3 +69,13 @@ def test_read_without_a_workdir_uses_the_shipped_recognizer(models, tmp_path, mo
   monkeypatch.setenv("MMS_JAX_MODELS", str(tmp_path / "none"))
   result = module_process("mms_jax.read", tmp_path / "blank.png")
   assert result.returncode == 2 and "no shipped recognizer" in result.stderr
+
+
+def test_the_shipped_reader_is_the_packages_onnx_reader():
+  """The committed export carries read.py as a copy: it must not drift from its source."""
+  from mms_jax import onnx_reader
+
+  for name in shipped.names():
+    copy = shipped.PACKAGED / name / "onnx" / "read.py"
+    if copy.exists():
+      assert copy.read_text() == pathlib.Path(onnx_reader.__file__).read_text(), name
